@@ -1,0 +1,71 @@
+"""Tiny prepared-data directories for trainer tests (no Spark: written with pyarrow).
+
+The layout is the data contract of ``spark_jobs.prepare``: ``sequences/``, ``transitions/``,
+``stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_prepared(
+    root: Path, num_users: int = 120, num_items: int = 40, max_len: int = 12, seed: int = 0
+) -> Path:
+    """Users walk a planted item->item chain with noise; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    successor = rng.permutation(num_items)
+    users = []
+    for u in range(num_users):
+        length = int(rng.integers(3, 2 * max_len))
+        item = int(rng.integers(num_items))
+        seq = []
+        for _ in range(length):
+            seq.append(item)
+            item = int(successor[item]) if rng.random() < 0.7 else int(rng.integers(num_items))
+        users.append((f"u{u}", seq[:-2], seq[-2], seq[-1]))
+    pairs = Counter()
+    for _, train, _, _ in users:
+        cut = train[-max_len:]
+        pairs.update(zip(cut[:-1], cut[1:], strict=False))
+    (root / "sequences").mkdir(parents=True)
+    (root / "transitions").mkdir()
+    half = num_users // 2
+    for i, part in enumerate((users[:half], users[half:])):
+        pq.write_table(
+            pa.table(
+                {
+                    "user_id": [u[0] for u in part],
+                    "train_items": pa.array([u[1] for u in part], pa.list_(pa.int64())),
+                    "valid_item": [u[2] for u in part],
+                    "test_item": [u[3] for u in part],
+                }
+            ),
+            root / "sequences" / f"part-{i}.parquet",
+        )
+    keys = sorted(pairs)
+    pq.write_table(
+        pa.table(
+            {
+                "src": [k[0] for k in keys],
+                "dst": [k[1] for k in keys],
+                "count": [pairs[k] for k in keys],
+            }
+        ),
+        root / "transitions" / "part-0.parquet",
+    )
+    stats = {
+        "users": num_users,
+        "items": num_items,
+        "max_len": max_len,
+        "time_span": 1,
+        "paper_mode": True,
+    }
+    (root / "stats.json").write_text(json.dumps(stats))
+    return root

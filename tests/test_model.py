@@ -1,0 +1,47 @@
+"""Encoder properties: the long-query window mean, padding invariance, causal masking."""
+
+import torch
+
+from trainer.config import ModelConfig
+from trainer.model import MQSAEncoder, window_mean
+
+
+def test_window_mean_matches_brute_force_loop():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 4)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1], [1] * 7], dtype=torch.bool)
+    for window in (1, 2, 3, 5):
+        got = window_mean(x, mask, window)
+        for b in range(3):
+            for t in range(7):
+                slots = [s for s in range(max(0, t - window + 1), t + 1) if mask[b, s]]
+                want = x[b, slots].mean(0) if slots else torch.zeros(4)
+                torch.testing.assert_close(got[b, t], want)
+
+
+def _encoder(num_blocks: int = 2) -> MQSAEncoder:
+    torch.manual_seed(1)
+    enc = MQSAEncoder(ModelConfig(dim=8, num_blocks=num_blocks, L=3, dropout=0.5), max_len=10)
+    return enc.eval()
+
+
+def test_more_left_padding_gives_the_same_scores():
+    enc = _encoder()
+    items = torch.randn(1, 4, 8)
+    short = enc(items, torch.ones(1, 4, dtype=torch.bool))
+    padded = torch.cat([torch.zeros(1, 5, 8), items], dim=1)
+    mask = torch.tensor([[False] * 5 + [True] * 4])
+    long = enc(padded, mask)
+    torch.testing.assert_close(long[:, 5:], short, rtol=1e-5, atol=1e-6)
+
+
+def test_future_items_never_change_earlier_positions():
+    enc = _encoder()
+    items = torch.randn(2, 6, 8)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    base = enc(items, mask)
+    changed = items.clone()
+    changed[:, 4:] = torch.randn(2, 2, 8)
+    out = enc(changed, mask)
+    torch.testing.assert_close(out[:, :4], base[:, :4])
+    assert not torch.allclose(out[:, 4:], base[:, 4:])

@@ -1,0 +1,88 @@
+"""Full-ranking evaluation (METHOD.md, "Evaluation"): every user's target ranked among all items.
+
+The rank of the target is ``1 + #(unmasked items scoring strictly higher)``; counting it needs
+no sort and works item chunk by item chunk, so no ``users x N`` matrix is held when the catalogue
+is large. Users are split across ranks and the metric sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from embeddings.base import ItemTable
+from trainer.data import Sequences, test_inputs, trim
+from trainer.distributed import all_reduce_sum
+from trainer.metrics import METRIC_NAMES, metric_sums, metrics_from_sums
+from trainer.model import MQSAEncoder
+
+
+def count_higher(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    excluded: torch.Tensor,
+    item_chunk: int,
+) -> torch.Tensor:
+    """1-based rank of each target among the items not in ``excluded``.
+
+    Args:
+        queries: ``[B, D]`` user query vectors.
+        items: ``[N, D]`` the item table.
+        targets: ``[B]`` target ids.
+        excluded: ``[B, H]`` ids never ranked (history; id N = padding, ignored).
+        item_chunk: items scored per matrix product (``[B, item_chunk]`` at a time).
+    Returns:
+        ``[B]`` int64 ranks.
+    """
+    target_scores = (queries * items[targets]).sum(-1, keepdim=True)  # [B, 1]
+    excluded = torch.cat([excluded, targets.unsqueeze(1)], dim=1)  # the target is not its own rival
+    higher = torch.zeros(queries.shape[0], dtype=torch.int64)
+    for start in range(0, items.shape[0], item_chunk):
+        scores = queries @ items[start : start + item_chunk].T  # [B, C]
+        width = scores.shape[1]
+        local = excluded - start
+        local = torch.where((local >= 0) & (local < width), local, width)
+        scores = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
+        scores.scatter_(1, local, float("-inf"))
+        higher += (scores[:, :width] > target_scores).sum(1)
+    return higher + 1
+
+
+@torch.no_grad()
+def evaluate(
+    encoder: MQSAEncoder,
+    table: ItemTable,
+    seqs: Sequences,
+    users: torch.Tensor,
+    batch_size: int = 1024,
+    item_chunk: int = 1 << 20,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Validation and test metrics over ``users`` (this rank's share), summed over all ranks.
+
+    Validation: input = cut train sequence, masked = that history. Test: input = (train +
+    validation item)[-M:], masked = the history plus the validation item.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    pad = seqs.num_items
+    items = table.all_items().detach()
+    sums = {"valid": torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64)}
+    sums["test"] = sums["valid"].clone()
+    batches = users.split(batch_size)
+    for batch_users in tqdm(batches, desc="eval", disable=not progress, leave=False):
+        history = seqs.train[batch_users]  # [B, M]
+        valid_target = seqs.valid[batch_users]
+        for split, inputs, excluded, target in (
+            ("valid", history, history, valid_target),
+            ("test", test_inputs(seqs, batch_users), torch.cat([history, valid_target[:, None]], 1),
+             seqs.test[batch_users]),
+        ):  # fmt: skip
+            inputs = trim(inputs, pad)
+            mask = inputs != pad
+            queries = encoder(table.lookup(inputs), mask)[:, -1]  # [B, D]: the newest slot
+            ranks = count_higher(queries, items, target, excluded, item_chunk)
+            sums[split] += metric_sums(ranks)
+    encoder.train(was_training)
+    return {split: metrics_from_sums(all_reduce_sum(s)) for split, s in sums.items()}

@@ -1,0 +1,85 @@
+"""Catalogue-wide log-partition with its gradient, chunked so no ``rows x N`` matrix is kept.
+
+Both paper-mode losses need ``logsumexp_j(q_r . E_j)`` over all N items for every row ``r``
+(positions for the recommendation loss, distillation heads for TED, each pre-scaled). Autograd
+would keep the whole ``[R, N]`` score matrix for the backward pass; here the forward pass walks
+the rows in chunks and, since the result only feeds a scalar loss, computes the gradients on the
+way (3 matrix products per chunk, the same work as autograd) and keeps only ``[R, D]`` and
+``[N, D]`` gradient buffers.
+
+The ``[chunk, N]`` score buffers are reused between calls: on this class of machine a fresh
+multi-megabyte allocation is paid for in page faults on every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_WORKSPACE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _buffer(name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable ``[rows, cols]`` scratch tensor (grown when needed, never shrunk)."""
+    key = (name, dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        buf = torch.empty(rows * cols, dtype=dtype)
+        _WORKSPACE[key] = buf
+    return buf[: rows * cols].view(rows, cols)
+
+
+class _WeightedLogPartition(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, queries, table, row_weights, chunk: int, bf16: bool):  # type: ignore[override]
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        mm_dtype = torch.bfloat16 if bf16 else torch.float32
+        table_mm = table.detach().to(mm_dtype)  # [N, D]
+        table_t = table_mm.T.contiguous()  # [D, N]
+        num_items = table.shape[0]
+        total = torch.zeros((), dtype=torch.float64)
+        grad_q = torch.empty(queries.shape, dtype=torch.float32) if needs_grad else None
+        grad_t = torch.zeros(table.shape, dtype=torch.float32) if needs_grad else None
+        for start in range(0, queries.shape[0], chunk):
+            q_mm = queries[start : start + chunk].detach().to(mm_dtype)  # [C, D]
+            w = row_weights[start : start + chunk].unsqueeze(1)  # [C, 1]
+            rows = q_mm.shape[0]
+            raw = _buffer("raw", rows, num_items, mm_dtype)
+            torch.mm(q_mm, table_t, out=raw)  # [C, N]
+            scores = raw if not bf16 else _buffer("f32", rows, num_items, torch.float32).copy_(raw)
+            row_max = scores.amax(dim=1, keepdim=True)  # [C, 1]
+            scores.sub_(row_max).exp_()
+            row_sum = scores.sum(dim=1, keepdim=True)  # [C, 1]
+            total += (w * (row_sum.log() + row_max)).sum().double()
+            if needs_grad:
+                scores.mul_(w / row_sum)  # w * softmax
+                probs = scores if not bf16 else raw.copy_(scores)  # [C, N]
+                grad_q[start : start + rows] = torch.mm(probs, table_mm).float()
+                grad_t += torch.mm(probs.T, q_mm).float()
+        ctx.save_for_backward(grad_q, grad_t)
+        return total.to(queries.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_q, grad_t = ctx.saved_tensors
+        return grad_q * grad_out, grad_t * grad_out, None, None, None
+
+
+def weighted_log_partition(
+    queries: torch.Tensor,
+    table: torch.Tensor,
+    row_weights: torch.Tensor,
+    chunk: int = 4096,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """``sum_r row_weights[r] * logsumexp_j(queries[r] . table[j])`` with exact gradients.
+
+    Args:
+        queries: ``[R, D]`` float32 (differentiable).
+        table: ``[N, D]`` float32 (differentiable).
+        row_weights: ``[R]`` constants.
+        chunk: rows per block of the ``[chunk, N]`` score matrix.
+        bf16: run the three matrix products in bfloat16 (softmax and sums stay float32).
+    Returns:
+        A scalar.
+    """
+    return _WeightedLogPartition.apply(queries, table, row_weights.detach(), chunk, bf16)

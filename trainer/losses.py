@@ -1,0 +1,101 @@
+"""Paper-mode losses: full-softmax next-item loss and transition-aware distillation (TED).
+
+Both are written as ``logsumexp over the catalogue`` (chunked, see ``logpartition``) minus a
+cheap linear term, so neither ever holds a ``positions x N`` or ``heads x N`` matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainer.logpartition import weighted_log_partition
+from trainer.teacher import SparseTeacher
+
+
+@dataclass
+class LossTerms:
+    """Per-rank loss contributions, already divided by the global normalisers.
+
+    ``rec`` and ``kd`` are the two losses' shares from this rank (sum over ranks = the loss of the
+    global batch); ``total = rec + lambda_kd * kd`` is what this rank back-propagates.
+    """
+
+    total: torch.Tensor
+    rec: torch.Tensor
+    kd: torch.Tensor
+
+
+def full_softmax_rec_loss(
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    items: torch.Tensor,
+    norm: float,
+    chunk: int,
+    bf16: bool,
+) -> torch.Tensor:
+    """Softmax cross-entropy over all N items, summed over positions and divided by ``norm``.
+
+    Args:
+        queries: ``[P, D]`` mixed query vectors at the real positions.
+        targets: ``[P]`` next-item ids.
+        items: ``[N, D]`` the whole item table.
+    """
+    weights = torch.full((queries.shape[0],), 1.0 / norm)
+    lse = weighted_log_partition(queries, items, weights, chunk, bf16)
+    target_logits = (queries * items[targets]).sum(-1)  # [P]
+    return lse - target_logits.sum() / norm
+
+
+def ted_loss(
+    student: torch.Tensor,
+    heads: torch.Tensor,
+    items: torch.Tensor,
+    teacher: SparseTeacher,
+    tau: float,
+    norm: float,
+    chunk: int,
+    bf16: bool,
+) -> torch.Tensor:
+    """Cross-entropy(teacher, student) summed over heads and divided by ``norm``.
+
+    With student logits ``s_hj = student_h . E_j / tau`` and teacher ``p_ij = base_i + excess_ij``
+    (``excess`` only on successors), ``CE_h = lse_h - base_i * (student_h . sum_j E_j) / tau
+    - sum_succ excess_ij * s_hj``: exact, and the zero-count mass costs one ``[D]`` sum.
+
+    Args:
+        student: ``[H, D]`` student vectors (dropout(E[head] * sqrt(d))).
+        heads: ``[H]`` head item ids.
+        items: ``[N, D]`` the whole item table.
+    """
+    logits_scale = student / tau  # [H, D]
+    weights = torch.full((student.shape[0],), 1.0 / norm)
+    lse = weighted_log_partition(logits_scale, items, weights, chunk, bf16)
+    uniform_part = teacher.base[heads] * (logits_scale @ items.sum(0))  # [H]
+    head_index, succ, excess = teacher.rows(heads)
+    succ_part = excess * (logits_scale[head_index] * items[succ]).sum(-1)  # [E_h]
+    return lse - (uniform_part.sum() + succ_part.sum()) / norm
+
+
+def paper_losses(
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    student: torch.Tensor,
+    heads: torch.Tensor,
+    items: torch.Tensor,
+    teacher: SparseTeacher | None,
+    tau: float,
+    lambda_kd: float,
+    rec_norm: float,
+    kd_norm: float,
+    chunk: int = 4096,
+    bf16: bool = False,
+) -> LossTerms:
+    """Recommendation loss plus ``lambda_kd`` times TED (skipped when ``lambda_kd == 0``)."""
+    rec = full_softmax_rec_loss(queries, targets, items, rec_norm, chunk, bf16)
+    if lambda_kd == 0.0 or teacher is None:
+        kd = rec.new_zeros(())
+        return LossTerms(total=rec, rec=rec.detach(), kd=kd)
+    kd = ted_loss(student, heads, items, teacher, tau, kd_norm, chunk, bf16)
+    return LossTerms(total=rec + lambda_kd * kd, rec=rec.detach(), kd=kd.detach())

@@ -1,0 +1,131 @@
+"""The multi-query self-attention encoder of MQSA-TED (METHOD.md, "Encoder").
+
+Shapes: ``B`` users, ``T`` sequence slots (left-padded, right-aligned so the newest item is in
+the last slot), ``D`` embedding width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import ModelConfig
+
+NEG_INF = -(2.0**32) + 1.0  # the reference's mask value: finite, so fully masked rows stay finite
+
+
+def window_mean(x: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of ``x`` over the last ``window`` slots ending at each slot, padding excluded.
+
+    Args:
+        x: ``[B, T, D]`` (padding slots may hold anything; they are masked out).
+        mask: ``[B, T]`` bool, True at real items.
+    Returns:
+        ``[B, T, D]``; slots whose window holds no real item give zeros.
+    """
+    m = mask.to(x.dtype).unsqueeze(-1)  # [B, T, 1]
+    csum = F.pad((x * m).cumsum(dim=1), (0, 0, 1, 0))  # [B, T + 1, D]
+    ccount = F.pad(m.cumsum(dim=1), (0, 0, 1, 0))  # [B, T + 1, 1]
+    hi = torch.arange(1, x.shape[1] + 1, device=x.device)
+    lo = (hi - window).clamp(min=0)
+    total = csum[:, hi] - csum[:, lo]  # [B, T, D]
+    count = ccount[:, hi] - ccount[:, lo]  # [B, T, 1]
+    return total / count.clamp(min=1.0)
+
+
+class AttentionBlock(nn.Module):
+    """One block of single-head causal self-attention with the reference's residual layout."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.query_norm = nn.LayerNorm(dim, eps=1e-8)
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_norm = nn.LayerNorm(dim, eps=1e-8)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(dim, dim),
+            nn.Dropout(dropout),
+        )
+        self.attn_dropout = nn.Dropout(dropout)
+
+    def forward(self, query: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            query: ``[B, T, D]`` query source (the item itself, or the long-query window mean).
+            x: ``[B, T, D]`` block input (keys and values come from it, un-normalised).
+            mask: ``[B, T]`` bool, True at real items.
+        Returns:
+            ``[B, T, D]``, zero at padding slots.
+        """
+        q_norm = self.query_norm(query)
+        q, k, v = self.q_proj(q_norm), self.k_proj(x), self.v_proj(x)
+        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # [B, T, T]
+        t = x.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        allowed = causal.unsqueeze(0) & mask.unsqueeze(1)  # key must be real and not in the future
+        scores = scores.masked_fill(~allowed, NEG_INF)
+        attn = torch.softmax(scores, dim=-1) * mask.unsqueeze(-1).to(scores.dtype)
+        out = self.attn_dropout(attn) @ v + q_norm
+        out = self.out_norm(out)
+        out = out + self.ffn(out)
+        return out * mask.unsqueeze(-1).to(out.dtype)
+
+
+class MQSAEncoder(nn.Module):
+    """Short-query and long-query branches over the same sequence, mixed by ``alpha``.
+
+    ``forward`` returns the mixed query ``alpha * h_short + (1 - alpha) * h_long`` so the scores
+    against the item table are ONE matrix product.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+        super().__init__()
+        self.dim = cfg.dim
+        self.window = cfg.L
+        self.alpha = cfg.alpha
+        self.max_len = max_len
+        self.positions = nn.Parameter(torch.randn(max_len, cfg.dim) * 0.01)
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.short_blocks = nn.ModuleList(
+            AttentionBlock(cfg.dim, cfg.dropout) for _ in range(cfg.num_blocks)
+        )
+        self.long_blocks = nn.ModuleList(
+            AttentionBlock(cfg.dim, cfg.dropout) for _ in range(cfg.num_blocks)
+        )
+        self.short_norm = nn.LayerNorm(cfg.dim, eps=1e-8)
+        self.long_norm = nn.LayerNorm(cfg.dim, eps=1e-8)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):  # the reference's dense layers: Glorot, zero bias
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, item_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            item_emb: ``[B, T, D]`` item-table rows of the sequence (zeros at padding),
+                ``T <= max_len``, right-aligned: slot ``T - 1`` holds the newest item and gets
+                position ``max_len - 1``.
+            mask: ``[B, T]`` bool, True at real items.
+        Returns:
+            ``[B, T, D]`` mixed query vectors (zeros where ``mask`` is False are not guaranteed:
+            callers select the real slots).
+        """
+        t = item_emb.shape[1]
+        pos = self.positions[self.max_len - t :]  # [T, D]
+        x = self.input_dropout(item_emb * math.sqrt(self.dim) + pos)
+        x = x * mask.unsqueeze(-1).to(x.dtype)
+        h_short, h_long = x, x
+        for block in self.short_blocks:
+            h_short = block(h_short, h_short, mask)
+        for block in self.long_blocks:
+            h_long = block(window_mean(h_long, mask, self.window), h_long, mask)
+        h_short = self.short_norm(h_short)
+        h_long = self.long_norm(h_long)
+        return self.alpha * h_short + (1.0 - self.alpha) * h_long

@@ -1,0 +1,104 @@
+"""The transition-aware teacher of TED, kept sparse.
+
+For head item i with transition counts ``G[i, :]`` the paper's teacher is
+``p_i = softmax(G[i, :] / max(G[i, :]) / tau)`` over all N items. Every non-successor j has
+``G[i, j] = 0`` and so the same probability ``base_i = 1 / Z_i``; a successor has
+``base_i + excess_ij``. Storing ``base`` per item and ``excess`` per edge (CSR) is exact and
+needs memory proportional to the graph, not N x N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SparseTeacher:
+    """CSR teacher: row i's successors are ``dst[indptr[i]:indptr[i + 1]]``.
+
+    Attributes:
+        indptr: ``[N + 1]`` int64 row offsets.
+        dst: ``[E]`` int64 successor ids.
+        excess: ``[E]`` float32, ``p_ij - base_i`` for each successor.
+        base: ``[N]`` float32, the probability of a non-successor (``1 / Z_i``; ``1 / N`` for an
+            item without successors, whose teacher is uniform).
+    """
+
+    indptr: torch.Tensor
+    dst: torch.Tensor
+    excess: torch.Tensor
+    base: torch.Tensor
+
+    @property
+    def num_items(self) -> int:
+        return self.base.shape[0]
+
+    @classmethod
+    def from_edges(
+        cls, src: np.ndarray, dst: np.ndarray, count: np.ndarray, num_items: int, tau: float
+    ) -> SparseTeacher:
+        """Build from edge lists ``src``, ``dst``, ``count`` (``[E]``; counts summed over spans)."""
+        src = np.asarray(src, dtype=np.int64)
+        dst = np.asarray(dst, dtype=np.int64)
+        count = np.asarray(count, dtype=np.float64)
+        if src.size and (
+            src.min() < 0 or src.max() >= num_items or dst.min() < 0 or dst.max() >= num_items
+        ):
+            raise ValueError(
+                f"transitions hold item indices outside 0..{num_items - 1}: the graph does not "
+                "match the vocabulary (re-run spark_jobs.prepare?)"
+            )
+        order = np.lexsort((dst, src))
+        src, dst, count = src[order], dst[order], count[order]
+        row_max = np.zeros(num_items)
+        np.maximum.at(row_max, src, count)
+        logits = count / row_max[src] / tau  # [E], in (0, 1 / tau]
+        # Z_i = (#non-successors) * exp(0) + sum over successors of exp(logit); shift by 1/tau
+        # keeps exp() finite for tiny tau: Z_i = e^{1/tau} * Z'_i.
+        shift = 1.0 / tau
+        succ_mass = np.zeros(num_items)
+        np.add.at(succ_mass, src, np.exp(logits - shift))
+        degree = np.bincount(src, minlength=num_items)
+        z_shifted = (num_items - degree) * np.exp(-shift) + succ_mass  # [N]
+        has_edges = degree > 0
+        base = np.full(num_items, 1.0 / num_items)
+        base[has_edges] = np.exp(-shift) / z_shifted[has_edges]
+        excess = np.exp(logits - shift) / z_shifted[src] - base[src]
+        indptr = np.zeros(num_items + 1, dtype=np.int64)
+        np.cumsum(degree, out=indptr[1:])
+        return cls(
+            indptr=torch.from_numpy(indptr),
+            dst=torch.from_numpy(dst),
+            excess=torch.from_numpy(excess.astype(np.float32)),
+            base=torch.from_numpy(base.astype(np.float32)),
+        )
+
+    def rows(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The successor edges of each head.
+
+        Args:
+            heads: ``[H]`` item ids.
+        Returns:
+            ``(head_index [E_h], successor [E_h], excess [E_h])`` where ``head_index`` points into
+            ``heads``.
+        """
+        starts = self.indptr[heads]
+        lengths = self.indptr[heads + 1] - starts
+        head_index = torch.repeat_interleave(torch.arange(heads.shape[0]), lengths)
+        offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(
+            lengths.cumsum(0) - lengths, lengths
+        )
+        edge = starts[head_index] + offsets
+        return head_index, self.dst[edge], self.excess[edge]
+
+    def dense(self) -> torch.Tensor:
+        """The full ``[N, N]`` teacher matrix (for tests on tiny graphs only)."""
+        n = self.num_items
+        out = self.base.unsqueeze(1).expand(n, n).clone()
+        heads = torch.arange(n)
+        head_index, succ, excess = self.rows(heads)
+        out[head_index, succ] += excess
+        return out

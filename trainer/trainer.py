@@ -1,0 +1,164 @@
+"""The training loop: epochs of shuffled user batches, evaluation, early stopping, run outputs."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from embeddings.dense import DenseItemTable
+from trainer.config import Config
+from trainer.data import epoch_order, load_sequences, load_transitions, rank_slice, training_batch
+from trainer.distributed import DistEnv, all_reduce_sum
+from trainer.engine import build_engine
+from trainer.evaluate import evaluate
+from trainer.mqsa_ted import MQSATED
+from trainer.run_dir import RunDir, save_state
+from trainer.teacher import SparseTeacher
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good weights were saved."""
+
+
+def set_threads(cfg: Config, env: DistEnv) -> None:
+    """Split this machine's cores between the local processes unless ``train.threads`` is set."""
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // env.local_world)
+    torch.set_num_threads(threads)
+
+
+def format_epoch(record: dict) -> str:
+    """One log line per epoch: losses, seconds and (when evaluated) the headline metrics."""
+    line = (
+        f"epoch {record['epoch']:3d} | loss {record['loss']:.4f} (rec {record['loss_rec']:.4f},"
+        f" kd {record['loss_kd']:.4f}) | {record['seconds']:.1f} s"
+    )
+    if "valid" in record:
+        valid, test = record["valid"], record["test"]
+        line += (
+            f" | eval {record['eval_seconds']:.1f} s | valid NDCG@20 {valid['NDCG@20']:.4f}"
+            f" | test HR@5 {test['HR@5']:.4f} NDCG@5 {test['NDCG@5']:.4f}"
+            f" HR@10 {test['HR@10']:.4f} NDCG@10 {test['NDCG@10']:.4f}"
+        )
+    return line
+
+
+class Trainer:
+    """Paper-mode trainer (dense item table in the DeepSpeed engine)."""
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        set_threads(cfg, env)
+        self.seqs = load_sequences(cfg)
+        self.pad = self.seqs.num_items
+        self.teacher = None
+        if cfg.model.lambda_kd > 0:
+            src, dst, count = load_transitions(cfg.data.dir)
+            self.teacher = SparseTeacher.from_edges(
+                src, dst, count, self.seqs.num_items, cfg.model.tau
+            )
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        table = DenseItemTable(self.seqs.num_items, cfg.model.dim)
+        self.model = MQSATED(cfg, self.seqs.max_len, table)
+        self.engine = build_engine(self.model, cfg, env)
+        torch.manual_seed(cfg.train.seed + 7919 * env.rank)  # dropout differs per rank
+        self.run_dir = RunDir(cfg.train.run_dir)
+        self.eval_users = rank_slice(torch.arange(self.seqs.num_users), env.rank, env.world)
+        self.log(
+            f"data: {self.seqs.num_users} users, {self.seqs.num_items} items, max_len "
+            f"{self.seqs.max_len}; world {env.world}; {torch.get_num_threads()} threads/rank"
+        )
+
+    def log(self, message: str) -> None:
+        if self.env.is_main:
+            tqdm.write(message)
+
+    def train_step(self, global_users: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on a global batch of user ids; returns ``[rec, kd]`` of this rank."""
+        num_positions = int((self.seqs.train[global_users][:, :-1] != self.pad).sum())
+        norm = num_positions / self.env.world  # DeepSpeed averages gradients over ranks
+        users = rank_slice(global_users, self.env.rank, self.env.world)
+        batch = training_batch(self.seqs.train[users], self.pad)
+        losses = self.engine(batch, self.teacher, norm, norm)
+        if not torch.isfinite(losses.total):
+            raise TrainingDiverged(f"loss is {losses.total.item()}")
+        self.engine.backward(losses.total)
+        self.engine.step()
+        return torch.stack([losses.rec, losses.kd])
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        start = time.perf_counter()
+        self.model.train()
+        order = epoch_order(self.seqs.num_users, self.cfg.train.seed, epoch)
+        batches = order.split(self.cfg.train.batch_size)
+        totals = torch.zeros(2, dtype=torch.float64)
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch}",
+            disable=not (self.cfg.train.progress and self.env.is_main),
+            leave=False,
+        )
+        for global_users in bar:
+            totals += self.train_step(global_users)
+        rec, kd = (all_reduce_sum(totals) / self.env.world / len(batches)).tolist()
+        loss = rec + self.cfg.model.lambda_kd * kd
+        return {
+            "epoch": epoch,
+            "loss": loss,
+            "loss_rec": rec,
+            "loss_kd": kd,
+            "seconds": time.perf_counter() - start,
+        }
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        start = time.perf_counter()
+        result = evaluate(
+            self.model.encoder, self.model.table, self.seqs, self.eval_users,
+            self.cfg.train.eval_batch_size, progress=self.cfg.train.progress and self.env.is_main,
+        )  # fmt: skip
+        result["eval_seconds"] = time.perf_counter() - start
+        return result
+
+    def save_weights(self, name: str, state: dict) -> None:
+        if self.env.is_main:
+            save_state(self.run_dir.path(name), state)
+
+    def fit(self) -> dict:
+        """Train, evaluate every ``eval_every`` epochs, keep the best-validation weights."""
+        cfg = self.cfg.train
+        if self.env.is_main:
+            self.run_dir.write_config(self.cfg)
+        history: list[dict] = []
+        best: dict = {"best_epoch": 0, "valid": {}, "test": {}}
+        best_state, stale = None, 0
+        for epoch in range(1, cfg.epochs + 1):
+            try:
+                record = self.train_epoch(epoch)
+            except TrainingDiverged as e:
+                self.save_weights("last_good.pt", self.model.state_dict())
+                raise TrainingDiverged(
+                    f"epoch {epoch}: {e}; stopped, the last good weights are in "
+                    f"{self.run_dir.path('last_good.pt')} (lower train.lr?)"
+                ) from e
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                result = self.evaluate()
+                record.update(result)
+                if result["valid"]["NDCG@20"] > best["valid"].get("NDCG@20", -1.0):
+                    best = {"best_epoch": epoch, "valid": result["valid"], "test": result["test"]}
+                    best_state = copy.deepcopy(self.model.state_dict())
+                    stale = 0
+                else:
+                    stale += 1
+            history.append(record)
+            self.log(format_epoch(record))
+            if self.env.is_main:
+                self.run_dir.write_metrics({**best, "epochs": history})
+            if cfg.patience and stale >= cfg.patience:
+                self.log(f"early stop: no better valid NDCG@20 in {stale} evaluations")
+                break
+        if best_state is not None:
+            self.save_weights("model.pt", best_state)
+        return {**best, "epochs": history}
