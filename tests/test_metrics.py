@@ -25,7 +25,8 @@ def test_sums_add_exactly_across_parts():
     ranks = torch.randint(1, 40, (101,))
     whole = metric_sums(ranks)
     parts = metric_sums(ranks[:37]) + metric_sums(ranks[37:])
-    assert torch.equal(whole, parts)
+    assert torch.equal(whole[[0, 2, 4, 6]], parts[[0, 2, 4, 6]])  # hit and user counts: exact
+    torch.testing.assert_close(whole, parts, rtol=1e-12, atol=0)
 
 
 def test_rank_count_matches_sorting_with_history_masked():

@@ -38,14 +38,16 @@ def count_higher(
     target_scores = (queries * items[targets]).sum(-1, keepdim=True)  # [B, 1]
     excluded = torch.cat([excluded, targets.unsqueeze(1)], dim=1)  # the target is not its own rival
     higher = torch.zeros(queries.shape[0], dtype=torch.int64)
+    width = min(item_chunk, items.shape[0])
+    buffer = queries.new_empty(queries.shape[0], width + 1)  # last column: sink for masked ids
     for start in range(0, items.shape[0], item_chunk):
-        scores = queries @ items[start : start + item_chunk].T  # [B, C]
-        width = scores.shape[1]
+        chunk = items[start : start + item_chunk]  # [C, D]
+        scores = buffer[:, : chunk.shape[0] + 1]
+        torch.mm(queries, chunk.T, out=scores[:, :-1])  # [B, C]
         local = excluded - start
-        local = torch.where((local >= 0) & (local < width), local, width)
-        scores = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
+        local = torch.where((local >= 0) & (local < chunk.shape[0]), local, chunk.shape[0])
         scores.scatter_(1, local, float("-inf"))
-        higher += (scores[:, :width] > target_scores).sum(1)
+        higher += (scores[:, :-1] > target_scores).sum(1)
     return higher + 1
 
 

@@ -17,6 +17,24 @@ from trainer.config import ModelConfig
 NEG_INF = -(2.0**32) + 1.0  # the reference's mask value: finite, so fully masked rows stay finite
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, same distribution as ``F.dropout`` but ~3x faster on CPU (a uniform
+    draw and a compare instead of ``bernoulli_``)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand_like(x) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
+class Dropout(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 def window_mean(x: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
     """Mean of ``x`` over the last ``window`` slots ending at each slot, padding excluded.
 
@@ -49,11 +67,11 @@ class AttentionBlock(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(dim, dim),
             nn.ReLU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(dim, dim),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attn_dropout = Dropout(dropout)
 
     def forward(self, query: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """
@@ -92,7 +110,7 @@ class MQSAEncoder(nn.Module):
         self.alpha = cfg.alpha
         self.max_len = max_len
         self.positions = nn.Parameter(torch.randn(max_len, cfg.dim) * 0.01)
-        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.input_dropout = Dropout(cfg.dropout)
         self.short_blocks = nn.ModuleList(
             AttentionBlock(cfg.dim, cfg.dropout) for _ in range(cfg.num_blocks)
         )

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
 from torch import nn
 
 from embeddings.base import ItemTable
 from trainer.config import Config
 from trainer.data import Batch
 from trainer.losses import LossTerms, paper_losses
-from trainer.model import MQSAEncoder
+from trainer.model import MQSAEncoder, dropout
 from trainer.teacher import SparseTeacher
 
 
@@ -48,7 +47,7 @@ class MQSATED(nn.Module):
         emb = table.lookup(batch.inputs)  # [B, T, D]
         queries = self.encoder(emb, batch.mask)[batch.mask]  # [P, D]
         heads = batch.inputs[batch.mask]  # [H] (H = P: every real input item is a head)
-        student = F.dropout(
+        student = dropout(
             emb[batch.mask] * math.sqrt(self.cfg.dim), self.cfg.dropout, self.training
         )  # [H, D]
         return paper_losses(

@@ -1,0 +1,96 @@
+"""Seconds per training epoch and per full evaluation, paper mode, with an in-process baseline.
+
+    python bench/train_speed.py --data data/beauty [--config configs/beauty.yaml] [--bf16]
+
+The baseline is a step written the way the reference code computes it: scores at all B x M
+slots (padding included) as one autograd ``[B*M, N]`` matrix, and the TED teacher as dense
+``N``-wide rows of the ``N x N`` transition matrix. It runs ``--baseline-steps`` steps on the
+same batches and model, and its epoch time is extrapolated from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import load_config
+from trainer.data import epoch_order
+from trainer.distributed import init_distributed
+from trainer.trainer import Trainer
+
+
+def dense_teacher(trainer: Trainer) -> torch.Tensor:
+    """``[N, N]`` teacher probabilities, built the reference way (dense rows)."""
+    n = trainer.seqs.num_items
+    return trainer.teacher.dense()[:n, :n]
+
+
+def baseline_step(trainer: Trainer, users: torch.Tensor, teacher: torch.Tensor, opt) -> None:
+    """One reference-style step: every slot scored, dense teacher rows, plain autograd."""
+    cfg, pad = trainer.cfg.model, trainer.pad
+    model = trainer.model
+    train = trainer.seqs.train[users]
+    inputs = torch.full_like(train, pad)
+    inputs[:, 1:] = train[:, :-1]
+    mask = inputs != pad  # [B, M]
+    emb = model.table.lookup(inputs)  # [B, M, D]
+    h = model.encoder(emb, mask).reshape(-1, cfg.dim)  # [B*M, D]
+    items = model.table.all_items()
+    logits = h @ items.T  # [B*M, N]
+    flat_mask = mask.reshape(-1).float()
+    targets = train.reshape(-1).clamp(max=pad - 1)
+    rec = (F.cross_entropy(logits, targets, reduction="none") * flat_mask).sum() / flat_mask.sum()
+    student = F.dropout(emb.reshape(-1, cfg.dim) * math.sqrt(cfg.dim), cfg.dropout, True)
+    log_q = torch.log_softmax(student @ items.T / cfg.tau, dim=1)  # [B*M, N]
+    p = teacher[inputs.reshape(-1).clamp(max=pad - 1)]  # [B*M, N]
+    kd = (-(p * log_q).sum(1) * flat_mask).sum() / flat_mask.sum()
+    loss = rec + cfg.lambda_kd * kd
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="prepared data dir (spark_jobs.prepare)")
+    parser.add_argument("--config", default="configs/beauty.yaml")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--baseline-steps", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    cfg = load_config(
+        args.config,
+        [f"data.dir={args.data}", "train.progress=false", f"train.bf16={args.bf16}",
+         f"train.threads={args.threads}", "train.run_dir=/tmp/train_speed_run"],
+    )  # fmt: skip
+    trainer = Trainer(cfg, init_distributed())
+    steps = math.ceil(trainer.seqs.num_users / cfg.train.batch_size)
+    trainer.train_epoch(0)  # warm-up (allocator, thread pools)
+    epoch_s = []
+    for epoch in range(1, args.epochs + 1):
+        epoch_s.append(trainer.train_epoch(epoch)["seconds"])
+    eval_s = trainer.evaluate()["eval_seconds"]
+    ours = sum(epoch_s) / len(epoch_s)
+    print(f"ours: {ours:.2f} s/epoch ({steps} steps, bf16={args.bf16}, "
+          f"{torch.get_num_threads()} threads); full valid+test eval of "
+          f"{trainer.seqs.num_users} users: {eval_s:.2f} s")  # fmt: skip
+    if args.baseline_steps:
+        teacher = dense_teacher(trainer)
+        opt = torch.optim.Adam(trainer.model.parameters(), lr=cfg.train.lr)
+        batches = epoch_order(trainer.seqs.num_users, 0, 0).split(cfg.train.batch_size)
+        baseline_step(trainer, batches[0], teacher, opt)  # warm-up
+        start = time.perf_counter()
+        for users in batches[1 : args.baseline_steps + 1]:
+            baseline_step(trainer, users, teacher, opt)
+        base = (time.perf_counter() - start) / args.baseline_steps * steps
+        print(f"baseline (reference-style step): {base:.2f} s/epoch (extrapolated from "
+              f"{args.baseline_steps} steps); speed-up x{base / ours:.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
