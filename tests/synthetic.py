@@ -1,7 +1,7 @@
 """Tiny prepared-data directories for trainer tests (no Spark: written with pyarrow).
 
-The layout is the data contract of ``spark_jobs.prepare``: ``sequences/``, ``transitions/``,
-``stats.json``.
+The layout is the data contract of ``spark_jobs.prepare``: ``vocab/``, ``sequences/``,
+``transitions/``, ``stats.json``. Item k has the raw id ``f"i{k}"``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,18 @@ def write_prepared(
         pairs.update(zip(cut[:-1], cut[1:], strict=False))
     (root / "sequences").mkdir(parents=True)
     (root / "transitions").mkdir()
+    (root / "vocab").mkdir()
+    counts = Counter(i for u in users for i in [*u[1], u[2], u[3]])
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": [f"i{k}" for k in range(num_items)],
+                "index": list(range(num_items)),
+                "count": [counts[k] for k in range(num_items)],
+            }
+        ),
+        root / "vocab" / "part-0.parquet",
+    )
     half = num_users // 2
     for i, part in enumerate((users[:half], users[half:])):
         pq.write_table(

@@ -177,7 +177,7 @@ def rank_slice(global_batch: torch.Tensor, rank: int, world: int) -> torch.Tenso
     return global_batch.tensor_split(world)[rank]
 
 
-def test_inputs(seqs: Sequences, users: torch.Tensor) -> torch.Tensor:
+def inputs_for_test_split(seqs: Sequences, users: torch.Tensor) -> torch.Tensor:
     """Test input: (cut train + validation item)[-M:] ``[B, M]``."""
     shifted = torch.empty_like(seqs.train[users])
     shifted[:, :-1] = seqs.train[users, 1:]

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from embeddings.base import ItemTable
-from trainer.data import Sequences, test_inputs, trim
+from trainer.data import Sequences, inputs_for_test_split, trim
 from trainer.distributed import all_reduce_sum
 from trainer.metrics import METRIC_NAMES, metric_sums, metrics_from_sums
 from trainer.model import MQSAEncoder
@@ -78,7 +78,7 @@ def evaluate(
         valid_target = seqs.valid[batch_users]
         for split, inputs, excluded, target in (
             ("valid", history, history, valid_target),
-            ("test", test_inputs(seqs, batch_users), torch.cat([history, valid_target[:, None]], 1),
+            ("test", inputs_for_test_split(seqs, batch_users), torch.cat([history, valid_target[:, None]], 1),
              seqs.test[batch_users]),
         ):  # fmt: skip
             inputs = trim(inputs, pad)

@@ -72,10 +72,39 @@ def ted_loss(
     logits_scale = student / tau  # [H, D]
     weights = torch.full((student.shape[0],), 1.0 / norm)
     lse = weighted_log_partition(logits_scale, items, weights, chunk, bf16)
-    uniform_part = teacher.base[heads] * (logits_scale @ items.sum(0))  # [H]
     head_index, succ, excess = teacher.rows(heads)
-    succ_part = excess * (logits_scale[head_index] * items[succ]).sum(-1)  # [E_h]
-    return lse - (uniform_part.sum() + succ_part.sum()) / norm
+    cross = teacher_cross_term(
+        logits_scale, teacher.base[heads], items.sum(0), head_index, excess, items[succ]
+    )
+    return lse - cross / norm
+
+
+def teacher_cross_term(
+    scaled: torch.Tensor,
+    base: torch.Tensor,
+    item_sum: torch.Tensor,
+    head_index: torch.Tensor,
+    excess: torch.Tensor,
+    succ_emb: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_h sum_j p_hj * (scaled_h . E_j)`` for the sparse teacher, without an ``[H, N]`` term.
+
+    ``p_hj = base_h + excess_hj`` (``excess`` on successors only), so the sum is
+    ``sum_h base_h * (scaled_h . sum_j E_j) + sum_edges excess_e * (scaled_h(e) . E_succ(e))``.
+
+    Args:
+        scaled: ``[H, D]`` student vectors divided by tau.
+        base: ``[H]`` the teacher's non-successor probability of each head.
+        item_sum: ``[D]`` ``sum_j E_j`` over all N items.
+        head_index: ``[E_h]`` head of each successor edge (index into the H heads).
+        excess: ``[E_h]`` the edge's teacher probability above ``base``.
+        succ_emb: ``[E_h, D]`` the successor rows.
+    Returns:
+        A scalar.
+    """
+    uniform_part = base * (scaled @ item_sum)  # [H]
+    succ_part = excess * (scaled[head_index] * succ_emb).sum(-1)  # [E_h]
+    return uniform_part.sum() + succ_part.sum()
 
 
 def paper_losses(

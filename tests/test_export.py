@@ -1,0 +1,89 @@
+"""Export round trip: vectors, user encoder and recommendations agree with the trainer."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from embeddings.export import export_run, load_trained
+from embeddings.manifest import ExportError
+from embeddings.recommend import Recommender
+from tests.synthetic import write_prepared
+from trainer.config import load_config
+from trainer.data import inputs_for_test_split, load_sequences, trim
+from trainer.evaluate import count_higher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    data = write_prepared(root / "data")
+    config = root / "tiny.yaml"
+    config.write_text(
+        f"data:\n  dir: {data}\n  max_len: 12\nmodel:\n  dim: 16\n"
+        f"train:\n  epochs: 2\n  batch_size: 32\n  run_dir: {root / 'run'}\n  progress: false\n"
+    )
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run"
+
+
+def test_export_round_trip(trained_run, tmp_path):
+    out = tmp_path / "export"
+    manifest = export_run(str(trained_run), str(out), faiss_kind="flat")
+    assert manifest.count == 40 and manifest.dim == 16 and manifest.faiss["recall@10"] == 1.0
+    cfg, encoder, table = load_trained(str(trained_run))
+    items = pq.read_table(out / "items").sort_by("index")
+    vectors = np.stack(items.column("vector").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(vectors, table[:40].numpy())
+    assert items.column("item_id").to_pylist() == [f"i{k}" for k in range(40)]
+
+    seqs = load_sequences(cfg)
+    users = torch.arange(seqs.num_users)
+    inputs = trim(inputs_for_test_split(seqs, users), seqs.num_items)
+    with torch.no_grad():
+        want = encoder(table[inputs], inputs != seqs.num_items)[:, -1]
+    rec = Recommender(str(out))
+    with torch.no_grad():
+        got = rec.encoder(inputs_for_test_split(seqs, users))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    # recommend() on a user's full history = the evaluation ranking's top-10 for that user
+    user = int((seqs.train != seqs.num_items).sum(1).argmin())  # short history: nothing cut
+    history = [i for i in seqs.train[user].tolist() if i != seqs.num_items] + [
+        int(seqs.valid[user])
+    ]
+    (result,) = rec.recommend([[f"i{i}" for i in history] + ["not-an-item"]], k=10)
+    assert result.unknown == ["not-an-item"]
+    items_t = table[:40]
+    excluded = torch.tensor([history])
+    ranks = torch.stack(
+        [count_higher(want[user : user + 1], items_t, torch.tensor([j]), excluded, 64)[0]
+         for j in range(40) if j not in history]
+    )  # fmt: skip
+    candidates = [j for j in range(40) if j not in history]
+    top10 = [f"i{candidates[i]}" for i in torch.argsort(ranks)[:10].tolist()]
+    assert result.items == top10
+
+
+def test_unfinished_export_is_refused(trained_run, tmp_path):
+    out = tmp_path / "export"
+    export_run(str(trained_run), str(out), faiss_kind="none")
+    (out / "manifest.json").unlink()  # as if the export died before its commit marker
+    with pytest.raises(ExportError, match="not a finished export"):
+        Recommender(str(out))
+
+
+def test_missing_run_is_a_clear_error(tmp_path):
+    cfg_dir = tmp_path / "run"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.yaml").write_text(load_config(None).to_yaml())
+    with pytest.raises(ExportError, match="model.pt not found"):
+        export_run(str(cfg_dir), str(tmp_path / "out"))

@@ -1,0 +1,129 @@
+"""Shared negative candidates for catalogue mode, each with its log-Q correction.
+
+A candidate set is a list of item ids drawn for the whole (per-rank) batch, shared by every
+position and every distillation head. ``log_q[k]`` is the log of the EXPECTED number of times
+``ids[k]`` appears in the set, so ``sum_k exp(s_k - log_q[k])`` is an unbiased estimate of
+``sum_j exp(s_j)`` over the items the sampler can reach:
+
+- ``uniform``: K draws from ``0..N-1``: ``log(K / N)``.
+- ``popularity``: K draws with probability ``p_j = count_j / sum(count)``: ``log(K p_j)``.
+- ``in_batch``: K draws of this rank's real targets (positions picked uniformly), i.e. item j
+  with its in-batch frequency ``c_j / P``: ``log(K c_j / P)``.
+- ``mixed``: K/2 popularity draws plus K - K/2 in-batch draws; every candidate gets the
+  mixture's expected count ``log(K1 p_j + K2 c_j / P)`` (balance-heuristic importance sampling),
+  so the union still estimates the sum once, not twice.
+- ``all``: every item once, ``log_q = 0``: the exact full softmax (paper mode's candidate set).
+
+Draws come from the sampler's own generator: ranks that build it with the same seed draw the
+same uniform and popularity negatives at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from trainer.data import read_table
+
+KINDS = ("all", "uniform", "popularity", "in_batch", "mixed")
+
+
+@dataclass
+class Candidates:
+    """A shared candidate set.
+
+    Attributes:
+        ids: ``[K]`` int64 item ids (repeats allowed).
+        log_q: ``[K]`` float32 log expected multiplicity of each id in the set.
+    """
+
+    ids: torch.Tensor
+    log_q: torch.Tensor
+
+
+def load_item_counts(data_dir: str, num_items: int) -> torch.Tensor:
+    """Event counts per item index from ``vocab/`` (columns ``index``, ``count``): ``[N]``."""
+    table = read_table(data_dir.rstrip("/") + "/vocab", ["index", "count"])
+    counts = torch.zeros(num_items, dtype=torch.float64)
+    index = torch.from_numpy(table.column("index").to_numpy().astype("int64"))
+    counts[index] = torch.from_numpy(table.column("count").to_numpy().astype("float64"))
+    return counts
+
+
+def occurrences(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """How often each of ``ids`` (``[K]``) occurs in ``values`` (``[P]``): ``[K]`` int64."""
+    uniq, counts = values.unique(return_counts=True)
+    if uniq.numel() == 0:
+        return torch.zeros_like(ids)
+    pos = torch.searchsorted(uniq, ids).clamp(max=uniq.numel() - 1)
+    return torch.where(uniq[pos] == ids, counts[pos], 0)
+
+
+class NegativeSampler:
+    """Draws the shared candidate set of one step (see the module docstring for the kinds)."""
+
+    def __init__(
+        self,
+        kind: str,
+        num_items: int,
+        num_negatives: int,
+        counts: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            kind: one of ``KINDS``.
+            counts: ``[N]`` item popularity (``popularity`` and ``mixed`` only).
+            seed: seed of the sampler's generator (use the same on every rank).
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown sampler {kind!r} (known: {', '.join(KINDS)})")
+        if kind in ("popularity", "mixed"):
+            if counts is None or counts.shape != (num_items,):
+                raise ValueError(f"sampler {kind!r} needs item counts of shape [{num_items}]")
+            probs = counts.to(torch.float64) / counts.sum()
+            self.probs = probs  # [N]
+            self.cdf = probs.cumsum(0)  # [N]
+        self.kind = kind
+        self.num_items = num_items
+        self.num_negatives = num_negatives
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _popularity(self, k: int) -> torch.Tensor:
+        """``k`` draws with probability ``probs`` (inverse CDF: O(k log N), no O(N) pass)."""
+        u = torch.rand(k, dtype=torch.float64, generator=self.generator) * self.cdf[-1]
+        return torch.searchsorted(self.cdf, u, right=True).clamp(max=self.num_items - 1)
+
+    def _in_batch(self, targets: torch.Tensor, k: int) -> torch.Tensor:
+        """``k`` of the targets, positions drawn uniformly with replacement."""
+        if targets.numel() == 0:
+            return targets.new_empty(0)
+        return targets[torch.randint(targets.numel(), (k,), generator=self.generator)]
+
+    def sample(self, targets: torch.Tensor) -> Candidates:
+        """The candidate set of one step.
+
+        Args:
+            targets: ``[P]`` this rank's real next-item targets (used by in-batch kinds).
+        """
+        k, n = self.num_negatives, self.num_items
+        if self.kind == "all":
+            return Candidates(torch.arange(n), torch.zeros(n))
+        if self.kind == "uniform":
+            ids = torch.randint(n, (k,), generator=self.generator)
+            return Candidates(ids, torch.full((k,), math.log(k / n)))
+        if self.kind == "popularity":
+            ids = self._popularity(k)
+            return Candidates(ids, (k * self.probs[ids]).log().float())
+        num_targets = max(targets.numel(), 1)
+        if self.kind == "in_batch":
+            ids = self._in_batch(targets, k)
+            expected = k * occurrences(targets, ids).double() / num_targets
+            return Candidates(ids, expected.log().float())
+        k_pop = k // 2
+        k_batch = k - k_pop if targets.numel() else 0
+        ids = torch.cat([self._popularity(k_pop), self._in_batch(targets, k_batch)])
+        expected = k_pop * self.probs[ids] + k_batch * occurrences(targets, ids) / num_targets
+        return Candidates(ids, expected.log().float())
