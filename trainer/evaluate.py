@@ -76,11 +76,12 @@ def evaluate(
     for batch_users in tqdm(batches, desc="eval", disable=not progress, leave=False):
         history = seqs.train[batch_users]  # [B, M]
         valid_target = seqs.valid[batch_users]
-        for split, inputs, excluded, target in (
+        with_valid = torch.cat([history, valid_target[:, None]], dim=1)  # [B, M + 1]
+        splits = (
             ("valid", history, history, valid_target),
-            ("test", inputs_for_test_split(seqs, batch_users), torch.cat([history, valid_target[:, None]], 1),
-             seqs.test[batch_users]),
-        ):  # fmt: skip
+            ("test", inputs_for_test_split(seqs, batch_users), with_valid, seqs.test[batch_users]),
+        )
+        for split, inputs, excluded, target in splits:
             inputs = trim(inputs, pad)
             mask = inputs != pad
             queries = encoder(table.lookup(inputs), mask)[:, -1]  # [B, D]: the newest slot
