@@ -87,3 +87,17 @@ def test_missing_run_is_a_clear_error(tmp_path):
     (cfg_dir / "config.yaml").write_text(load_config(None).to_yaml())
     with pytest.raises(ExportError, match="model.pt not found"):
         export_run(str(cfg_dir), str(tmp_path / "out"))
+
+
+def test_report_compares_model_and_baselines(trained_run, tmp_path):
+    from trainer.report import write_report
+
+    out = tmp_path / "export"
+    export_run(str(trained_run), str(out), faiss_kind="none")
+    report = write_report(str(trained_run), str(out), num_users=3)
+    assert "| MQSA-TED (epoch" in report and "| most popular |" in report
+    assert "| last item -> most frequent next |" in report
+    assert report.count("- history (last 5)") == 3
+    png = (trained_run / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert (trained_run / "report.md").read_text() == report

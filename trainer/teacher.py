@@ -15,6 +15,29 @@ import numpy as np
 import torch
 
 
+def csr_edges(indptr: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edges of ``rows`` ``[R]`` in a CSR structure with offsets ``indptr`` ``[N + 1]``.
+
+    Returns:
+        ``(row_index [E_r], edge [E_r])``: for each selected edge, its position in ``rows`` and
+        its position in the CSR edge arrays.
+    """
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    row_index = torch.repeat_interleave(torch.arange(rows.shape[0]), lengths)
+    offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(
+        lengths.cumsum(0) - lengths, lengths
+    )
+    return row_index, starts[row_index] + offsets
+
+
+def csr_offsets(src: np.ndarray, num_rows: int) -> np.ndarray:
+    """``[num_rows + 1]`` CSR offsets of edges sorted by ``src``."""
+    indptr = np.zeros(num_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(src, minlength=num_rows), out=indptr[1:])
+    return indptr
+
+
 @dataclass
 class SparseTeacher:
     """CSR teacher: row i's successors are ``dst[indptr[i]:indptr[i + 1]]``.
@@ -67,10 +90,8 @@ class SparseTeacher:
         base = np.full(num_items, 1.0 / num_items)
         base[has_edges] = np.exp(-shift) / z_shifted[has_edges]
         excess = np.exp(logits - shift) / z_shifted[src] - base[src]
-        indptr = np.zeros(num_items + 1, dtype=np.int64)
-        np.cumsum(degree, out=indptr[1:])
         return cls(
-            indptr=torch.from_numpy(indptr),
+            indptr=torch.from_numpy(csr_offsets(src, num_items)),
             dst=torch.from_numpy(dst),
             excess=torch.from_numpy(excess.astype(np.float32)),
             base=torch.from_numpy(base.astype(np.float32)),
@@ -85,13 +106,7 @@ class SparseTeacher:
             ``(head_index [E_h], successor [E_h], excess [E_h])`` where ``head_index`` points into
             ``heads``.
         """
-        starts = self.indptr[heads]
-        lengths = self.indptr[heads + 1] - starts
-        head_index = torch.repeat_interleave(torch.arange(heads.shape[0]), lengths)
-        offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(
-            lengths.cumsum(0) - lengths, lengths
-        )
-        edge = starts[head_index] + offsets
+        head_index, edge = csr_edges(self.indptr, heads)
         return head_index, self.dst[edge], self.excess[edge]
 
     def dense(self) -> torch.Tensor:
