@@ -166,12 +166,14 @@ def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--out", default="", help="export URL (default <RUN_DIR>/export)")
-    parser.add_argument("--faiss", default="auto", choices=["auto", "flat", "ivf", "hnsw", "none"])
+    parser.add_argument("--out", help="export URL (default: export.out, else <RUN_DIR>/export)")
+    parser.add_argument("--faiss", choices=["auto", "flat", "ivf", "hnsw", "none"],
+                        help="index kind (default: export.faiss of the run's config)")  # fmt: skip
     args = parser.parse_args(argv)
-    out = args.out or RunDir(args.run_dir).path("export")
     try:
-        manifest = export_run(args.run_dir, out, args.faiss)
+        run_cfg = load_config(RunDir(args.run_dir).path("config.yaml")).export
+        out = args.out or run_cfg.out or RunDir(args.run_dir).path("export")
+        manifest = export_run(args.run_dir, out, args.faiss or run_cfg.faiss)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -217,3 +217,35 @@ def config_hash(cfg: Config, sections: tuple[str, ...] = ("data", "model")) -> s
 
     payload = json.dumps({s: dataclasses.asdict(getattr(cfg, s)) for s in sections}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.config CONFIG [section.key] [-- overrides]``: print the resolved config
+    (or one value), so shell scripts read settings without parsing YAML themselves."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("config")
+    parser.add_argument("key", nargs="?", help="section.key to print (default: everything)")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides, section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.key:
+        print(cfg.to_yaml(), end="")
+        return 0
+    section, _, key = args.key.partition(".")
+    try:
+        print(getattr(getattr(cfg, section), key))
+    except AttributeError:
+        print(f"error: unknown key '{args.key}'", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
