@@ -84,12 +84,20 @@ class TrainConfig:
     score_chunk: int = 4096  # rows per chunk of the catalogue-wide score products
     eval_batch_size: int = 1024
     progress: bool = True
+    resume: str = ""  # "" = start fresh | auto = newest complete checkpoint | a checkpoint URL
 
 
 @dataclass
 class DistributedConfig:
     nproc_per_node: int = 2
     zero_stage: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # checkpoint root URL; empty = <run_dir>/checkpoints
+    every: int = 0  # also checkpoint every N optimiser steps; 0 = only at epoch ends
+    keep: int = 2  # complete checkpoints kept (older ones are deleted)
 
 
 @dataclass
@@ -106,6 +114,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict[str, Any]:

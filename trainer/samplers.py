@@ -91,7 +91,7 @@ class NegativeSampler:
         self.num_negatives = num_negatives
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _popularity(self, k: int) -> torch.Tensor:
+    def popular(self, k: int) -> torch.Tensor:
         """``k`` draws with probability ``probs`` (inverse CDF: O(k log N), no O(N) pass)."""
         u = torch.rand(k, dtype=torch.float64, generator=self.generator) * self.cdf[-1]
         return torch.searchsorted(self.cdf, u, right=True).clamp(max=self.num_items - 1)
@@ -115,7 +115,7 @@ class NegativeSampler:
             ids = torch.randint(n, (k,), generator=self.generator)
             return Candidates(ids, torch.full((k,), math.log(k / n)))
         if self.kind == "popularity":
-            ids = self._popularity(k)
+            ids = self.popular(k)
             return Candidates(ids, (k * self.probs[ids]).log().float())
         num_targets = max(targets.numel(), 1)
         if self.kind == "in_batch":
@@ -124,6 +124,6 @@ class NegativeSampler:
             return Candidates(ids, expected.log().float())
         k_pop = k // 2
         k_batch = k - k_pop if targets.numel() else 0
-        ids = torch.cat([self._popularity(k_pop), self._in_batch(targets, k_batch)])
+        ids = torch.cat([self.popular(k_pop), self._in_batch(targets, k_batch)])
         expected = k_pop * self.probs[ids] + k_batch * occurrences(targets, ids) / num_targets
         return Candidates(ids, expected.log().float())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError
 from trainer.distributed import init_distributed
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         env = init_distributed()
         result = Trainer(cfg, env).fit()
-    except (ConfigError, DataError, TrainingDiverged) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if env.is_main:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 
@@ -10,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from embeddings.dense import DenseItemTable
+from trainer.checkpoint import Checkpointer, TrainerState
 from trainer.config import Config
 from trainer.data import epoch_order, load_sequences, load_transitions, rank_slice, training_batch
 from trainer.distributed import DistEnv, all_reduce_sum
@@ -66,6 +66,8 @@ class Trainer:
         self.engine = build_engine(self.model, cfg, env)
         torch.manual_seed(cfg.train.seed + 7919 * env.rank)  # dropout differs per rank
         self.run_dir = RunDir(cfg.train.run_dir)
+        self.checkpointer = Checkpointer(cfg, env, self.seqs.num_items)
+        self.loss_sums = torch.zeros(2, dtype=torch.float64)  # [rec, kd] of this epoch, this rank
         self.eval_users = rank_slice(torch.arange(self.seqs.num_users), env.rank, env.world)
         self.log(
             f"data: {self.seqs.num_users} users, {self.seqs.num_items} items, max_len "
@@ -89,25 +91,31 @@ class Trainer:
         self.engine.step()
         return torch.stack([losses.rec, losses.kd])
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, state: TrainerState) -> dict[str, float]:
+        """Run the rest of epoch ``state.epoch`` from batch ``state.step_in_epoch``, checkpointing
+        every ``checkpoint.every`` steps; returns the epoch's record (mean losses, seconds)."""
         start = time.perf_counter()
         self.model.train()
-        order = epoch_order(self.seqs.num_users, self.cfg.train.seed, epoch)
+        order = epoch_order(self.seqs.num_users, self.cfg.train.seed, state.epoch)
         batches = order.split(self.cfg.train.batch_size)
-        totals = torch.zeros(2, dtype=torch.float64)
+        every = self.cfg.checkpoint.every
         bar = tqdm(
-            batches,
-            desc=f"epoch {epoch}",
+            batches[state.step_in_epoch :],
+            desc=f"epoch {state.epoch}",
             disable=not (self.cfg.train.progress and self.env.is_main),
             leave=False,
         )
         for global_users in bar:
-            totals += self.train_step(global_users)
-        rec, kd = (all_reduce_sum(totals) / self.env.world / len(batches)).tolist()
-        loss = rec + self.cfg.model.lambda_kd * kd
+            self.loss_sums += self.train_step(global_users)
+            state.step_in_epoch += 1
+            state.global_step += 1
+            if every and state.global_step % every == 0 and state.step_in_epoch < len(batches):
+                self.checkpointer.save(self.engine, state, self.loss_sums)
+        rec, kd = (all_reduce_sum(self.loss_sums) / self.env.world / len(batches)).tolist()
+        self.loss_sums.zero_()
         return {
-            "epoch": epoch,
-            "loss": loss,
+            "epoch": state.epoch,
+            "loss": rec + self.cfg.model.lambda_kd * kd,
             "loss_rec": rec,
             "loss_kd": kd,
             "seconds": time.perf_counter() - start,
@@ -122,43 +130,55 @@ class Trainer:
         result["eval_seconds"] = time.perf_counter() - start
         return result
 
-    def save_weights(self, name: str, state: dict) -> None:
+    def save_weights(self, name: str) -> None:
         if self.env.is_main:
-            save_state(self.run_dir.path(name), state)
+            save_state(self.run_dir.path(name), self.model.state_dict())
+
+    def start_state(self) -> TrainerState:
+        """A fresh state, or the one of the checkpoint ``train.resume`` names."""
+        resume = self.cfg.train.resume
+        path = self.checkpointer.resolve(resume) if resume else None
+        if path is None:
+            if resume:
+                self.log(f"resume=auto: no complete checkpoint under {self.checkpointer.root}")
+            return TrainerState()
+        state, self.loss_sums = self.checkpointer.load(self.engine, path)
+        self.log(f"resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch}")
+        return state
 
     def fit(self) -> dict:
         """Train, evaluate every ``eval_every`` epochs, keep the best-validation weights."""
         cfg = self.cfg.train
         if self.env.is_main:
             self.run_dir.write_config(self.cfg)
-        history: list[dict] = []
-        best: dict = {"best_epoch": 0, "valid": {}, "test": {}}
-        best_state, stale = None, 0
-        for epoch in range(1, cfg.epochs + 1):
+        state = self.start_state()
+        while state.epoch <= cfg.epochs and not (cfg.patience and state.stale >= cfg.patience):
             try:
-                record = self.train_epoch(epoch)
+                record = self.train_epoch(state)
             except TrainingDiverged as e:
-                self.save_weights("last_good.pt", self.model.state_dict())
+                self.save_weights("last_good.pt")
                 raise TrainingDiverged(
-                    f"epoch {epoch}: {e}; stopped, the last good weights are in "
+                    f"epoch {state.epoch}: {e}; stopped, the last good weights are in "
                     f"{self.run_dir.path('last_good.pt')} (lower train.lr?)"
                 ) from e
-            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                result = self.evaluate()
-                record.update(result)
-                if result["valid"]["NDCG@20"] > best["valid"].get("NDCG@20", -1.0):
-                    best = {"best_epoch": epoch, "valid": result["valid"], "test": result["test"]}
-                    best_state = copy.deepcopy(self.model.state_dict())
-                    stale = 0
+            if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
+                record.update(self.evaluate())
+                if record["valid"]["NDCG@20"] > state.best["valid"].get("NDCG@20", -1.0):
+                    state.best = {
+                        "best_epoch": state.epoch,
+                        "valid": record["valid"],
+                        "test": record["test"],
+                    }
+                    state.stale = 0
+                    self.save_weights("model.pt")
                 else:
-                    stale += 1
-            history.append(record)
+                    state.stale += 1
+            state.history.append(record)
             self.log(format_epoch(record))
             if self.env.is_main:
-                self.run_dir.write_metrics({**best, "epochs": history})
-            if cfg.patience and stale >= cfg.patience:
-                self.log(f"early stop: no better valid NDCG@20 in {stale} evaluations")
-                break
-        if best_state is not None:
-            self.save_weights("model.pt", best_state)
-        return {**best, "epochs": history}
+                self.run_dir.write_metrics({**state.best, "epochs": state.history})
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            self.checkpointer.save(self.engine, state, self.loss_sums)
+        if cfg.patience and state.stale >= cfg.patience:
+            self.log(f"early stop: no better valid NDCG@20 in {state.stale} evaluations")
+        return {**state.best, "epochs": state.history}

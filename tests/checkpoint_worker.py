@@ -1,0 +1,25 @@
+"""Loads the newest complete checkpoint of a run into a fresh trainer and saves its weights.
+
+Usage (1 process or under torchrun): python tests/checkpoint_worker.py CONFIG OUT.pt [overrides]
+"""
+
+import sys
+
+import torch
+
+from trainer.config import load_config
+from trainer.distributed import init_distributed
+from trainer.trainer import Trainer
+
+
+def main() -> None:
+    config, out, *overrides = sys.argv[1:]
+    env = init_distributed()
+    trainer = Trainer(load_config(config, [*overrides, "train.resume=auto"]), env)
+    state = trainer.start_state()
+    if env.is_main:
+        torch.save({"params": trainer.model.state_dict(), "epoch": state.epoch}, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Checkpoint and resume: a SIGKILLed run resumes to the uninterrupted run's exact metrics;
+unfinished checkpoints are never loaded; mismatches are refused; 2 <-> 1 rank loading."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.synthetic import write_prepared
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def train_cmd(config: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.train", str(config), *overrides]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", *args]  # fmt: skip
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def comparable(metrics_json: Path) -> dict:
+    """metrics.json without the wall-clock fields."""
+    metrics = json.loads(metrics_json.read_text())
+    for record in metrics["epochs"]:
+        record.pop("seconds"), record.pop("eval_seconds", None)
+    return metrics
+
+
+def mid_epoch_steps(ckpts: Path, steps_per_epoch: int = 10) -> list[int]:
+    """Steps of the complete checkpoints taken inside an epoch (160 users / batch 16 = 10)."""
+    steps = [int(p.parent.name.split("-")[1]) for p in ckpts.glob("step-*/COMPLETE")]
+    return [s for s in steps if s % steps_per_epoch]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    data = write_prepared(root / "data", num_users=160)
+    path = root / "tiny.yaml"
+    path.write_text(
+        f"data:\n  dir: {data}\n  max_len: 12\nmodel:\n  dim: 16\n"
+        "train:\n  epochs: 12\n  batch_size: 16\n  progress: false\n  threads: 1\n"
+        "checkpoint:\n  every: 3\n  keep: 2\n"
+    )
+    return path
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(config, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(train_cmd(config, f"train.run_dir={straight}"))
+
+    proc = subprocess.Popen(train_cmd(config, f"train.run_dir={killed}"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts = killed / "checkpoints"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if any(step > 20 for step in mid_epoch_steps(ckpts)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    metrics_before = json.loads((killed / "metrics.json").read_text())
+    assert len(metrics_before["epochs"]) < 12
+    # a half-written, newer checkpoint (no COMPLETE marker) must be ignored
+    (ckpts / "step-999999999" / "ds").mkdir(parents=True)
+    (ckpts / "step-999999999" / "trainer_state.json").write_text("{truncated")
+
+    proc = run(train_cmd(config, f"train.run_dir={killed}", "train.resume=auto"))
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert comparable(killed / "metrics.json") == comparable(straight / "metrics.json")
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(config, tmp_path):
+    run_dir = tmp_path / "run"
+    run(train_cmd(config, f"train.run_dir={run_dir}", "train.epochs=1"))
+    proc = subprocess.run(
+        train_cmd(config, f"train.run_dir={run_dir}", "train.resume=auto", "model.dim=8"),
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "does not match this run: config_hash" in proc.stderr
+
+
+def test_checkpoint_moves_between_two_ranks_and_one(config, tmp_path):
+    worker = str(ROOT / "tests" / "checkpoint_worker.py")
+    for save_world, load_world in ((2, 1), (1, 2)):
+        run_dir = tmp_path / f"run{save_world}"
+        overrides = (f"train.run_dir={run_dir}", "train.epochs=1", "distributed.zero_stage=0")
+        save = ["-m", "trainer.train", str(config), *overrides]
+        run(torchrun(*save) if save_world == 2 else [sys.executable, *save])
+        out = tmp_path / f"loaded{save_world}.pt"
+        load = [worker, str(config), str(out), *overrides]
+        run(torchrun(*load) if load_world == 2 else [sys.executable, *load])
+        loaded = torch.load(out, weights_only=True)
+        saved = torch.load(run_dir / "model.pt", weights_only=True)  # the epoch-1 weights
+        assert loaded["epoch"] == 2
+        for name, value in saved.items():
+            torch.testing.assert_close(loaded["params"][name], value, rtol=0, atol=0, msg=name)
