@@ -8,7 +8,29 @@ indices ``0..N-1``; the padding id is ``N`` and always looks up a zero vector.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+INIT_BLOCK = 1 << 16  # rows drawn per seeded block
+
+
+def init_rows(
+    start: int, stop: int, dim: int, std: float, seed: int, num_items: int
+) -> torch.Tensor:
+    """Initial values of global rows ``start..stop-1``: ``[stop - start, dim]``.
+
+    Row ``num_items`` (padding) is zero. Independent of how the table is split.
+    """
+    out = torch.empty(stop - start, dim)
+    for block in range(start // INIT_BLOCK, (stop - 1) // INIT_BLOCK + 1 if stop > start else 0):
+        lo = block * INIT_BLOCK
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        values = torch.randn(INIT_BLOCK, dim, generator=gen) * std
+        a, b = max(lo, start), min(lo + INIT_BLOCK, stop)
+        out[a - start : b - start] = values[a - lo : b - lo]
+    if start <= num_items < stop:
+        out[num_items - start] = 0.0
+    return out
 
 
 class ItemTable(nn.Module):
@@ -28,3 +50,28 @@ class ItemTable(nn.Module):
     def all_items(self) -> torch.Tensor:
         """The whole catalogue as one differentiable ``[N, D]`` tensor (paper mode only)."""
         raise NotImplementedError
+
+    def lookup_many(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Several lookups at once: ``{name: [*]}`` ids to ``{name: [*, D]}`` rows.
+
+        A sharded backend packs them into one exchange; this default simply loops.
+        """
+        return {name: self.lookup(value) for name, value in ids.items()}
+
+    def item_sum(self) -> torch.Tensor:
+        """``sum_j E_j`` over the N items, ``[D]`` (the zero-count mass of TED needs it).
+
+        This default is exact and differentiable but reads the whole table.
+        """
+        return self.all_items().sum(0)
+
+    def local_rows(self) -> tuple[int, torch.Tensor]:
+        """``(first_id, rows [C, D])``: the contiguous rows this rank scores in evaluation.
+
+        Together the ranks cover ``0..N-1`` exactly once. This default (a table every rank holds
+        whole) gives each rank an even slice.
+        """
+        items = self.all_items().detach()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        bounds = [self.num_items * r // world for r in range(world + 1)]
+        return bounds[rank], items[bounds[rank] : bounds[rank + 1]]

@@ -1,33 +1,54 @@
-"""Worker for the distributed tests: trains a few steps and saves the model's parameters.
+"""Worker for the distributed tests: trains a few steps per case and saves the results.
 
-Usage (1 process or under torchrun): python tests/dist_worker.py DATA_DIR OUT.pt STEPS [overrides]
+Usage (1 process or under torchrun):
+    python tests/dist_worker.py DATA_DIR OUT.pt STEPS CASE [CASE ...]
+where each CASE is a comma-separated list of config overrides. OUT.pt maps each case to its
+initial and final weights (the dense part, plus the gathered item table) and its metrics.
 """
 
 import sys
 
 import torch
+import torch.distributed as dist
 
 from trainer.config import load_config
 from trainer.distributed import init_distributed
 from trainer.trainer import Trainer
 
+BASE = ["data.max_len=12", "model.dim=16", "model.dropout=0.0", "train.batch_size=32",
+        "train.progress=false"]  # fmt: skip
+
+
+def item_table(trainer: Trainer) -> torch.Tensor:
+    """The whole ``[N, D]`` table on every rank (gathered from the shards)."""
+    first_id, rows = trainer.table.local_rows()
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (first_id, rows.detach().clone()))
+    return torch.cat([r for _, r in sorted(parts, key=lambda p: p[0]) if r.numel()])
+
+
+def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    params = {k: v.detach().clone() for k, v in trainer.model.encoder.state_dict().items()}
+    params["item_table"] = item_table(trainer)
+    return params
+
+
+def run_case(data_dir: str, steps: int, overrides: list[str], env) -> dict:
+    cfg = load_config(None, [f"data.dir={data_dir}", *BASE, *overrides])
+    trainer = Trainer(cfg, env)
+    initial = snapshot(trainer)
+    order = torch.randperm(trainer.seqs.num_users, generator=torch.Generator().manual_seed(0))
+    for global_users in order.split(cfg.train.batch_size)[:steps]:
+        trainer.train_step(global_users)
+    return {"initial": initial, "params": snapshot(trainer), "metrics": trainer.evaluate()}
+
 
 def main() -> None:
-    data_dir, out, steps, *overrides = sys.argv[1:]
-    cfg = load_config(None, [f"data.dir={data_dir}", "data.max_len=12", "model.dim=16",
-                             "model.dropout=0.0", "train.batch_size=32", "train.progress=false",
-                             *overrides])  # fmt: skip
+    data_dir, out, steps, *cases = sys.argv[1:]
     env = init_distributed()
-    trainer = Trainer(cfg, env)
-    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    order = torch.randperm(trainer.seqs.num_users, generator=torch.Generator().manual_seed(0))
-    for global_users in order.split(cfg.train.batch_size)[: int(steps)]:
-        trainer.train_step(global_users)
-    metrics = trainer.evaluate()
+    results = {case: run_case(data_dir, int(steps), case.split(","), env) for case in cases}
     if env.is_main:
-        torch.save(
-            {"initial": initial, "params": trainer.model.state_dict(), "metrics": metrics}, out
-        )
+        torch.save(results, out)
 
 
 if __name__ == "__main__":

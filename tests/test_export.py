@@ -15,7 +15,7 @@ from embeddings.recommend import Recommender
 from tests.synthetic import write_prepared
 from trainer.config import load_config
 from trainer.data import inputs_for_test_split, load_sequences, trim
-from trainer.evaluate import count_higher
+from trainer.evaluate import target_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_export_round_trip(trained_run, tmp_path):
     items_t = table[:40]
     excluded = torch.tensor([history])
     ranks = torch.stack(
-        [count_higher(want[user : user + 1], items_t, torch.tensor([j]), excluded, 64)[0]
+        [target_ranks(want[user : user + 1], items_t, torch.tensor([j]), excluded, 64)[0]
          for j in range(40) if j not in history]
     )  # fmt: skip
     candidates = [j for j in range(40) if j not in history]

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from trainer.evaluate import count_higher
+from trainer.evaluate import target_ranks
 from trainer.metrics import metric_sums, metrics_from_sums
 
 
@@ -39,7 +39,7 @@ def test_rank_count_matches_sorting_with_history_masked():
         [[1, 2, pad], [pad, pad, pad], [13 - 1, 5, 6], [38, 37, 36], [21 - 2, 0, 1]]
     )
     for chunk in (7, 40, 1000):
-        got = count_higher(queries, items, targets, history, chunk)
+        got = target_ranks(queries, items, targets, history, chunk)
         for b in range(5):
             scores = queries[b] @ items.T
             masked = set(history[b].tolist()) - {pad}

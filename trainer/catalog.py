@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
-
 from embeddings.base import ItemTable
 from trainer.config import ModelConfig
 from trainer.data import Batch
 from trainer.losses import LossTerms
-from trainer.model import MQSAEncoder
+from trainer.model import MQSAEncoder, dropout
 from trainer.sampled_losses import sampled_rec_loss, sampled_ted_loss
 from trainer.samplers import NegativeSampler
 from trainer.teacher import SparseTeacher
@@ -53,9 +51,7 @@ def catalog_forward(
     rec = sampled_rec_loss(queries, targets, emb["targets"], cands, emb["candidates"], rec_norm)
     if not use_kd:
         return LossTerms(total=rec, rec=rec.detach(), kd=rec.new_zeros(()))
-    student = F.dropout(
-        emb["inputs"][mask] * math.sqrt(cfg.dim), cfg.dropout, encoder.training
-    )  # [H, D]
+    student = dropout(emb["inputs"][mask] * math.sqrt(cfg.dim), cfg.dropout, encoder.training)
     kd = sampled_ted_loss(
         student, heads, teacher, edges, emb["successors"], cands, emb["candidates"],
         table.item_sum(), cfg.tau, kd_norm,

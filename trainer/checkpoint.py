@@ -4,6 +4,8 @@ Layout under the checkpoint root (``checkpoint.dir``, default ``<run_dir>/checkp
 
     step-000000123/
         ds/...                  engine.save_checkpoint (weights + optimizer, per ZeRO stage)
+        table/...               torch.distributed.checkpoint of a sharded item table and its
+                                fused optimizer state (TorchRec backend only)
         rank-00000.pt           that rank's RNG state and partial-epoch loss sums (weights_only)
         trainer_state.json      epoch, step, best metrics, history, config hash, vocab size
         COMPLETE                written last, after every rank has finished: the commit marker
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import fsspec
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from trainer.config import Config, config_hash
 from trainer.distributed import DistEnv
@@ -32,6 +35,27 @@ from trainer.run_dir import load_state, save_state, write_json
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
+
+
+TABLE_DIR = "table"
+
+
+def is_sharded(table) -> bool:
+    """True for a table with its own fused optimizer (saved through DCP, not DeepSpeed)."""
+    return hasattr(table, "fused_optimizer")
+
+
+def sharded_state(table) -> dict:
+    return {"table": table.state_dict(), "opt": table.fused_optimizer.state_dict()}
+
+
+def load_sharded(table, checkpoint_id: str) -> None:
+    """Load a DCP checkpoint of a sharded table and its fused optimizer state (any world size
+    for row-wise sharding: DCP reshards)."""
+    state = sharded_state(table)
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    table.load_state_dict(state["table"])
+    table.fused_optimizer.load_state_dict(state["opt"])
 
 
 class CheckpointError(ValueError):
@@ -80,8 +104,9 @@ class Checkpointer:
         )
         return [d for d in dirs if self.fs.exists(f"{d}/{COMPLETE}")]
 
-    def save(self, engine, state: TrainerState, loss_sums: torch.Tensor) -> str:
-        """Write a checkpoint of ``engine`` and ``state``; returns its URL once committed."""
+    def save(self, engine, table, state: TrainerState, loss_sums: torch.Tensor) -> str:
+        """Write a checkpoint of ``engine``, a sharded ``table`` and ``state``; returns its URL
+        once committed."""
         name = f"step-{state.global_step:09d}"
         target = f"{self.root_path}/{name}"
         local = _is_local(self.root)
@@ -90,6 +115,8 @@ class Checkpointer:
             self.fs.rm(target, recursive=True)  # an unfinished attempt at the same step
         _barrier()
         engine.save_checkpoint(staging, tag=DS_TAG, save_latest=False)
+        if is_sharded(table):
+            dcp.save(sharded_state(table), checkpoint_id=f"{staging}/{TABLE_DIR}")
         rank_state = {
             "rng": torch.get_rng_state(),
             "loss_sums": loss_sums.clone(),
@@ -121,7 +148,7 @@ class Checkpointer:
             raise CheckpointError(f"{resume} is not a complete checkpoint (no {COMPLETE} marker)")
         return path
 
-    def load(self, engine, path: str) -> tuple[TrainerState, torch.Tensor]:
+    def load(self, engine, table, path: str) -> tuple[TrainerState, torch.Tensor]:
         """Restore ``engine`` from ``path``; returns the trainer state and this rank's loss sums."""
         with self.fs.open(f"{path}/trainer_state.json", "r") as f:
             saved = json.load(f)
@@ -137,6 +164,8 @@ class Checkpointer:
         load_path, _ = engine.load_checkpoint(local_dir, tag=DS_TAG)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint in {path}/{DS_TAG}")
+        if is_sharded(table):
+            load_sharded(table, f"{local_dir}/{TABLE_DIR}")
         loss_sums = torch.zeros(2, dtype=torch.float64)
         rank_file = f"{local_dir}/rank-{self.env.rank:05d}.pt"
         if os.path.exists(rank_file):

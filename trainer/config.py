@@ -75,6 +75,7 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 256  # global batch (users per step, over all ranks)
     lr: float = 1e-3
+    optimizer: str = "adam"  # optimizer of the DeepSpeed-trained part: adam (paper) | sgd
     seed: int = 2023
     eval_every: int = 1
     patience: int = 0  # stop after this many evaluations without a better valid NDCG@20; 0 = off
@@ -130,6 +131,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "embeddings.sharding": ("row_wise", "table_wise", "column_wise"),
     "embeddings.optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     "loss.candidates": ("all", "sampled"),
+    "train.optimizer": ("adam", "sgd"),
     "loss.sampler": ("uniform", "popularity", "in_batch", "mixed"),
     "export.faiss": ("auto", "flat", "ivf", "hnsw", "none"),
 }

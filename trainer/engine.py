@@ -13,7 +13,7 @@ from trainer.distributed import DistEnv
 
 
 def build_engine(model: nn.Module, cfg: Config, env: DistEnv) -> deepspeed.DeepSpeedEngine:
-    """DeepSpeed engine around ``model`` with ``torch.optim.Adam``.
+    """DeepSpeed engine around ``model`` with ``torch.optim.Adam`` (or SGD, ``train.optimizer``).
 
     The paper adds ``l2 * sum(w^2) / 2`` over all trainable tensors to the loss; its gradient is
     ``l2 * w``, which is exactly Adam's (coupled) ``weight_decay = l2``, so it is applied there
@@ -21,7 +21,8 @@ def build_engine(model: nn.Module, cfg: Config, env: DistEnv) -> deepspeed.DeepS
     config-named one would JIT-compile FusedAdam.
     """
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.model.l2)
+    kind = torch.optim.Adam if cfg.train.optimizer == "adam" else torch.optim.SGD
+    optimizer = kind(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.model.l2)
     micro = max(1, cfg.train.batch_size // env.world)
     ds_config = {
         "train_micro_batch_size_per_gpu": micro,

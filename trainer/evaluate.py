@@ -1,13 +1,19 @@
 """Full-ranking evaluation (METHOD.md, "Evaluation"): every user's target ranked among all items.
 
-The rank of the target is ``1 + #(unmasked items scoring strictly higher)``; counting it needs
-no sort and works item chunk by item chunk, so no ``users x N`` matrix is held when the catalogue
-is large. Users are split across ranks and the metric sums are all-reduced.
+The rank of the target is ``1 + #(unmasked items scoring strictly higher)``. Counting needs no
+sort and adds up over item chunks, so the work is split both ways across ranks: each rank
+encodes its share of the users, the queries of a batch are all-gathered, each rank counts
+against the item rows it holds (its shard of a TorchRec table, or an even slice of a dense
+one), and the counts are all-reduced. No ``users x N`` matrix exists; the metrics are exact
+sums, identical to a single process on the same weights.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from embeddings.base import ItemTable
@@ -20,35 +26,60 @@ from trainer.model import MQSAEncoder
 def count_higher(
     queries: torch.Tensor,
     items: torch.Tensor,
-    targets: torch.Tensor,
+    target_scores: torch.Tensor,
     excluded: torch.Tensor,
-    item_chunk: int,
+    first_id: int = 0,
+    item_chunk: int = 1 << 16,
 ) -> torch.Tensor:
-    """1-based rank of each target among the items not in ``excluded``.
+    """How many of the rows ``items`` (global ids ``first_id..``) score above each target.
 
     Args:
         queries: ``[B, D]`` user query vectors.
-        items: ``[N, D]`` the item table.
-        targets: ``[B]`` target ids.
-        excluded: ``[B, H]`` ids never ranked (history; id N = padding, ignored).
-        item_chunk: items scored per matrix product (``[B, item_chunk]`` at a time).
+        items: ``[C, D]`` item rows with global ids ``first_id .. first_id + C - 1``.
+        target_scores: ``[B, 1]`` each user's target score.
+        excluded: ``[B, H]`` global ids never counted (history, the target; padding ignored).
+        item_chunk: rows scored per matrix product (``[B, item_chunk]`` at a time).
     Returns:
-        ``[B]`` int64 ranks.
+        ``[B]`` int64 counts.
     """
-    target_scores = (queries * items[targets]).sum(-1, keepdim=True)  # [B, 1]
-    excluded = torch.cat([excluded, targets.unsqueeze(1)], dim=1)  # the target is not its own rival
     higher = torch.zeros(queries.shape[0], dtype=torch.int64)
-    width = min(item_chunk, items.shape[0])
+    width = max(1, min(item_chunk, items.shape[0]))
     buffer = queries.new_empty(queries.shape[0], width + 1)  # last column: sink for masked ids
-    for start in range(0, items.shape[0], item_chunk):
-        chunk = items[start : start + item_chunk]  # [C, D]
+    for start in range(0, items.shape[0], width):
+        chunk = items[start : start + width]  # [C, D]
         scores = buffer[:, : chunk.shape[0] + 1]
         torch.mm(queries, chunk.T, out=scores[:, :-1])  # [B, C]
-        local = excluded - start
+        local = excluded - (first_id + start)
         local = torch.where((local >= 0) & (local < chunk.shape[0]), local, chunk.shape[0])
         scores.scatter_(1, local, float("-inf"))
         higher += (scores[:, :-1] > target_scores).sum(1)
-    return higher + 1
+    return higher
+
+
+def target_ranks(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    excluded: torch.Tensor,
+    item_chunk: int = 1 << 16,
+) -> torch.Tensor:
+    """1-based rank of each target among all ``items`` ``[N, D]`` not in ``excluded``."""
+    target_scores = (queries * items[targets]).sum(-1, keepdim=True)
+    excluded = torch.cat([excluded, targets.unsqueeze(1)], dim=1)
+    return count_higher(queries, items, target_scores, excluded, 0, item_chunk) + 1
+
+
+def _all_gather_rows(local: torch.Tensor, size: int) -> torch.Tensor:
+    """Concatenate every rank's ``[b_r, ...]`` rows (``b_r <= size``) in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    padded = local.new_zeros(size, *local.shape[1:])
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, padded)
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in parts]
+    dist.all_gather(counts, torch.tensor([local.shape[0]]))
+    return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)])
 
 
 @torch.no_grad()
@@ -58,10 +89,9 @@ def evaluate(
     seqs: Sequences,
     users: torch.Tensor,
     batch_size: int = 1024,
-    item_chunk: int = 1 << 20,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Validation and test metrics over ``users`` (this rank's share), summed over all ranks.
+    """Validation and test metrics; ``users`` is this rank's share (all ranks must call).
 
     Validation: input = cut train sequence, masked = that history. Test: input = (train +
     validation item)[-M:], masked = the history plus the validation item.
@@ -69,23 +99,42 @@ def evaluate(
     was_training = encoder.training
     encoder.eval()
     pad = seqs.num_items
-    items = table.all_items().detach()
-    sums = {"valid": torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64)}
-    sums["test"] = sums["valid"].clone()
-    batches = users.split(batch_size)
-    for batch_users in tqdm(batches, desc="eval", disable=not progress, leave=False):
+    first_id, items = table.local_rows()  # [C, D], ids first_id..first_id + C - 1
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    most_users = int(all_reduce_sum(torch.tensor(float(users.numel()))).item()) // world + 1
+    num_batches = math.ceil(most_users / batch_size)  # the same on every rank
+    sums = {s: torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64) for s in ("valid", "test")}
+    for b in tqdm(range(num_batches), desc="eval", disable=not progress, leave=False):
+        batch_users = users[b * batch_size : (b + 1) * batch_size]
         history = seqs.train[batch_users]  # [B, M]
         valid_target = seqs.valid[batch_users]
-        with_valid = torch.cat([history, valid_target[:, None]], dim=1)  # [B, M + 1]
         splits = (
             ("valid", history, history, valid_target),
-            ("test", inputs_for_test_split(seqs, batch_users), with_valid, seqs.test[batch_users]),
-        )
-        for split, inputs, excluded, target in splits:
-            inputs = trim(inputs, pad)
-            mask = inputs != pad
-            queries = encoder(table.lookup(inputs), mask)[:, -1]  # [B, D]: the newest slot
-            ranks = count_higher(queries, items, target, excluded, item_chunk)
-            sums[split] += metric_sums(ranks)
+            ("test", inputs_for_test_split(seqs, batch_users),
+             torch.cat([history, valid_target[:, None]], dim=1), seqs.test[batch_users]),
+        )  # fmt: skip
+        for split, inputs, excluded, targets in splits:
+            inputs = trim(inputs, pad) if inputs.shape[0] else inputs
+            emb = table.lookup_many({"inputs": inputs, "targets": targets})  # collective
+            queries = encoder(emb["inputs"], inputs != pad)[:, -1]  # [B, D]: newest slot
+            target_scores = (queries * emb["targets"]).sum(-1, keepdim=True)  # [B, 1]
+            excluded = torch.cat([excluded, targets.unsqueeze(1)], dim=1)  # [B, M + 1(+1)]
+            all_queries, all_scores, all_excluded = (
+                _all_gather_rows(t, batch_size) for t in (queries, target_scores, excluded)
+            )
+            counts = count_higher(all_queries, items, all_scores, all_excluded, first_id)
+            counts = all_reduce_sum(counts).to(torch.int64)
+            mine = slice(*_my_rows(queries.shape[0], batch_size))
+            sums[split] += metric_sums(counts[mine] + 1)
     encoder.train(was_training)
     return {split: metrics_from_sums(all_reduce_sum(s)) for split, s in sums.items()}
+
+
+def _my_rows(local_count: int, size: int) -> tuple[int, int]:
+    """Where this rank's rows sit in the gathered batch: ``(start, stop)``."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return 0, local_count
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([local_count]))
+    start = int(sum(int(c) for c in counts[: dist.get_rank()]))
+    return start, start + local_count

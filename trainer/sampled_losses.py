@@ -9,8 +9,9 @@ TED for head h (student vector ``s_h``, teacher ``p_hj = base_h + excess_hj``):
 ``CE_h = lse_h - sum_j p_hj s_h.E_j / tau``. The cross term is exact (``teacher_cross_term``:
 ``base_h`` times ``s_h . sum_j E_j`` plus the successor edges); ``lse_h`` is estimated by
 ``logsumexp_k(s_h . E_ck / tau - logQ_k)``. The value of ``sum_j E_j`` is exact (the table keeps
-it); its gradient, a dense update of every row, is replaced by the unbiased estimate
-``sum_k E_ck exp(-logQ_k)``, which only touches the candidate rows.
+it); its gradient, a dense update of every row, is replaced by the estimate
+``sum_k E_ck exp(-logQ_k)``, which only touches the candidate rows (unbiased for the uniform,
+popularity and mixed samplers; in-batch candidates only reach the batch's targets).
 
 With every item as a candidate once (``log_q = 0``) both losses equal paper mode's exactly.
 Sizes: P positions, H heads, K candidates, E_h successor edges of the heads.

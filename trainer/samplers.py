@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.config import Config
 from trainer.data import read_table
 
 KINDS = ("all", "uniform", "popularity", "in_batch", "mixed")
@@ -90,6 +91,16 @@ class NegativeSampler:
         self.num_items = num_items
         self.num_negatives = num_negatives
         self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_config(cls, cfg: Config, num_items: int) -> NegativeSampler:
+        """``loss.sampler`` with ``loss.num_negatives``; popularity from ``<data.dir>/vocab``;
+        seeded with ``train.seed`` (identical on every rank)."""
+        kind = cfg.loss.sampler
+        counts = (
+            load_item_counts(cfg.data.dir, num_items) if kind in ("popularity", "mixed") else None
+        )
+        return cls(kind, num_items, cfg.loss.num_negatives, counts, seed=cfg.train.seed)
 
     def popular(self, k: int) -> torch.Tensor:
         """``k`` draws with probability ``probs`` (inverse CDF: O(k log N), no O(N) pass)."""

@@ -17,6 +17,7 @@ from trainer.engine import build_engine
 from trainer.evaluate import evaluate
 from trainer.mqsa_ted import MQSATED
 from trainer.run_dir import RunDir, save_state
+from trainer.samplers import NegativeSampler
 from trainer.teacher import SparseTeacher
 
 
@@ -60,9 +61,18 @@ class Trainer:
             self.teacher = SparseTeacher.from_edges(
                 src, dst, count, self.seqs.num_items, cfg.model.tau
             )
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        table = DenseItemTable(self.seqs.num_items, cfg.model.dim)
-        self.model = MQSATED(cfg, self.seqs.max_len, table)
+        sampler = None
+        if cfg.loss.candidates == "sampled":
+            sampler = NegativeSampler.from_config(cfg, self.seqs.num_items)
+        if cfg.embeddings.backend == "torchrec":
+            from embeddings.torchrec_table import TorchRecItemTable  # imports fbgemm: only if used
+
+            self.table = TorchRecItemTable.from_config(cfg, self.seqs.num_items, cfg.train.seed)
+        else:
+            self.table = DenseItemTable(self.seqs.num_items, cfg.model.dim, seed=cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # the same encoder weights on every rank and world size
+        dense_table = self.table if cfg.embeddings.backend == "dense" else None
+        self.model = MQSATED(cfg, self.seqs.max_len, dense_table, sampler)
         self.engine = build_engine(self.model, cfg, env)
         torch.manual_seed(cfg.train.seed + 7919 * env.rank)  # dropout differs per rank
         self.run_dir = RunDir(cfg.train.run_dir)
@@ -84,7 +94,7 @@ class Trainer:
         norm = num_positions / self.env.world  # DeepSpeed averages gradients over ranks
         users = rank_slice(global_users, self.env.rank, self.env.world)
         batch = training_batch(self.seqs.train[users], self.pad)
-        losses = self.engine(batch, self.teacher, norm, norm)
+        losses = self.engine(batch, self.teacher, norm, norm, self.table)
         if not torch.isfinite(losses.total):
             raise TrainingDiverged(f"loss is {losses.total.item()}")
         self.engine.backward(losses.total)
@@ -110,7 +120,7 @@ class Trainer:
             state.step_in_epoch += 1
             state.global_step += 1
             if every and state.global_step % every == 0 and state.step_in_epoch < len(batches):
-                self.checkpointer.save(self.engine, state, self.loss_sums)
+                self.checkpointer.save(self.engine, self.table, state, self.loss_sums)
         rec, kd = (all_reduce_sum(self.loss_sums) / self.env.world / len(batches)).tolist()
         self.loss_sums.zero_()
         return {
@@ -124,7 +134,7 @@ class Trainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         start = time.perf_counter()
         result = evaluate(
-            self.model.encoder, self.model.table, self.seqs, self.eval_users,
+            self.model.encoder, self.table, self.seqs, self.eval_users,
             self.cfg.train.eval_batch_size, progress=self.cfg.train.progress and self.env.is_main,
         )  # fmt: skip
         result["eval_seconds"] = time.perf_counter() - start
@@ -142,7 +152,7 @@ class Trainer:
             if resume:
                 self.log(f"resume=auto: no complete checkpoint under {self.checkpointer.root}")
             return TrainerState()
-        state, self.loss_sums = self.checkpointer.load(self.engine, path)
+        state, self.loss_sums = self.checkpointer.load(self.engine, self.table, path)
         self.log(f"resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch}")
         return state
 
@@ -178,7 +188,7 @@ class Trainer:
             if self.env.is_main:
                 self.run_dir.write_metrics({**state.best, "epochs": state.history})
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            self.checkpointer.save(self.engine, state, self.loss_sums)
+            self.checkpointer.save(self.engine, self.table, state, self.loss_sums)
         if cfg.patience and state.stale >= cfg.patience:
             self.log(f"early stop: no better valid NDCG@20 in {state.stale} evaluations")
         return {**state.best, "epochs": state.history}

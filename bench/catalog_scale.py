@@ -1,0 +1,163 @@
+"""Catalogue-mode training step at 10^5, 10^6 and 10^7 items: seconds per step, peak RSS per rank.
+
+    .venv/bin/python bench/catalog_scale.py [--sizes 1e5 1e6 1e7] [--steps 20] [--negatives 1024]
+
+Launches one 2-process torchrun job (gloo, CPU, one thread per rank) per catalogue size. Each
+job trains the real ``MQSAEncoder`` (ModelConfig defaults: d = 64, 1 block, TED on) in a
+DeepSpeed engine against a row-wise sharded ``TorchRecItemTable`` (row-wise Adagrad with L2)
+with ``catalog_forward``: a global batch of 256 synthetic users x 50 positions, 1024 shared
+popularity-sampled negatives, a synthetic sparse teacher with 4 successors per item. Sequences
+and successors follow a Zipf-like popularity so that the popularity sampler, the log-Q
+correction and the lookup de-duplication see realistic repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from embeddings.torchrec_table import TorchRecItemTable  # noqa: E402
+from trainer.catalog import catalog_forward  # noqa: E402
+from trainer.config import Config, load_config  # noqa: E402
+from trainer.data import rank_slice, training_batch  # noqa: E402
+from trainer.distributed import init_distributed  # noqa: E402
+from trainer.engine import build_engine  # noqa: E402
+from trainer.losses import LossTerms  # noqa: E402
+from trainer.model import MQSAEncoder  # noqa: E402
+from trainer.samplers import NegativeSampler  # noqa: E402
+from trainer.teacher import SparseTeacher  # noqa: E402
+
+SEQ = 50
+DEGREE = 4  # successors per item of the synthetic teacher
+
+
+class CatalogModel(nn.Module):
+    """What DeepSpeed wraps: the encoder. The sharded table lives outside and is passed in."""
+
+    def __init__(self, cfg: Config, max_len: int) -> None:
+        super().__init__()
+        self.cfg = cfg.model
+        self.encoder = MQSAEncoder(cfg.model, max_len)
+
+    def forward(self, batch, table, sampler, teacher, norm: float) -> LossTerms:
+        return catalog_forward(self.encoder, table, batch, sampler, teacher, self.cfg, norm, norm)
+
+
+def zipf_counts(num_items: int) -> torch.Tensor:
+    """``[N]`` popularity ~ 1 / rank^0.8 (float64)."""
+    return torch.arange(1, num_items + 1, dtype=torch.float64).pow(-0.8)
+
+
+def synthetic_teacher(num_items: int, popular: NegativeSampler, tau: float) -> SparseTeacher:
+    """CSR teacher with DEGREE popular successors per item, each with count 1 (logit 1/tau)."""
+    dst = popular.popular(num_items * DEGREE)  # [N * DEGREE]
+    z = (num_items - DEGREE) + DEGREE * torch.tensor(1.0 / tau).exp()
+    base = torch.full((num_items,), float(1.0 / z))
+    excess = torch.full((num_items * DEGREE,), float((torch.tensor(1.0 / tau).exp() - 1) / z))
+    indptr = torch.arange(num_items + 1, dtype=torch.int64) * DEGREE
+    return SparseTeacher(indptr=indptr, dst=dst, excess=excess, base=base)
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    env = init_distributed(timeout_s=600)
+    cfg = load_config(
+        None, [f"train.batch_size={args.batch}", f"loss.num_negatives={args.negatives}"]
+    )
+    num_items = int(float(args.items))
+    t0 = time.perf_counter()
+    counts = zipf_counts(num_items)
+    sampler = NegativeSampler(args.sampler, num_items, args.negatives, counts=counts, seed=1)
+    data = NegativeSampler("popularity", num_items, 0, counts=counts, seed=7)  # synthetic data
+    teacher = synthetic_teacher(num_items, data, cfg.model.tau)
+    table = TorchRecItemTable.from_config(cfg, num_items)
+    torch.manual_seed(cfg.train.seed)
+    engine = build_engine(CatalogModel(cfg, SEQ), cfg, env)
+    setup_s = time.perf_counter() - t0
+    times = []
+    for step in range(args.warmup + args.steps):
+        train = data.popular(args.batch * (SEQ + 1)).view(args.batch, SEQ + 1)  # [B, SEQ + 1]
+        users = rank_slice(torch.arange(args.batch), env.rank, env.world)
+        batch = training_batch(train[users], num_items)
+        norm = float(args.batch * SEQ) / env.world
+        dist.barrier()
+        start = time.perf_counter()
+        losses = engine(batch, table, sampler, teacher, norm)
+        engine.backward(losses.total)
+        engine.step()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    report = [None] * env.world
+    dist.all_gather_object(report, {"step_s": sum(times) / len(times), "peak_rss_gib": peak_gib})
+    if env.is_main:
+        result = {
+            "items": num_items,
+            "setup_s": setup_s,
+            "step_s": max(r["step_s"] for r in report),
+            "peak_rss_gib": [r["peak_rss_gib"] for r in report],
+            "loss": [losses.rec.item(), losses.kd.item()],
+        }
+        print("RESULT " + json.dumps(result), flush=True)
+    dist.destroy_process_group()
+
+
+def launch(args: argparse.Namespace, items: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0",
+           __file__, "--worker", "--items", items, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--negatives", str(args.negatives),
+           "--batch", str(args.batch), "--sampler", args.sampler]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{items} items failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["1e5", "1e6", "1e7"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--negatives", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--sampler", default="popularity")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--items", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    results = []
+    for items in args.sizes:
+        result = launch(args, items)
+        results.append(result)
+        rss = ", ".join(f"{r:.2f}" for r in result["peak_rss_gib"])
+        print(
+            f"{result['items']:>10,d} items: {result['step_s']:.3f} s/step | peak RSS per rank "
+            f"[{rss}] GiB | setup {result['setup_s']:.1f} s | loss rec/kd "
+            f"{result['loss'][0]:.3f}/{result['loss'][1]:.3f}",
+            flush=True,
+        )
+    if len(results) > 1:
+        ratio = results[-1]["step_s"] / results[0]["step_s"]
+        print(f"step({results[-1]['items']:.0e}) / step({results[0]['items']:.0e}) = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Catalogue-mode losses: paper mode with all items as candidates; log-Q; accidental hits."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from embeddings.dense import DenseItemTable
+from trainer.catalog import catalog_forward
+from trainer.config import load_config
+from trainer.data import training_batch
+from trainer.losses import paper_losses
+from trainer.mqsa_ted import MQSATED
+from trainer.sampled_losses import sampled_rec_loss, sampled_ted_loss
+from trainer.samplers import Candidates, NegativeSampler, load_item_counts, occurrences
+from trainer.teacher import SparseTeacher
+
+N, D, TAU = 30, 8, 0.1
+
+
+def _teacher(num_items: int = N) -> SparseTeacher:
+    rng = np.random.default_rng(0)
+    src = rng.integers(num_items - 3, size=80)  # the last items have no successors
+    dst = rng.integers(num_items, size=80)
+    return SparseTeacher.from_edges(src, dst, np.ones(80), num_items, TAU)
+
+
+def test_all_items_candidates_equal_paper_losses_value_and_gradients():
+    torch.manual_seed(0)
+    teacher = _teacher()
+    items = (torch.randn(N, D) * 0.3).requires_grad_()
+    queries = torch.randn(25, D).requires_grad_()
+    targets = torch.randint(0, N, (25,))
+    heads = torch.randint(0, N, (20,))
+    student = items[heads] * math.sqrt(D)
+
+    want = paper_losses(queries, targets, student, heads, items, teacher, TAU, 0.1, 25.0, 20.0, 7)
+    want_grads = torch.autograd.grad(want.total, [queries, items], retain_graph=True)
+
+    cands = NegativeSampler("all", N, 0).sample(targets)
+    edges = teacher.rows(heads)
+    rec = sampled_rec_loss(queries, targets, items[targets], cands, items[cands.ids], 25.0)
+    kd = sampled_ted_loss(
+        student, heads, teacher, edges, items[edges[1]], cands, items[cands.ids],
+        items.sum(0).detach(), TAU, 20.0,
+    )  # fmt: skip
+    total = rec + 0.1 * kd
+    got_grads = torch.autograd.grad(total, [queries, items])
+    torch.testing.assert_close(rec, want.rec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kd, want.kd, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_catalog_forward_with_all_items_equals_paper_model():
+    """The whole step (encoder, one lookup, both losses) against MQSATED.forward, dense table."""
+    cfg = load_config(None, ["model.dim=8", "model.dropout=0.0"])
+    torch.manual_seed(0)
+    model = MQSATED(cfg, max_len=6, table=DenseItemTable(N, 8, init_std=0.3)).eval()
+    train = torch.randint(0, N, (5, 6))
+    train[0, :3] = N  # a short user: left padding
+    batch = training_batch(train, N)
+    teacher = _teacher()
+    norm = float(batch.mask.sum())
+    want = model(batch, teacher, norm, norm)
+    want_grads = torch.autograd.grad(want.total, list(model.parameters()))
+    sampler = NegativeSampler("all", N, 0)
+    got = catalog_forward(
+        model.encoder, model.table, batch, sampler, teacher, cfg.model, norm, norm
+    )
+    got_grads = torch.autograd.grad(got.total, list(model.parameters()))
+    torch.testing.assert_close(got.total, want.total, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_accidental_hits_are_masked():
+    torch.manual_seed(0)
+    items = torch.randn(N, D).requires_grad_()
+    queries = torch.randn(3, D)
+    targets = torch.tensor([4, 7, 9])
+    ids = torch.tensor([4, 11, 7, 4])  # 4 and 7 are positives of rows 0 and 1
+    cands = Candidates(ids, torch.full((4,), 0.5))
+    got = sampled_rec_loss(queries, targets, items[targets], cands, items[ids], norm=3.0)
+    want = 0.0
+    for p in range(3):
+        keep = ids != targets[p]
+        logits = torch.cat([(queries[p] * items[targets[p]]).sum()[None],
+                            queries[p] @ items[ids[keep]].T - 0.5])  # fmt: skip
+        want = want + torch.logsumexp(logits, 0) - logits[0]
+    torch.testing.assert_close(got, want / 3.0)
+    (grad,) = torch.autograd.grad(got, items)
+    # row 0's positive (item 4) appears twice as a negative: masked, so item 4 is only pulled up
+    # by row 0 and pushed down by rows 1 and 2; check against the hand-written loss
+    (want_grad,) = torch.autograd.grad(want / 3.0, items)
+    torch.testing.assert_close(grad, want_grad)
+
+
+def test_log_q_is_log_expected_multiplicity():
+    k = 64
+    counts = torch.arange(1, N + 1, dtype=torch.float64)
+    uniform = NegativeSampler("uniform", N, k).sample(torch.tensor([1]))
+    assert torch.allclose(uniform.log_q, torch.full((k,), math.log(k / N)))
+    pop = NegativeSampler("popularity", N, k, counts=counts).sample(torch.tensor([1]))
+    torch.testing.assert_close(pop.log_q, (k * counts[pop.ids] / counts.sum()).log().float())
+    targets = torch.tensor([3, 3, 3, 5])
+    batch = NegativeSampler("in_batch", N, k).sample(targets)
+    torch.testing.assert_close(
+        batch.log_q, (k * occurrences(targets, batch.ids) / 4.0).log().float()
+    )
+    mixed = NegativeSampler("mixed", N, k, counts=counts).sample(targets)
+    half = k // 2
+    want = half * counts[mixed.ids] / counts.sum() + half * occurrences(targets, mixed.ids) / 4
+    torch.testing.assert_close(mixed.log_q, want.log().float())
+    assert occurrences(targets, torch.tensor([3, 4, 5, 99])).tolist() == [3, 0, 1, 0]
+
+
+@pytest.mark.parametrize("kind", ["uniform", "popularity", "mixed", "in_batch"])
+def test_corrected_sum_is_unbiased(kind):
+    """E[sum_k exp(s_k - logQ_k)] = sum over the reachable items of exp(s_j)."""
+    torch.manual_seed(0)
+    scores = torch.randn(N, dtype=torch.float64)
+    counts = torch.rand(N, dtype=torch.float64) + 0.1
+    targets = torch.tensor([2, 2, 8, 13, 13, 13])
+    sampler = NegativeSampler(kind, N, 16, counts=counts, seed=1)
+    trials = 4000
+    total = 0.0
+    for _ in range(trials):
+        c = sampler.sample(targets)
+        total += torch.exp(scores[c.ids] - c.log_q.double()).sum().item()
+    reachable = targets.unique() if kind == "in_batch" else torch.arange(N)
+    want = scores[reachable].exp().sum().item()
+    assert abs(total / trials - want) / want < 0.03
+
+
+def test_sampled_ted_uses_exact_item_sum_and_its_estimated_gradient():
+    torch.manual_seed(0)
+    teacher = _teacher()
+    items = torch.randn(N, D).requires_grad_()
+    heads = torch.tensor([0, 1, 2])
+    student = torch.randn(3, D)
+    cands = Candidates(torch.tensor([5, 6]), torch.log(torch.tensor([0.5, 0.25])))
+    edges = teacher.rows(heads)
+    exact = items.sum(0).detach()
+    loss = sampled_ted_loss(
+        student, heads, teacher, edges, items[edges[1]], cands, items[cands.ids], exact, TAU, 1.0
+    )
+    scaled = student / TAU
+    lse = torch.logsumexp(scaled @ items[cands.ids].T - cands.log_q, 1).sum()
+    base = teacher.base[heads]
+    succ = (edges[2] * (scaled[edges[0]] * items[edges[1]]).sum(-1)).sum()
+    torch.testing.assert_close(loss, lse - (base * (scaled @ exact)).sum() - succ)
+    # gradient: sum_j E_j replaced by its estimate 2 E_5 + 4 E_6 (weights 1 / expected count)
+    estimate = 2.0 * items[5] + 4.0 * items[6]
+    (grad,) = torch.autograd.grad(loss, items, retain_graph=True)
+    (want,) = torch.autograd.grad(lse - (base * (scaled @ estimate)).sum() - succ, items)
+    torch.testing.assert_close(grad, want)
+
+
+def test_popularity_sampler_from_config_reads_vocab_counts(tmp_path):
+    (tmp_path / "vocab").mkdir()
+    vocab = pa.table({"item_id": ["a", "b", "c"], "index": [0, 2, 1], "count": [5, 1, 3]})
+    pq.write_table(vocab, tmp_path / "vocab" / "part-0.parquet")
+    assert load_item_counts(str(tmp_path), 3).tolist() == [5.0, 3.0, 1.0]
+    cfg = load_config(None, [f"data.dir={tmp_path}", "loss.sampler=popularity"])
+    sampler = NegativeSampler.from_config(cfg, 3)
+    torch.testing.assert_close(
+        sampler.probs, torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64) / 9
+    )
