@@ -1,12 +1,16 @@
 """Export a trained run for retrieval: item vectors, the user encoder, a FAISS index.
 
     python -m embeddings.export RUN_DIR [--out URL] [--faiss auto|flat|ivf|hnsw|none]
+    torchrun --nproc_per_node=2 -m embeddings.export RUN_DIR ...   # TorchRec runs: per rank
 
 Writes under ``--out`` (default ``<RUN_DIR>/export``):
 
-- ``items/part-*.parquet``: ``item_id`` (raw id), ``index`` (row), ``vector`` (list<float32>[D]);
-- ``user_encoder.pt2``: a ``torch.export`` program mapping a ``[B, M]`` right-aligned history of
-  item rows (padding = N) to ``[B, D]`` query vectors. torch.export was chosen over TorchScript
+- ``items/part-RRRRR.parquet``: ``item_id`` (raw id), ``index`` (row), ``vector``
+  (list<float32>[D]); each rank writes the rows it holds (its shard of a TorchRec table):
+  the table is never gathered onto one rank;
+- ``user_encoder.pt2``: a ``torch.export`` program mapping the history's item vectors
+  ``[B, M, D]`` (right-aligned, zeros at padding) and mask ``[B, M]`` to ``[B, D]`` query
+  vectors. torch.export was chosen over TorchScript
   (deprecated) and ONNX (an extra runtime and opset pinning): it loads with plain torch,
   keeps the batch dimension dynamic, and reproduces the trainer's numbers exactly;
 - ``faiss.index`` (optional) with its recall@10 against exact search printed;
@@ -24,52 +28,107 @@ import time
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from embeddings.base import ItemTable
+from embeddings.dense import DenseItemTable
 from embeddings.manifest import MANIFEST, ExportError, Manifest
-from trainer.config import config_hash, load_config
-from trainer.data import read_table
+from trainer.checkpoint import CheckpointError, barrier, load_best_table
+from trainer.config import Config, config_hash, load_config
+from trainer.data import parquet_files, read_stats, read_table
+from trainer.distributed import init_distributed
 from trainer.model import MQSAEncoder
 from trainer.run_dir import RunDir, atomic_write_bytes, load_state, write_json
 
 
 class UserEncoder(nn.Module):
-    """History of item rows ``[B, M]`` (right-aligned, padding id N) -> query vectors ``[B, D]``."""
+    """History vectors ``[B, M, D]`` (right-aligned, zero rows at padding) and their mask
+    ``[B, M]`` -> query vectors ``[B, D]``. The serving side looks the history's item vectors up
+    in the exported table, so the program stays small whatever the catalogue size."""
 
-    def __init__(self, encoder: MQSAEncoder, table: torch.Tensor) -> None:
+    def __init__(self, encoder: MQSAEncoder) -> None:
         super().__init__()
         self.encoder = encoder
-        self.register_buffer("table", table)  # [N + 1, D], row N = 0
 
-    def forward(self, history: torch.Tensor) -> torch.Tensor:
-        emb = self.table[history]  # [B, M, D]
-        return self.encoder(emb, history != self.table.shape[0] - 1)[:, -1]
+    def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(history, mask)[:, -1]
 
 
-def load_trained(run_dir: str):
-    """``(cfg, encoder, table [N + 1, D])`` of a run's best-validation weights (``model.pt``)."""
+def load_trained(run_dir: str) -> tuple[Config, MQSAEncoder, ItemTable]:
+    """``(cfg, encoder, table)`` with a run's best-validation weights.
+
+    The dense backend's table comes from ``model.pt``; a TorchRec table is rebuilt with the
+    current world size and loaded from the run's ``best_table-e*`` snapshot (each rank its
+    shard), so this is collective under torchrun.
+    """
     run = RunDir(run_dir)
     cfg = load_config(run.path("config.yaml"))
     try:
         state = load_state(run.path("model.pt"))
     except FileNotFoundError as e:
         raise ExportError(f"{run.path('model.pt')} not found: has the run finished?") from e
-    table = state.pop("table.weight")
+    num_items = int(read_stats(cfg.data.dir)["items"])
+    if cfg.embeddings.backend == "torchrec":
+        from embeddings.torchrec_table import TorchRecItemTable
+
+        table = TorchRecItemTable.from_config(cfg, num_items, cfg.train.seed)
+        load_best_table(run_dir, table)
+    else:
+        table = DenseItemTable(num_items, cfg.model.dim)
+        weight = state.pop("table.weight")
+        if weight.shape != table.weight.shape:
+            raise ExportError(
+                f"{run.path('model.pt')} holds a {tuple(weight.shape)} table but "
+                f"{cfg.data.dir} has {num_items} items (+1 padding row)"
+            )
+        table.weight.data.copy_(weight)
     encoder = MQSAEncoder(cfg.model, cfg.data.max_len)
-    encoder_state = {k.removeprefix("encoder."): v for k, v in state.items()}
     try:
-        encoder.load_state_dict(encoder_state)
+        encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()})
     except RuntimeError as e:
         raise ExportError(f"{run.path('model.pt')} does not match config.yaml: {e}") from e
     return cfg, encoder.eval(), table
 
 
-def read_vocab(data_dir: str) -> tuple[list, np.ndarray]:
-    """Raw item ids in row order and their rows, from ``<data_dir>/vocab``."""
-    vocab = read_table(data_dir.rstrip("/") + "/vocab", ["item_id", "index"]).sort_by("index")
-    return vocab.column("item_id").to_pylist(), vocab.column("index").to_numpy()
+def raw_item_ids(data_dir: str, first: int, count: int) -> list:
+    """Raw ids of rows ``first .. first + count - 1`` from ``<data_dir>/vocab`` (only those
+    rows are read: a rank never holds the whole vocabulary)."""
+    url = data_dir.rstrip("/") + "/vocab"
+    fs, _ = fsspec.core.url_to_fs(url)
+    paths = [fsspec.core.url_to_fs(f)[1] for f in parquet_files(url)]
+    index = pc.field("index")
+    table = pads.dataset(paths, format="parquet", filesystem=fs).to_table(
+        columns=["item_id", "index"], filter=(index >= first) & (index < first + count)
+    )
+    table = table.sort_by("index")
+    if table.num_rows != count:
+        raise ExportError(f"{url} lacks rows {first}..{first + count - 1}: wrong vocab?")
+    return table.column("item_id").to_pylist()
+
+
+def read_vocab(data_dir: str) -> list:
+    """All raw item ids in row order (small catalogues: reports and tests)."""
+    return raw_item_ids(data_dir, 0, int(read_stats(data_dir)["items"]))
+
+
+def write_item_rows(url: str, raw_ids: list, first_id: int, vectors: np.ndarray) -> None:
+    """One Parquet part: ``item_id``, ``index``, ``vector`` (list<float32>[D])."""
+    table = pa.table(
+        {
+            "item_id": raw_ids,
+            "index": pa.array(np.arange(first_id, first_id + len(raw_ids)), pa.int64()),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.ravel()), vectors.shape[1]
+            ),
+        }
+    )
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(url, buffer.getvalue().to_pybytes())
 
 
 def build_faiss(vectors: np.ndarray, kind: str):
@@ -101,35 +160,30 @@ def faiss_recall_at_10(index, vectors: np.ndarray, queries: np.ndarray) -> float
     return hits / exact.size
 
 
-def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest:
-    """Write the export of ``run_dir`` to ``out`` (see the module docstring)."""
+def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | None:
+    """Write the export of ``run_dir`` to ``out`` (see the module docstring); every rank writes
+    the item rows it holds. Returns the manifest on rank 0, None elsewhere."""
+    env = init_distributed()
     cfg, encoder, table = load_trained(run_dir)
-    raw_ids, rows = read_vocab(cfg.data.dir)
-    num_items = table.shape[0] - 1
-    if len(raw_ids) != num_items:
-        raise ExportError(
-            f"vocab of {cfg.data.dir} has {len(raw_ids)} items but the model has {num_items}"
-        )
     fs, path = fsspec.core.url_to_fs(out)
-    if fs.exists(f"{path}/{MANIFEST}"):
+    if env.is_main and fs.exists(f"{path}/{MANIFEST}"):
         fs.rm(f"{path}/{MANIFEST}")  # the old export stops looking complete before we overwrite
-    fs.makedirs(f"{path}/items", exist_ok=True)
-    vectors = table[:num_items].numpy().astype(np.float32)
-    item_rows = pa.table(
-        {
-            "item_id": raw_ids,
-            "index": pa.array(rows, pa.int64()),
-            "vector": pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors[rows].ravel()), cfg.model.dim
-            ),
-        }
-    )
-    with fs.open(f"{path}/items/part-00000.parquet", "wb") as f:
-        pq.write_table(item_rows, f)
-    history = torch.full((2, cfg.data.max_len), num_items, dtype=torch.int64)
+    barrier()
+    first_id, rows = table.local_rows()  # [C, D]
+    raw_ids = raw_item_ids(cfg.data.dir, first_id, rows.shape[0])
+    part = f"{out}/items/part-{env.rank:05d}.parquet"
+    write_item_rows(part, raw_ids, first_id, rows.float().numpy())
+    barrier()
+    if not env.is_main:
+        return None
+    num_items = table.num_items
+    history = torch.zeros(2, cfg.data.max_len, cfg.model.dim)
+    mask = torch.ones(2, cfg.data.max_len, dtype=torch.bool)
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
     program = torch.export.export(
-        UserEncoder(encoder, table), (history,), dynamic_shapes={"history": {0: batch}}
+        UserEncoder(encoder),
+        (history, mask),
+        dynamic_shapes={"history": {0: batch}, "mask": {0: batch}},
     )
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
@@ -138,6 +192,10 @@ def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest:
     if faiss_kind != "none":
         import faiss
 
+        vectors = np.stack(
+            read_table(f"{out}/items", ["vector"]).column("vector").to_numpy(zero_copy_only=False)
+        )
+        vectors = vectors.astype(np.float32)
         start = time.perf_counter()
         index, kind = build_faiss(vectors, faiss_kind)
         build_s = time.perf_counter() - start
@@ -174,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         run_cfg = load_config(RunDir(args.run_dir).path("config.yaml")).export
         out = args.out or run_cfg.out or RunDir(args.run_dir).path("export")
         manifest = export_run(args.run_dir, out, args.faiss or run_cfg.faiss)
-    except ExportError as e:
+    except (ExportError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {manifest.count} items x {manifest.dim} to {out}")
+    if manifest is not None:
+        print(f"exported {manifest.count} items x {manifest.dim} to {out}")
     return 0
 
 

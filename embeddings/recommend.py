@@ -60,8 +60,9 @@ class Recommender:
             unknown.append([str(i) for i in history if str(i) not in self.row_of])
             if known:
                 rows[b, -len(known[-m:]) :] = torch.tensor(known[-m:])
+        vectors = torch.cat([self.vectors, self.vectors.new_zeros(1, self.vectors.shape[1])])
         with torch.no_grad():
-            return rows, self.encoder(rows), unknown
+            return rows, self.encoder(vectors[rows], rows != self.padding), unknown
 
     def recommend(self, histories: list[list[str]], k: int = 10) -> list[Recommendations]:
         rows, queries, unknown = self.encode(histories)

@@ -42,17 +42,18 @@ def test_export_round_trip(trained_run, tmp_path):
     cfg, encoder, table = load_trained(str(trained_run))
     items = pq.read_table(out / "items").sort_by("index")
     vectors = np.stack(items.column("vector").to_numpy(zero_copy_only=False))
-    np.testing.assert_array_equal(vectors, table[:40].numpy())
+    np.testing.assert_array_equal(vectors, table.all_items().detach().numpy())
     assert items.column("item_id").to_pylist() == [f"i{k}" for k in range(40)]
 
     seqs = load_sequences(cfg)
     users = torch.arange(seqs.num_users)
     inputs = trim(inputs_for_test_split(seqs, users), seqs.num_items)
     with torch.no_grad():
-        want = encoder(table[inputs], inputs != seqs.num_items)[:, -1]
+        want = encoder(table.lookup(inputs), inputs != seqs.num_items)[:, -1]
     rec = Recommender(str(out))
+    full = inputs_for_test_split(seqs, users)
     with torch.no_grad():
-        got = rec.encoder(inputs_for_test_split(seqs, users))
+        got = rec.encoder(table.lookup(full), full != seqs.num_items)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
     # recommend() on a user's full history = the evaluation ranking's top-10 for that user
@@ -62,7 +63,7 @@ def test_export_round_trip(trained_run, tmp_path):
     ]
     (result,) = rec.recommend([[f"i{i}" for i in history] + ["not-an-item"]], k=10)
     assert result.unknown == ["not-an-item"]
-    items_t = table[:40]
+    items_t = table.all_items().detach()
     excluded = torch.tensor([history])
     ranks = torch.stack(
         [target_ranks(want[user : user + 1], items_t, torch.tensor([j]), excluded, 64)[0]
@@ -101,3 +102,33 @@ def test_report_compares_model_and_baselines(trained_run, tmp_path):
     png = (trained_run / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     assert (trained_run / "report.md").read_text() == report
+
+
+def test_torchrec_run_exports_per_rank(tmp_path):
+    data = write_prepared(tmp_path / "data")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"data:\n  dir: {data}\n  max_len: 12\nmodel:\n  dim: 16\n"
+        "embeddings:\n  backend: torchrec\n"
+        f"train:\n  epochs: 2\n  batch_size: 32\n  run_dir: {tmp_path / 'run'}\n  progress: false\n"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0"]  # fmt: skip
+    export = ["-m", "embeddings.export", str(tmp_path / "run"), "--out"]
+    for cmd in (
+        [*torchrun, "-m", "trainer.train", str(config)],
+        [*torchrun, *export, str(tmp_path / "two")],
+        [sys.executable, *export, str(tmp_path / "one")],
+    ):
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
+    parts = sorted(p.name for p in (tmp_path / "two" / "items").iterdir())
+    assert parts == ["part-00000.parquet", "part-00001.parquet"]  # each rank wrote its rows
+    halves = [pq.read_table(tmp_path / "two" / "items" / p).num_rows for p in parts]
+    assert sum(halves) == 40 and min(halves) > 0
+    two = pq.read_table(tmp_path / "two" / "items").sort_by("index")
+    one = pq.read_table(tmp_path / "one" / "items").sort_by("index")
+    assert two.column("item_id").to_pylist() == [f"i{k}" for k in range(40)]
+    assert two.column("vector").to_pylist() == one.column("vector").to_pylist()
+    (result,) = Recommender(str(tmp_path / "two")).recommend([["i1", "i2"]], k=5)
+    assert len(result.items) == 5 and not {"i1", "i2"} & set(result.items)

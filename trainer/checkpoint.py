@@ -74,7 +74,7 @@ class TrainerState:
     history: list = field(default_factory=list)
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
@@ -113,7 +113,7 @@ class Checkpointer:
         staging = target if local else tempfile.mkdtemp(prefix="ckpt-")
         if self.env.is_main and self.fs.exists(target):
             self.fs.rm(target, recursive=True)  # an unfinished attempt at the same step
-        _barrier()
+        barrier()
         engine.save_checkpoint(staging, tag=DS_TAG, save_latest=False)
         if is_sharded(table):
             dcp.save(sharded_state(table), checkpoint_id=f"{staging}/{TABLE_DIR}")
@@ -127,7 +127,7 @@ class Checkpointer:
             write_json(
                 f"{staging}/trainer_state.json", {**dataclasses.asdict(state), **self.identity}
             )
-        _barrier()
+        barrier()
         if not local:
             self.fs.put(f"{staging}/", target, recursive=True)
             shutil.rmtree(staging, ignore_errors=True)
@@ -135,7 +135,7 @@ class Checkpointer:
             write_json(f"{target}/{COMPLETE}", {"world": self.env.world, "step": state.global_step})
             for old in self.complete()[: -self.cfg.checkpoint.keep]:
                 self.fs.rm(old, recursive=True)
-        _barrier()
+        barrier()
         return target
 
     def resolve(self, resume: str) -> str | None:
@@ -177,3 +177,39 @@ class Checkpointer:
             **{k: saved[k] for k in (f.name for f in dataclasses.fields(TrainerState))}
         )
         return state, loss_sums
+
+
+BEST_TABLE = "best_table-e"
+
+
+def save_best(run_dir: str, model, table, epoch: int, env: DistEnv) -> None:
+    """Keep the best-validation weights: ``model.pt`` (dense part, plus the table when it is
+    dense) and, for a sharded table, ``best_table-eNNNNN/`` (DCP, each rank its shard, with a
+    COMPLETE marker; the previous one is deleted once the new one is committed)."""
+    if env.is_main:
+        save_state(f"{run_dir}/model.pt", model.state_dict())
+    if not is_sharded(table):
+        return
+    target = f"{run_dir}/{BEST_TABLE}{epoch:05d}"
+    dcp.save({"table": table.state_dict()}, checkpoint_id=target)
+    barrier()
+    if env.is_main:
+        fs, root = fsspec.core.url_to_fs(run_dir)
+        write_json(f"{target}/{COMPLETE}", {"epoch": epoch, "world": env.world})
+        for old in fs.glob(f"{root}/{BEST_TABLE}*"):
+            if not old.endswith(f"{BEST_TABLE}{epoch:05d}"):
+                fs.rm(old, recursive=True)
+    barrier()
+
+
+def load_best_table(run_dir: str, table) -> str:
+    """Load the newest complete ``best_table-e*`` of ``run_dir`` into a sharded ``table``
+    (any world size: DCP reshards); returns its path."""
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    done = sorted(p for p in fs.glob(f"{root}/{BEST_TABLE}*") if fs.exists(f"{p}/{COMPLETE}"))
+    if not done:
+        raise CheckpointError(f"{run_dir} holds no complete {BEST_TABLE}* snapshot")
+    state = {"table": table.state_dict()}
+    dcp.load(state, checkpoint_id=done[-1])
+    table.load_state_dict(state["table"])
+    return done[-1]

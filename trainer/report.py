@@ -60,7 +60,7 @@ def plot_curves(epochs: list[dict], path: str) -> None:
 def sample_recommendations(cfg, export_dir: str, num_users: int) -> list[tuple[list, list]]:
     """``(history raw ids, top-10 raw ids)`` for the first ``num_users`` users (test input)."""
     seqs = load_sequences(cfg)
-    raw_ids, _ = read_vocab(cfg.data.dir)
+    raw_ids = read_vocab(cfg.data.dir)
     rec = Recommender(export_dir)
     histories = []
     for user in range(min(num_users, seqs.num_users)):

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from embeddings.dense import DenseItemTable
-from trainer.checkpoint import Checkpointer, TrainerState
+from trainer.checkpoint import Checkpointer, TrainerState, save_best
 from trainer.config import Config
 from trainer.data import epoch_order, load_sequences, load_transitions, rank_slice, training_batch
 from trainer.distributed import DistEnv, all_reduce_sum
@@ -180,7 +180,7 @@ class Trainer:
                         "test": record["test"],
                     }
                     state.stale = 0
-                    self.save_weights("model.pt")
+                    save_best(self.cfg.train.run_dir, self.model, self.table, state.epoch, self.env)
                 else:
                     state.stale += 1
             state.history.append(record)
