@@ -132,22 +132,24 @@ def write_item_rows(url: str, raw_ids: list, first_id: int, vectors: np.ndarray)
 
 
 def build_faiss(vectors: np.ndarray, kind: str):
-    """A FAISS inner-product index: exact for small catalogues, HNSW or IVF for large ones."""
+    """A FAISS inner-product index: exact up to 200k items, IVF (sqrt(N) lists) above; HNSW on
+    request (slow to build on small machines)."""
     import faiss
 
     n, dim = vectors.shape
     if kind == "auto":
-        kind = "flat" if n <= 200_000 else "hnsw"
+        kind = "flat" if n <= 200_000 else "ivf"
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = 128
     else:
-        nlist = max(1, int(4 * np.sqrt(n)))
+        nlist = max(1, int(np.sqrt(n)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors[np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False)])
-        index.nprobe = max(1, nlist // 16)
+        train = vectors[np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)]
+        index.train(train)
+        index.nprobe = max(1, nlist // 32)
     index.add(vectors)
     return index, kind
 
