@@ -46,9 +46,14 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from embeddings.export import build_faiss, faiss_recall_at_10, raw_item_ids, write_item_rows
+    from embeddings.export import (
+        build_faiss,
+        faiss_recall_at_10,
+        raw_item_ids,
+        read_vectors,
+        write_item_rows,
+    )
     from embeddings.torchrec_table import TorchRecItemTable
-    from trainer.data import read_table
     from trainer.distributed import init_distributed
 
     torch.set_num_threads(1)
@@ -73,8 +78,7 @@ def worker(args: argparse.Namespace) -> None:
         print(f"rank {rank}: {r['rows']:,d} rows exported in {r['export_s']:.1f} s, "
               f"peak RSS {r['peak_gib']:.2f} GiB (table set-up {setup_s:.1f} s)")  # fmt: skip
     torch.set_num_threads(os.cpu_count() or 1)
-    vectors = read_table(f"{args.workdir}/export/items", ["vector"]).column("vector")
-    vectors = np.stack(vectors.to_numpy(zero_copy_only=False)).astype(np.float32)
+    vectors = read_vectors(f"{args.workdir}/export/items", 64)
     start = time.perf_counter()
     index, kind = build_faiss(vectors, args.faiss)
     build_s = time.perf_counter() - start

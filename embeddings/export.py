@@ -115,6 +115,13 @@ def read_vocab(data_dir: str) -> list:
     return raw_item_ids(data_dir, 0, int(read_stats(data_dir)["items"]))
 
 
+def read_vectors(items_url: str, dim: int) -> np.ndarray:
+    """All vectors of an export's ``items/`` in row order: ``[N, D]`` float32."""
+    table = read_table(items_url, ["index", "vector"]).sort_by("index")
+    flat = table.column("vector").combine_chunks().values.to_numpy()
+    return flat.reshape(-1, dim).astype(np.float32, copy=False)
+
+
 def write_item_rows(url: str, raw_ids: list, first_id: int, vectors: np.ndarray) -> None:
     """One Parquet part: ``item_id``, ``index``, ``vector`` (list<float32>[D])."""
     table = pa.table(
@@ -149,7 +156,7 @@ def build_faiss(vectors: np.ndarray, kind: str):
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         train = vectors[np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)]
         index.train(train)
-        index.nprobe = max(1, nlist // 32)
+        index.nprobe = max(1, nlist // 8)
     index.add(vectors)
     return index, kind
 
@@ -194,10 +201,7 @@ def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | N
     if faiss_kind != "none":
         import faiss
 
-        vectors = np.stack(
-            read_table(f"{out}/items", ["vector"]).column("vector").to_numpy(zero_copy_only=False)
-        )
-        vectors = vectors.astype(np.float32)
+        vectors = read_vectors(f"{out}/items", cfg.model.dim)
         start = time.perf_counter()
         index, kind = build_faiss(vectors, faiss_kind)
         build_s = time.perf_counter() - start
