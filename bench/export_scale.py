@@ -49,7 +49,6 @@ def worker(args: argparse.Namespace) -> None:
     from embeddings.export import (
         build_faiss,
         faiss_recall_at_10,
-        raw_item_ids,
         read_vectors,
         write_item_rows,
     )
@@ -64,9 +63,8 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     start = time.perf_counter()
     first_id, rows = table.local_rows()
-    raw_ids = raw_item_ids(str(args.workdir), first_id, rows.shape[0])
-    write_item_rows(f"{args.workdir}/export/items/part-{env.rank:05d}.parquet", raw_ids, first_id,
-                    rows.numpy())  # fmt: skip
+    write_item_rows(f"{args.workdir}/export/items/part-{env.rank:05d}.parquet",
+                    str(args.workdir), first_id, rows.numpy())  # fmt: skip
     export_s = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     report = [None] * env.world

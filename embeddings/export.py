@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
+import uuid
 
 import fsspec
 import numpy as np
@@ -122,20 +124,32 @@ def read_vectors(items_url: str, dim: int) -> np.ndarray:
     return flat.reshape(-1, dim).astype(np.float32, copy=False)
 
 
-def write_item_rows(url: str, raw_ids: list, first_id: int, vectors: np.ndarray) -> None:
-    """One Parquet part: ``item_id``, ``index``, ``vector`` (list<float32>[D])."""
-    table = pa.table(
-        {
-            "item_id": raw_ids,
-            "index": pa.array(np.arange(first_id, first_id + len(raw_ids)), pa.int64()),
-            "vector": pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.ravel()), vectors.shape[1]
-            ),
-        }
-    )
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    atomic_write_bytes(url, buffer.getvalue().to_pybytes())
+def write_item_rows(
+    url: str, data_dir: str, first_id: int, vectors: np.ndarray, chunk: int = 1 << 20
+) -> None:
+    """One Parquet part of rows ``first_id ..``: ``item_id`` (raw, from ``<data_dir>/vocab``),
+    ``index``, ``vector`` (list<float32>[D]). Written ``chunk`` rows at a time into a temporary
+    file that is renamed into place, so memory stays at one chunk beyond ``vectors``."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    writer = None
+    with fs.open(tmp, "wb") as f:
+        for start in range(0, max(len(vectors), 1), chunk):
+            part = vectors[start : start + chunk]
+            table = pa.table(
+                {
+                    "item_id": raw_item_ids(data_dir, first_id + start, len(part)),
+                    "index": pa.array(np.arange(first_id + start, first_id + start + len(part))),
+                    "vector": pa.FixedSizeListArray.from_arrays(
+                        pa.array(part.ravel()), part.shape[1]
+                    ),
+                }
+            )
+            writer = writer or pq.ParquetWriter(f, table.schema)
+            writer.write_table(table)
+        writer.close()
+    fs.mv(tmp, path)
 
 
 def build_faiss(vectors: np.ndarray, kind: str):
@@ -184,9 +198,8 @@ def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | N
         fs.rm(f"{path}/{MANIFEST}")  # the old export stops looking complete before we overwrite
     barrier()
     first_id, rows = table.local_rows()  # [C, D]
-    raw_ids = raw_item_ids(cfg.data.dir, first_id, rows.shape[0])
     part = f"{out}/items/part-{env.rank:05d}.parquet"
-    write_item_rows(part, raw_ids, first_id, rows.float().numpy())
+    write_item_rows(part, cfg.data.dir, first_id, rows.float().numpy())
     barrier()
     if not env.is_main:
         return None
