@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +27,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _disable_deepspeed_shm_op() -> None:
     """DeepSpeed's CPU accelerator JIT-compiles a shm comm op (~40 s) on the first init; it only
     serves inference all-reduce, so training does not need it."""
@@ -44,25 +37,33 @@ def _disable_deepspeed_shm_op() -> None:
 
 def init_distributed(timeout_s: int = 600) -> DistEnv:
     """Initialise (once) the default process group from torchrun's environment, or as world 1."""
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-        )  # fmt: skip
     use_cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ and not dist.is_initialized():
+        # A plain `python` launch: a world of one on an in-memory store (no port to race for).
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT="0",  # read by DeepSpeed, never bound
+        )
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )  # fmt: skip
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        _disable_deepspeed_shm_op()
-        import deepspeed
+    _disable_deepspeed_shm_op()
+    import deepspeed
 
-        deepspeed.init_distributed(
-            dist_backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
-            verbose=False,
-        )
+    deepspeed.init_distributed(  # adopts an existing default group
+        dist_backend="nccl" if use_cuda else "gloo",
+        timeout=datetime.timedelta(seconds=timeout_s),
+        verbose=False,
+    )
     return DistEnv(
         rank=dist.get_rank(),
         world=dist.get_world_size(),
