@@ -1,0 +1,271 @@
+"""The prepare job: raw event log -> vocab/, sequences/, transitions/ and stats.json.
+
+    python -m spark_jobs.prepare CONFIG [section.key=value ...]
+
+Reads ``data.events`` and writes under ``data.dir`` (committed atomically, see
+:mod:`spark_jobs.io`). Stages, output contract and skew handling: docs/data_pipeline.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pyspark import StorageLevel
+from pyspark.errors import PySparkException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from spark_jobs.clean import (
+    ROW_REASONS,
+    annotate,
+    deduplicate,
+    item_tally,
+    kept_rows,
+    reason_totals,
+    without_keys,
+)
+from spark_jobs.errors import PrepareError
+from spark_jobs.filters import kcore
+from spark_jobs.io import STATS_FILE, OutputStaging, staged_input, staged_output, total_size
+from spark_jobs.progress import Progress
+from spark_jobs.read import detect_format, first_line, list_input, read_events
+from spark_jobs.sequences import (
+    index_events,
+    leave_one_out,
+    short_users,
+    train_part,
+    user_sequences,
+)
+from spark_jobs.session import build_session, set_shuffle_partitions
+from spark_jobs.transitions import count_transitions, top_successors
+from spark_jobs.vocab import build_vocab, item_counts
+from trainer.config import ConfigError, DataConfig, load_config
+
+TIE_BREAK = "timestamp, then input row order"
+
+
+def check_config(cfg: DataConfig) -> None:
+    """Raise :class:`PrepareError` for data settings the job cannot honour."""
+    if not cfg.events:
+        raise PrepareError("data.events is empty: set it to the event log's URL")
+    positive = {"max_len": cfg.max_len, "time_span": cfg.time_span, "num_files": cfg.num_files}
+    for key, value in positive.items():
+        if value < 1:
+            raise PrepareError(f"data.{key} must be >= 1, got {value}")
+    non_negative = {
+        "kcore": cfg.kcore,
+        "top_k_successors": cfg.top_k_successors,
+        "max_time_gap": cfg.max_time_gap,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise PrepareError(f"data.{key} must be >= 0, got {value}")
+
+
+def persisted(df: DataFrame) -> DataFrame:
+    """``df`` cached in memory (spilling to disk): the job's reuse points."""
+    return df.persist(StorageLevel.MEMORY_AND_DISK)
+
+
+def write_parquet(df: DataFrame, path: str) -> None:
+    """Write ``df`` as Parquet at ``path`` (a staging location)."""
+    df.write.mode("overwrite").parquet(path)
+
+
+class Job:
+    """One run of the prepare job: the config, the session, the drop counts and progress."""
+
+    def __init__(self, cfg: DataConfig, spark: SparkSession, progress: Progress) -> None:
+        self.cfg = cfg
+        self.spark = spark
+        self.progress = progress
+        self.dropped: dict[str, int] = dict.fromkeys(ROW_REASONS, 0)
+        self.dropped.update(
+            duplicate_events=0, kcore_users=0, kcore_items=0, kcore_events=0,
+            short_users=0, short_user_events=0,
+        )  # fmt: skip
+        self.rows = 0
+
+    def read(self, spark_url: str, fmt: str) -> tuple[DataFrame, DataFrame]:
+        """The clean events (lazy) and their item counts, after one pass over the input that
+        counts the rows, the row drops and the rows per item."""
+        cfg = self.cfg
+        columns = {"user_col": cfg.user_col, "item_col": cfg.item_col, "time_col": cfg.time_col}
+        with self.progress.stage("read") as info:
+            raw = read_events(self.spark, cfg.events, spark_url, fmt, columns)
+            annotated = annotate(raw, cfg.user_col, cfg.item_col, cfg.time_col)
+            tally = persisted(item_tally(annotated))
+            self.rows, reasons = reason_totals(tally)
+            if self.rows == 0:
+                raise PrepareError(f"input is empty: no rows in {cfg.events}")
+            self.dropped.update(reasons)
+            info.update(format=fmt, rows=self.rows, dropped=sum(reasons.values()))
+        return kept_rows(annotated), tally.select("item_id", "count")
+
+    def filter_events(self, events: DataFrame) -> DataFrame:
+        """Deduplicate (if ``data.dedup``) and k-core filter (if ``data.kcore``) the events.
+
+        Only called when one of them is on."""
+        if self.cfg.dedup:
+            with self.progress.stage("dedup") as info:
+                events = persisted(deduplicate(events))
+                unique = events.count()
+                clean = self.rows - sum(self.dropped[r] for r in ROW_REASONS)
+                self.dropped["duplicate_events"] = clean - unique
+                info.update(duplicates=self.dropped["duplicate_events"])
+        if self.cfg.kcore > 0:
+            with self.progress.stage("kcore") as info:
+                events, removed = kcore(events, self.cfg.kcore)
+                self.dropped.update(removed)
+                info.update(k=self.cfg.kcore, **removed)
+        return events
+
+    def _user_sequences(
+        self, events: DataFrame, vocab: DataFrame, num_items: int, partitions: int
+    ) -> DataFrame:
+        """The per-user sequences of ``events`` in vocab indices (persisted, lazy)."""
+        indexed = index_events(events, vocab, num_items)
+        return persisted(user_sequences(indexed, partitions, self.cfg.max_time_gap > 0))
+
+    def sequences(self, events: DataFrame, counts: DataFrame) -> tuple[DataFrame, int, DataFrame]:
+        """Vocab, its size and the per-user sequences (persisted), short users dropped.
+
+        The vocab is first built from ``counts`` (the item counts of all ``events``); if some
+        users turn out to have fewer than 3 events they are removed, and vocab and sequences
+        are built once more.
+        """
+        partitions = user_partitions(self.spark, self.cfg.num_files)
+        with self.progress.stage("vocab") as info:
+            vocab, num_items = build_vocab(self.spark, counts)
+            info.update(items=num_items)
+        with self.progress.stage("sequences") as info:
+            seqs = self._user_sequences(events, vocab, num_items, partitions)
+            short = short_users(seqs)
+            row = short.agg(F.count(F.lit(1)).alias("users"), F.sum("n").alias("events")).first()
+            if row["users"]:
+                self.dropped.update(short_users=row["users"], short_user_events=row["events"])
+                events = without_keys(events, "user", short)
+                vocab, num_items = build_vocab(self.spark, item_counts(events))
+                rebuilt = self._user_sequences(events, vocab, num_items, partitions)
+                rebuilt.count()
+                seqs.unpersist()
+                seqs = rebuilt
+            info.update(short_users=self.dropped["short_users"], partitions=partitions)
+        if num_items == 0:
+            raise PrepareError(f"no events left in {self.cfg.events} after drops: {self.dropped}")
+        return vocab, num_items, seqs
+
+    def write(
+        self, vocab: DataFrame, num_items: int, seqs: DataFrame, out: OutputStaging
+    ) -> dict[str, Any]:
+        """Write vocab/, sequences/ and transitions/; returns their counts for stats.json."""
+        cfg = self.cfg
+        with self.progress.stage("write") as info:
+            write_parquet(vocab, out.spark_target("vocab"))
+            split = leave_one_out(seqs).coalesce(cfg.num_files)
+            write_parquet(split, out.spark_target("sequences"))
+            sizes = F.sum(F.size("items")).alias("events")
+            row = seqs.agg(F.count(F.lit(1)).alias("users"), sizes)
+            row = row.first()
+            users, kept = int(row["users"]), int(row["events"])
+            info.update(users=users, events=kept, items=num_items, files=cfg.num_files)
+        with self.progress.stage("transitions") as info:
+            train = train_part(seqs, cfg.max_len if cfg.paper_mode else None)
+            edges = count_transitions(train, cfg.time_span, cfg.max_time_gap)
+            if cfg.top_k_successors > 0:
+                edges = top_successors(edges, cfg.top_k_successors)
+            target = out.spark_target("transitions")
+            write_parquet(edges, target)
+            num_edges = self.spark.read.parquet(target).count()
+            info.update(edges=num_edges, time_span=cfg.time_span, paper_mode=cfg.paper_mode)
+        return {
+            "users": users,
+            "items": num_items,
+            "events": kept,
+            "train_events": kept - 2 * users,
+            "events_read": self.rows,
+            "dropped": self.dropped,
+            "num_transitions": num_edges,
+        }
+
+    def stats(self, counts: dict[str, Any], fmt: str) -> dict[str, Any]:
+        """``stats.json``: the counts plus the settings that shaped them."""
+        cfg = self.cfg
+        return {
+            **counts,
+            "max_len": cfg.max_len,
+            "time_span": cfg.time_span,
+            "paper_mode": cfg.paper_mode,
+            "top_k_successors": cfg.top_k_successors,
+            "max_time_gap": cfg.max_time_gap,
+            "kcore": cfg.kcore,
+            "dedup": cfg.dedup,
+            "tie_break": TIE_BREAK,
+            "source": cfg.events,
+            "format": fmt,
+        }
+
+
+def user_partitions(spark: SparkSession, num_files: int) -> int:
+    """Partitions of the by-user shuffle: the shuffle partitions rounded up to a multiple of
+    ``num_files``, so sequences/ is written as ``num_files`` equal files without a shuffle."""
+    shuffle = int(spark.conf.get("spark.sql.shuffle.partitions"))
+    return num_files * max(1, -(-shuffle // num_files))
+
+
+def prepare(
+    cfg: DataConfig, spark: SparkSession | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Run the whole job for ``cfg``; returns the stats written to ``stats.json``.
+
+    Uses ``spark`` if given (its cached data is cleared at the end), else builds a session
+    on ``cfg.spark_master``.
+    """
+    check_config(cfg)
+    progress = progress or Progress()
+    files = list_input(cfg.events)
+    fmt = detect_format(cfg.events, cfg.format, files)
+    spark = spark or build_session(cfg.spark_master)
+    set_shuffle_partitions(spark, total_size(cfg.events) if files else None)
+    job = Job(cfg, spark, progress)
+    with staged_input(cfg.events) as spark_url, staged_output(cfg.dir) as out:
+        try:
+            events, counts = job.read(spark_url, fmt)
+            if cfg.dedup or cfg.kcore > 0:
+                events = job.filter_events(events)
+                counts = item_counts(events)
+            vocab, num_items, seqs = job.sequences(events, counts)
+            stats = job.stats(job.write(vocab, num_items, seqs, out), fmt)
+        except PySparkException as e:
+            raise PrepareError(f"the Spark job failed on {cfg.events}: {first_line(e)}") from e
+        finally:
+            spark.catalog.clearCache()
+        out.write_json(STATS_FILE, stats)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Prepare the MQSA-TED data with Spark.")
+    parser.add_argument("config", help="experiment YAML (any fsspec URL)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    progress = Progress()
+    try:
+        with progress.stage("total") as info:
+            stats = prepare(cfg.data, progress=progress)
+            info.update(users=stats["users"], items=stats["items"], out=cfg.data.dir)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Build the SparkSession the data jobs run on.
+
+Driver memory comes from ``MQSA_SPARK_DRIVER_MEMORY`` (or Spark's own ``SPARK_DRIVER_MEMORY``),
+default 4g; it only applies when this process starts the JVM (under ``spark-submit`` use
+``--driver-memory``). Spark's log level is set to ERROR so the jobs' own one-line progress is
+what the user sees.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pyspark.sql import SparkSession
+
+DEFAULT_DRIVER_MEMORY = "4g"
+
+
+def driver_memory() -> str:
+    """The driver memory to request: the environment's choice or the default."""
+    return (
+        os.environ.get("MQSA_SPARK_DRIVER_MEMORY")
+        or os.environ.get("SPARK_DRIVER_MEMORY")
+        or DEFAULT_DRIVER_MEMORY
+    )
+
+
+def build_session(master: str = "local[*]", app_name: str = "mqsa-ted-prepare") -> SparkSession:
+    """Get or create a SparkSession on ``master`` tuned for the prepare job.
+
+    Adaptive query execution coalesces small shuffle partitions and splits skewed join
+    partitions; aggregations over input already sorted by their keys run as one streaming sort
+    aggregation (``replaceHashWithSortAgg``); ``spark.sql.shuffle.partitions`` is set per job
+    by :func:`set_shuffle_partitions`.
+    """
+    builder = (
+        SparkSession.builder.master(master)
+        .appName(app_name)
+        .config("spark.driver.memory", driver_memory())
+        .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.sql.adaptive.skewJoin.enabled", "true")
+        .config("spark.sql.execution.replaceHashWithSortAgg", "true")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.session.timeZone", "UTC")
+    )
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def set_shuffle_partitions(spark: SparkSession, input_bytes: int | None) -> int:
+    """Set ``spark.sql.shuffle.partitions`` to 2x the cores, or one per 64 MiB of input if more.
+
+    Returns the number set. AQE later coalesces partitions that turn out small.
+    """
+    cores = spark.sparkContext.defaultParallelism
+    by_size = (input_bytes or 0) // (64 << 20)
+    partitions = max(2 * cores, int(by_size))
+    spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
+    return partitions

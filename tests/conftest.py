@@ -1,0 +1,45 @@
+"""Shared fixtures: one local Spark session for the whole test run, and prepare helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyspark.sql import SparkSession
+
+from spark_jobs.io import list_parquet_files
+from spark_jobs.prepare import prepare
+from spark_jobs.progress import Progress
+from spark_jobs.session import build_session
+from trainer.config import DataConfig
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[SparkSession]:
+    session = build_session("local[2]", app_name="mqsa-ted-tests")
+    yield session
+    session.stop()
+
+
+def read_output(data_dir: str, name: str) -> pa.Table:
+    """One dataset (vocab, sequences, transitions) of a committed output, via fsspec."""
+    tables = []
+    for url in list_parquet_files(f"{data_dir}/{name}"):
+        with fsspec.open(url, "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables)
+
+
+@pytest.fixture
+def run_prepare(spark: SparkSession, tmp_path: Any) -> Callable[..., dict[str, Any]]:
+    """``run_prepare(events_url, **data_keys)`` runs the job into ``tmp_path/out``."""
+
+    def run(events: str, **keys: Any) -> dict[str, Any]:
+        cfg = DataConfig(events=events, dir=str(tmp_path / "out"), num_files=2, **keys)
+        return prepare(cfg, spark, Progress(log=lambda line: None))
+
+    return run
