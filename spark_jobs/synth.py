@@ -151,7 +151,7 @@ def simulate(
     total = int(sorted_len.sum())
     taste = rng.integers(0, spec.clusters, size=len(lengths))
     noise = unit(rng.standard_normal((len(lengths), spec.latent_dim)))
-    taste_vec = (0.5 * unit(world.centroids[taste] + noise)).astype(np.float32)  # [U, k]
+    taste_vec = unit(world.centroids[taste] + noise).astype(np.float32)  # [U, k]
     items = np.empty(total, dtype=np.int64)
     prev = np.empty(0, dtype=np.int64)
     for t in range(int(sorted_len[0]) if len(lengths) else 0):
