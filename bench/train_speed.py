@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from trainer.checkpoint import TrainerState
 from trainer.config import load_config
 from trainer.data import epoch_order
 from trainer.distributed import init_distributed
@@ -70,10 +71,10 @@ def main() -> None:
     )  # fmt: skip
     trainer = Trainer(cfg, init_distributed())
     steps = math.ceil(trainer.seqs.num_users / cfg.train.batch_size)
-    trainer.train_epoch(0)  # warm-up (allocator, thread pools)
+    trainer.train_epoch(TrainerState(epoch=0))  # warm-up (allocator, thread pools)
     epoch_s = []
     for epoch in range(1, args.epochs + 1):
-        epoch_s.append(trainer.train_epoch(epoch)["seconds"])
+        epoch_s.append(trainer.train_epoch(TrainerState(epoch=epoch))["seconds"])
     eval_s = trainer.evaluate()["eval_seconds"]
     ours = sum(epoch_s) / len(epoch_s)
     print(f"ours: {ours:.2f} s/epoch ({steps} steps, bf16={args.bf16}, "

@@ -57,7 +57,7 @@ class UserEncoder(nn.Module):
         self.encoder = encoder
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(history, mask)[:, -1]
+        return self.encoder(history, mask, last_only=True)[:, -1]
 
 
 def load_trained(run_dir: str) -> tuple[Config, MQSAEncoder, ItemTable]:

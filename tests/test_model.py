@@ -45,3 +45,13 @@ def test_future_items_never_change_earlier_positions():
     out = enc(changed, mask)
     torch.testing.assert_close(out[:, :4], base[:, :4])
     assert not torch.allclose(out[:, 4:], base[:, 4:])
+
+
+def test_last_only_equals_the_last_row_of_the_full_pass():
+    enc = _encoder(num_blocks=2)
+    items = torch.randn(3, 7, 8)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1], [1] * 7], dtype=torch.bool)
+    full = enc(items * mask.unsqueeze(-1), mask)
+    last = enc(items * mask.unsqueeze(-1), mask, last_only=True)
+    assert last.shape == (3, 1, 8)
+    torch.testing.assert_close(last[:, 0], full[:, -1])

@@ -44,15 +44,16 @@ def count_higher(
     """
     higher = torch.zeros(queries.shape[0], dtype=torch.int64)
     width = max(1, min(item_chunk, items.shape[0]))
-    buffer = queries.new_empty(queries.shape[0], width + 1)  # last column: sink for masked ids
+    buffer = queries.new_empty(queries.shape[0] * width)
+    rows = torch.arange(queries.shape[0]).unsqueeze(1).expand_as(excluded)  # [B, H]
     for start in range(0, items.shape[0], width):
         chunk = items[start : start + width]  # [C, D]
-        scores = buffer[:, : chunk.shape[0] + 1]
-        torch.mm(queries, chunk.T, out=scores[:, :-1])  # [B, C]
+        scores = buffer[: queries.shape[0] * chunk.shape[0]].view(queries.shape[0], -1)
+        torch.mm(queries, chunk.T, out=scores)  # [B, C]
         local = excluded - (first_id + start)
-        local = torch.where((local >= 0) & (local < chunk.shape[0]), local, chunk.shape[0])
-        scores.scatter_(1, local, float("-inf"))
-        higher += (scores[:, :-1] > target_scores).sum(1)
+        inside = (local >= 0) & (local < chunk.shape[0])
+        scores[rows[inside], local[inside]] = float("-inf")
+        higher += (scores > target_scores).sum(1)
     return higher
 
 
@@ -116,7 +117,7 @@ def evaluate(
         for split, inputs, excluded, targets in splits:
             inputs = trim(inputs, pad) if inputs.shape[0] else inputs
             emb = table.lookup_many({"inputs": inputs, "targets": targets})  # collective
-            queries = encoder(emb["inputs"], inputs != pad)[:, -1]  # [B, D]: newest slot
+            queries = encoder(emb["inputs"], inputs != pad, last_only=True)[:, -1]  # [B, D]
             target_scores = (queries * emb["targets"]).sum(-1, keepdim=True)  # [B, 1]
             excluded = torch.cat([excluded, targets.unsqueeze(1)], dim=1)  # [B, M + 1(+1)]
             all_queries, all_scores, all_excluded = (

@@ -76,24 +76,27 @@ class AttentionBlock(nn.Module):
     def forward(self, query: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            query: ``[B, T, D]`` query source (the item itself, or the long-query window mean).
+            query: ``[B, Tq, D]`` query source (the item itself, or the long-query window mean)
+                for the LAST ``Tq <= T`` slots (``Tq = 1``: only the newest slot, as inference
+                needs).
             x: ``[B, T, D]`` block input (keys and values come from it, un-normalised).
             mask: ``[B, T]`` bool, True at real items.
         Returns:
-            ``[B, T, D]``, zero at padding slots.
+            ``[B, Tq, D]``, zero at padding slots.
         """
+        t, tq = x.shape[1], query.shape[1]
+        q_mask = mask[:, t - tq :].unsqueeze(-1)  # [B, Tq, 1]
         q_norm = self.query_norm(query)
         q, k, v = self.q_proj(q_norm), self.k_proj(x), self.v_proj(x)
-        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # [B, T, T]
-        t = x.shape[1]
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # [B, Tq, T]
+        causal = torch.ones(tq, t, dtype=torch.bool, device=x.device).tril(diagonal=t - tq)
         allowed = causal.unsqueeze(0) & mask.unsqueeze(1)  # key must be real and not in the future
         scores = scores.masked_fill(~allowed, NEG_INF)
-        attn = torch.softmax(scores, dim=-1) * mask.unsqueeze(-1).to(scores.dtype)
+        attn = torch.softmax(scores, dim=-1) * q_mask.to(scores.dtype)
         out = self.attn_dropout(attn) @ v + q_norm
         out = self.out_norm(out)
         out = out + self.ffn(out)
-        return out * mask.unsqueeze(-1).to(out.dtype)
+        return out * q_mask.to(out.dtype)
 
 
 class MQSAEncoder(nn.Module):
@@ -124,26 +127,33 @@ class MQSAEncoder(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, item_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, item_emb: torch.Tensor, mask: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
         """
         Args:
             item_emb: ``[B, T, D]`` item-table rows of the sequence (zeros at padding),
                 ``T <= max_len``, right-aligned: slot ``T - 1`` holds the newest item and gets
                 position ``max_len - 1``.
             mask: ``[B, T]`` bool, True at real items.
+            last_only: compute only the newest slot's output (inference): ``[B, 1, D]``. The
+                last block then runs one query row instead of T; earlier blocks run in full.
         Returns:
-            ``[B, T, D]`` mixed query vectors (zeros where ``mask`` is False are not guaranteed:
-            callers select the real slots).
+            ``[B, T, D]`` mixed query vectors (``[B, 1, D]`` with ``last_only``); zeros where
+            ``mask`` is False are not guaranteed: callers select the real slots.
         """
         t = item_emb.shape[1]
         pos = self.positions[self.max_len - t :]  # [T, D]
         x = self.input_dropout(item_emb * math.sqrt(self.dim) + pos)
         x = x * mask.unsqueeze(-1).to(x.dtype)
         h_short, h_long = x, x
-        for block in self.short_blocks:
-            h_short = block(h_short, h_short, mask)
-        for block in self.long_blocks:
-            h_long = block(window_mean(h_long, mask, self.window), h_long, mask)
+        last = len(self.short_blocks) - 1
+        for i, block in enumerate(self.short_blocks):
+            query = h_short[:, -1:] if last_only and i == last else h_short
+            h_short = block(query, h_short, mask)
+        for i, block in enumerate(self.long_blocks):
+            query = window_mean(h_long, mask, self.window)
+            h_long = block(query[:, -1:] if last_only and i == last else query, h_long, mask)
         h_short = self.short_norm(h_short)
         h_long = self.long_norm(h_long)
         return self.alpha * h_short + (1.0 - self.alpha) * h_long
