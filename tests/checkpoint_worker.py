@@ -1,4 +1,5 @@
-"""Loads the newest complete checkpoint of a run into a fresh trainer and saves its weights.
+"""Loads the newest complete checkpoint of a run into a fresh trainer and saves its weights
+(the encoder's and the whole item table, gathered from the shards).
 
 Usage (1 process or under torchrun): python tests/checkpoint_worker.py CONFIG OUT.pt [overrides]
 """
@@ -7,6 +8,7 @@ import sys
 
 import torch
 
+from tests.dist_worker import item_table
 from trainer.config import load_config
 from trainer.distributed import init_distributed
 from trainer.trainer import Trainer
@@ -17,8 +19,10 @@ def main() -> None:
     env = init_distributed()
     trainer = Trainer(load_config(config, [*overrides, "train.resume=auto"]), env)
     state = trainer.start_state()
+    table = item_table(trainer)  # collective: every rank takes part
     if env.is_main:
-        torch.save({"params": trainer.model.state_dict(), "epoch": state.epoch}, out)
+        params = {**trainer.model.encoder.state_dict(), "item_table": table}
+        torch.save({"params": params, "epoch": state.epoch}, out)
 
 
 if __name__ == "__main__":
