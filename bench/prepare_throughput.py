@@ -67,6 +67,7 @@ def duckdb_prepare(events: str, out: str, threads: int, max_len: int = MAX_LEN) 
     con = duckdb.connect()
     con.execute(f"SET threads = {threads}")
     con.execute("SET preserve_insertion_order = false")
+    con.execute("SET enable_progress_bar = false")
     pattern = f"{events}/*.parquet"
     con.execute(f"""
         CREATE TEMP TABLE raw AS
@@ -160,14 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         d_stats, d_wall, d_cpu = timed(
             lambda b=base: duckdb_prepare(f"{b}/events", f"{b}/duckdb", args.threads)
         )
-        agree = all(s_stats[k] == d_stats[k] for k in COMPARED)
+        differ = {k: (s_stats[k], d_stats[k]) for k in COMPARED if s_stats[k] != d_stats[k]}
+        agree = not differ
         results.append({"events": n, "spark_s": s_wall, "spark_cpu_s": s_cpu,
                         "duckdb_s": d_wall, "duckdb_cpu_s": d_cpu, "agree": agree})  # fmt: skip
         print(
             f"[bench] events={n:,}: spark {s_wall:.1f}s ({n / s_wall:,.0f} ev/s, cpu {s_cpu:.1f}s)"
             f" | duckdb {d_wall:.1f}s ({n / d_wall:,.0f} ev/s, cpu {d_cpu:.1f}s)"
             f" | spark/duckdb {s_wall / d_wall:.2f}x (cpu {s_cpu / d_cpu:.2f}x)"
-            f" | outputs agree: {agree}",
+            f" | outputs agree: {agree}" + (f" (spark, duckdb: {differ})" if differ else ""),
             flush=True,
         )
         shutil.rmtree(base, ignore_errors=True)

@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 from fsspec.utils import get_protocol
 
-from spark_jobs.errors import PrepareError
+from spark_jobs.errors import PrepareError, first_line
 
 SPARK_SCHEMES = {"file", "hdfs", "viewfs", "s3a", "gs", "abfs", "abfss", "wasb", "wasbs"}
 SPARK_ALIASES = {"s3": "s3a", "s3n": "s3a", "gcs": "gs"}
@@ -39,8 +39,8 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and path of ``url``; a clear error if its backend is missing."""
     try:
         return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as e:
-        raise PrepareError(f"cannot open {url}: {e}") from e
+    except (ImportError, ValueError, OSError) as e:
+        raise PrepareError(f"cannot open {url}: {first_line(e)}") from e
 
 
 def spark_readable(url: str) -> bool:
@@ -80,10 +80,19 @@ def data_files(url: str) -> list[str]:
     return sorted(p for p in fs.find(path) if is_data_file(p))
 
 
-def total_size(url: str) -> int:
-    """Bytes of data at ``url`` (0 for an empty directory)."""
+def has_backend(url: str) -> bool:
+    """Whether fsspec can open ``url`` here (``s3a://`` needs s3fs, ``gs://`` gcsfs...)."""
+    try:
+        url_to_fs(url)
+    except PrepareError:
+        return False
+    return True
+
+
+def total_size(url: str, files: list[str]) -> int:
+    """Bytes in ``files`` (fsspec paths from :func:`data_files`) of ``url``'s filesystem."""
     fs, _ = url_to_fs(url)
-    return sum(fs.size(p) for p in data_files(url))
+    return sum(fs.size(p) for p in files)
 
 
 @contextmanager

@@ -12,10 +12,10 @@ import argparse
 import sys
 from typing import Any
 
+from py4j.protocol import Py4JError
 from pyspark import StorageLevel
 from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
 
 from spark_jobs.clean import (
     ROW_REASONS,
@@ -26,14 +26,15 @@ from spark_jobs.clean import (
     reason_totals,
     without_keys,
 )
-from spark_jobs.errors import PrepareError
+from spark_jobs.errors import PrepareError, first_line
 from spark_jobs.filters import kcore
 from spark_jobs.io import STATS_FILE, OutputStaging, staged_input, staged_output, total_size
 from spark_jobs.progress import Progress
-from spark_jobs.read import detect_format, first_line, list_input, read_events
+from spark_jobs.read import detect_format, list_input, read_events
 from spark_jobs.sequences import (
     index_events,
     leave_one_out,
+    sequence_counts,
     short_users,
     train_part,
     user_sequences,
@@ -47,13 +48,13 @@ TIE_BREAK = "timestamp, then input row order"
 
 
 def check_config(cfg: DataConfig) -> None:
-    """Raise :class:`PrepareError` for data settings the job cannot honour."""
+    """Raise :class:`ConfigError` for data settings the job cannot honour."""
     if not cfg.events:
-        raise PrepareError("data.events is empty: set it to the event log's URL")
+        raise ConfigError("data.events is empty: set it to the event log's URL")
     positive = {"max_len": cfg.max_len, "time_span": cfg.time_span, "num_files": cfg.num_files}
     for key, value in positive.items():
         if value < 1:
-            raise PrepareError(f"data.{key} must be >= 1, got {value}")
+            raise ConfigError(f"data.{key} must be >= 1, got {value}")
     non_negative = {
         "kcore": cfg.kcore,
         "top_k_successors": cfg.top_k_successors,
@@ -61,7 +62,7 @@ def check_config(cfg: DataConfig) -> None:
     }
     for key, value in non_negative.items():
         if value < 0:
-            raise PrepareError(f"data.{key} must be >= 0, got {value}")
+            raise ConfigError(f"data.{key} must be >= 0, got {value}")
 
 
 def persisted(df: DataFrame) -> DataFrame:
@@ -129,8 +130,11 @@ class Job:
         indexed = index_events(events, vocab, num_items)
         return persisted(user_sequences(indexed, partitions, self.cfg.max_time_gap > 0))
 
-    def sequences(self, events: DataFrame, counts: DataFrame) -> tuple[DataFrame, int, DataFrame]:
-        """Vocab, its size and the per-user sequences (persisted), short users dropped.
+    def sequences(
+        self, events: DataFrame, counts: DataFrame
+    ) -> tuple[DataFrame, int, DataFrame, dict[str, int]]:
+        """Vocab, its size, the per-user sequences (persisted) and their counts; short users
+        dropped.
 
         The vocab is first built from ``counts`` (the item counts of all ``events``); if some
         users turn out to have fewer than 3 events they are removed, and vocab and sequences
@@ -138,39 +142,41 @@ class Job:
         """
         partitions = user_partitions(self.spark, self.cfg.num_files)
         with self.progress.stage("vocab") as info:
-            vocab, num_items = build_vocab(self.spark, counts)
+            vocab, num_items = build_vocab(counts)
             info.update(items=num_items)
         with self.progress.stage("sequences") as info:
             seqs = self._user_sequences(events, vocab, num_items, partitions)
-            short = short_users(seqs)
-            row = short.agg(F.count(F.lit(1)).alias("users"), F.sum("n").alias("events")).first()
-            if row["users"]:
-                self.dropped.update(short_users=row["users"], short_user_events=row["events"])
-                events = without_keys(events, "user", short)
-                vocab, num_items = build_vocab(self.spark, item_counts(events))
+            sizes = sequence_counts(seqs)
+            if sizes["short_users"]:
+                for key in ("short_users", "short_user_events"):
+                    self.dropped[key] = sizes[key]
+                events = without_keys(events, "user", short_users(seqs))
+                vocab, num_items = build_vocab(item_counts(events))
                 rebuilt = self._user_sequences(events, vocab, num_items, partitions)
-                rebuilt.count()
+                sizes = sequence_counts(rebuilt)
                 seqs.unpersist()
                 seqs = rebuilt
-            info.update(short_users=self.dropped["short_users"], partitions=partitions)
+            info.update(users=sizes["users"], events=sizes["events"], partitions=partitions)
+            info.update(short_users=self.dropped["short_users"])
         if num_items == 0:
             raise PrepareError(f"no events left in {self.cfg.events} after drops: {self.dropped}")
-        return vocab, num_items, seqs
+        return vocab, num_items, seqs, sizes
 
     def write(
-        self, vocab: DataFrame, num_items: int, seqs: DataFrame, out: OutputStaging
+        self,
+        vocab: DataFrame,
+        num_items: int,
+        seqs: DataFrame,
+        sizes: dict[str, int],
+        out: OutputStaging,
     ) -> dict[str, Any]:
-        """Write vocab/, sequences/ and transitions/; returns their counts for stats.json."""
+        """Write vocab/, sequences/ and transitions/; returns the counts for stats.json."""
         cfg = self.cfg
         with self.progress.stage("write") as info:
             write_parquet(vocab, out.spark_target("vocab"))
             split = leave_one_out(seqs).coalesce(cfg.num_files)
             write_parquet(split, out.spark_target("sequences"))
-            sizes = F.sum(F.size("items")).alias("events")
-            row = seqs.agg(F.count(F.lit(1)).alias("users"), sizes)
-            row = row.first()
-            users, kept = int(row["users"]), int(row["events"])
-            info.update(users=users, events=kept, items=num_items, files=cfg.num_files)
+            info.update(files=cfg.num_files)
         with self.progress.stage("transitions") as info:
             train = train_part(seqs, cfg.max_len if cfg.paper_mode else None)
             edges = count_transitions(train, cfg.time_span, cfg.max_time_gap)
@@ -181,10 +187,10 @@ class Job:
             num_edges = self.spark.read.parquet(target).count()
             info.update(edges=num_edges, time_span=cfg.time_span, paper_mode=cfg.paper_mode)
         return {
-            "users": users,
+            "users": sizes["users"],
             "items": num_items,
-            "events": kept,
-            "train_events": kept - 2 * users,
+            "events": sizes["events"],
+            "train_events": sizes["events"] - 2 * sizes["users"],
             "events_read": self.rows,
             "dropped": self.dropped,
             "num_transitions": num_edges,
@@ -220,6 +226,9 @@ def prepare(
 ) -> dict[str, Any]:
     """Run the whole job for ``cfg``; returns the stats written to ``stats.json``.
 
+    Raises :class:`ConfigError` for impossible settings and :class:`PrepareError` for bad
+    input or a failed Spark job.
+
     Uses ``spark`` if given (its cached data is cleared at the end), else builds a session
     on ``cfg.spark_master``.
     """
@@ -228,7 +237,7 @@ def prepare(
     files = list_input(cfg.events)
     fmt = detect_format(cfg.events, cfg.format, files)
     spark = spark or build_session(cfg.spark_master)
-    set_shuffle_partitions(spark, total_size(cfg.events) if files else None)
+    set_shuffle_partitions(spark, total_size(cfg.events, files) if files else None)
     job = Job(cfg, spark, progress)
     with staged_input(cfg.events) as spark_url, staged_output(cfg.dir) as out:
         try:
@@ -236,9 +245,9 @@ def prepare(
             if cfg.dedup or cfg.kcore > 0:
                 events = job.filter_events(events)
                 counts = item_counts(events)
-            vocab, num_items, seqs = job.sequences(events, counts)
-            stats = job.stats(job.write(vocab, num_items, seqs, out), fmt)
-        except PySparkException as e:
+            vocab, num_items, seqs, sizes = job.sequences(events, counts)
+            stats = job.stats(job.write(vocab, num_items, seqs, sizes, out), fmt)
+        except (PySparkException, Py4JError) as e:
             raise PrepareError(f"the Spark job failed on {cfg.events}: {first_line(e)}") from e
         finally:
             spark.catalog.clearCache()
@@ -251,16 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="experiment YAML (any fsspec URL)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     progress = Progress()
     try:
+        cfg = load_config(args.config, args.overrides)
         with progress.stage("total") as info:
             stats = prepare(cfg.data, progress=progress)
             info.update(users=stats["users"], items=stats["items"], out=cfg.data.dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,8 +6,8 @@ from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
-from spark_jobs.errors import PrepareError
-from spark_jobs.io import data_files, spark_readable
+from spark_jobs.errors import PrepareError, first_line
+from spark_jobs.io import data_files, has_backend, spark_readable
 
 EXTENSIONS = {
     ".parquet": "parquet",
@@ -51,12 +51,9 @@ def list_input(url: str) -> list[str] | None:
 
     Raises :class:`PrepareError` if the input does not exist or holds no data.
     """
-    try:
-        files = data_files(url)
-    except PrepareError:
-        if spark_readable(url) and not url.startswith(("file:", "/")) and "://" in url:
-            return None  # e.g. s3a:// without s3fs installed: let Spark find it
-        raise
+    if spark_readable(url) and not has_backend(url):
+        return None  # e.g. s3a:// without s3fs installed: Spark lists it itself
+    files = data_files(url)
     if not files:
         raise PrepareError(f"input is empty: {url} holds no data files")
     return files
@@ -112,9 +109,3 @@ def read_events(
     if CORRUPT_COLUMN in df.columns:
         keep.append(CORRUPT_COLUMN)
     return df.select(*keep)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of a (possibly JVM-derived) error message."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

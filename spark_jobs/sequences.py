@@ -41,10 +41,23 @@ def user_sequences(indexed: DataFrame, partitions: int, with_times: bool) -> Dat
     return grouped.select(*columns)
 
 
-def short_users(seqs: DataFrame) -> DataFrame:
-    """``user``, ``n``: the users with fewer than ``MIN_EVENTS`` events."""
+def sequence_counts(seqs: DataFrame) -> dict[str, int]:
+    """``users`` and ``events`` of ``seqs``, and of those the ``short_users`` (fewer than
+    ``MIN_EVENTS`` events) and their ``short_user_events``; one pass."""
     n = F.size("items")
-    return seqs.filter(n < MIN_EVENTS).select("user", n.alias("n"))
+    short = n < MIN_EVENTS
+    row = seqs.agg(
+        F.count(F.lit(1)).alias("users"),
+        F.sum(n).alias("events"),
+        F.count(F.when(short, 1)).alias("short_users"),
+        F.sum(F.when(short, n).otherwise(0)).alias("short_user_events"),
+    ).first()
+    return {key: int(row[key] or 0) for key in row.asDict()}
+
+
+def short_users(seqs: DataFrame) -> DataFrame:
+    """``user``: the users with fewer than ``MIN_EVENTS`` events."""
+    return seqs.filter(F.size("items") < MIN_EVENTS).select("user")
 
 
 def leave_one_out(seqs: DataFrame) -> DataFrame:

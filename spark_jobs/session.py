@@ -24,8 +24,16 @@ def driver_memory() -> str:
     )
 
 
+def under_spark_submit() -> bool:
+    """Whether this driver was started by ``spark-submit`` (which already chose the master)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
 def build_session(master: str = "local[*]", app_name: str = "mqsa-ted-prepare") -> SparkSession:
     """Get or create a SparkSession on ``master`` tuned for the prepare job.
+
+    Under ``spark-submit`` the submit command's master, driver memory and UI settings win and
+    ``master`` is ignored.
 
     Adaptive query execution coalesces small shuffle partitions and splits skewed join
     partitions; aggregations over input already sorted by their keys run as one streaming sort
@@ -33,28 +41,35 @@ def build_session(master: str = "local[*]", app_name: str = "mqsa-ted-prepare") 
     by :func:`set_shuffle_partitions`.
     """
     builder = (
-        SparkSession.builder.master(master)
-        .appName(app_name)
-        .config("spark.driver.memory", driver_memory())
+        SparkSession.builder.appName(app_name)
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.adaptive.skewJoin.enabled", "true")
         .config("spark.sql.execution.replaceHashWithSortAgg", "true")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.ui.enabled", "false")
         .config("spark.sql.session.timeZone", "UTC")
     )
+    if not under_spark_submit():
+        builder = (
+            builder.master(master)
+            .config("spark.driver.memory", driver_memory())
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+        )
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
 
 
 def set_shuffle_partitions(spark: SparkSession, input_bytes: int | None) -> int:
-    """Set ``spark.sql.shuffle.partitions`` to 2x the cores, or one per 64 MiB of input if more.
+    """Set ``spark.sql.shuffle.partitions`` to 2x the cores, or one per 64 MiB of input if more,
+    unless the application's conf sets it (``--conf spark.sql.shuffle.partitions=...``).
 
-    Returns the number set. AQE later coalesces partitions that turn out small.
+    Returns the number in use. AQE later coalesces partitions that turn out small.
     """
+    key = "spark.sql.shuffle.partitions"
+    if spark.sparkContext.getConf().contains(key):
+        return int(spark.conf.get(key))
     cores = spark.sparkContext.defaultParallelism
     by_size = (input_bytes or 0) // (64 << 20)
     partitions = max(2 * cores, int(by_size))
-    spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
+    spark.conf.set(key, str(partitions))
     return partitions

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 PARTITION_SHIFT = 33  # monotonically_increasing_id() = partition << 33 | row in partition
@@ -14,13 +14,13 @@ def item_counts(events: DataFrame) -> DataFrame:
     return events.groupBy(F.col("item").alias("item_id")).agg(F.count(F.lit(1)).alias("count"))
 
 
-def dense_rank_index(spark: SparkSession, ordered: DataFrame) -> tuple[DataFrame, int]:
+def dense_rank_index(ordered: DataFrame) -> tuple[DataFrame, int]:
     """Add ``index`` 0..N-1 following the global order of ``ordered`` (sorted, distinct keys).
 
-    Returns the indexed frame and N.
-    No single-partition window: each partition of the range-partitioned sort numbers its rows
-    locally (``monotonically_increasing_id``) and adds the total size of the partitions before
-    it, computed from one small per-partition count.
+    Returns the indexed frame and N. No single-partition window: each partition of the
+    range-partitioned sort numbers its rows locally (``monotonically_increasing_id``) and adds
+    the total size of the partitions before it, from one small per-partition count (a map
+    literal of one entry per partition).
     """
     numbered = ordered.withColumn("_mono", F.monotonically_increasing_id()).persist(
         StorageLevel.MEMORY_AND_DISK
@@ -29,24 +29,20 @@ def dense_rank_index(spark: SparkSession, ordered: DataFrame) -> tuple[DataFrame
     sizes = numbered.groupBy(part.alias("_part")).agg(F.count(F.lit(1)).alias("n")).collect()
     offsets, start = [], 0
     for row in sorted(sizes, key=lambda r: r["_part"]):
-        offsets.append((int(row["_part"]), start))
+        offsets += [F.lit(int(row["_part"])).cast("long"), F.lit(start).cast("long")]
         start += int(row["n"])
-    offset_df = spark.createDataFrame(offsets, "_part long, _offset long")
-    local = F.col("_mono") - F.shiftleft(F.col("_part"), PARTITION_SHIFT)
-    indexed = (
-        numbered.withColumn("_part", part)
-        .join(F.broadcast(offset_df), on="_part")
-        .withColumn("index", F.col("_offset") + local)
-        .drop("_part", "_offset", "_mono")
-    )
-    return indexed, start
+    if not offsets:
+        return numbered.withColumn("index", F.col("_mono")).drop("_mono"), 0
+    local = F.col("_mono") - F.shiftleft(part, PARTITION_SHIFT)
+    index = F.element_at(F.create_map(*offsets), part) + local
+    return numbered.withColumn("index", index).drop("_mono"), start
 
 
-def build_vocab(spark: SparkSession, counts: DataFrame) -> tuple[DataFrame, int]:
+def build_vocab(counts: DataFrame) -> tuple[DataFrame, int]:
     """``item_id`` (raw), ``index`` (int64, dense), ``count`` (int64), sorted by ``index``;
     and the number of items. ``counts`` holds ``item_id``, ``count``; rows with a null id or
     a zero count are left out."""
     present = counts.filter(F.col("item_id").isNotNull() & (F.col("count") > 0))
     ordered = present.orderBy(F.desc("count"), F.asc("item_id"))
-    vocab, size = dense_rank_index(spark, ordered)
+    vocab, size = dense_rank_index(ordered)
     return vocab.select("item_id", "index", "count").sortWithinPartitions("index"), size
