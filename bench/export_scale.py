@@ -40,6 +40,7 @@ def write_vocab(workdir: Path, num_items: int, chunk: int = 1 << 20) -> None:
                 pa.table([ids, pa.array(index), pa.array(num_items - index)], schema)
             )
     (workdir / "stats.json").write_text(json.dumps({"items": num_items}))
+    (workdir / "_COMPLETE").write_text("")
 
 
 def worker(args: argparse.Namespace) -> None:

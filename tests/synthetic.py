@@ -80,4 +80,5 @@ def write_prepared(
         "paper_mode": True,
     }
     (root / "stats.json").write_text(json.dumps(stats))
+    (root / "_COMPLETE").write_text("")  # the commit marker of a finished prepare output
     return root

@@ -6,7 +6,6 @@ Paper mode holds every user's cut train sequence as one right-aligned ``[U, M]``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import fsspec
@@ -14,6 +13,8 @@ import numpy as np
 import pyarrow.dataset as pads
 import torch
 
+from spark_jobs import io as spark_io
+from spark_jobs.errors import PrepareError
 from trainer.config import Config
 
 
@@ -50,13 +51,12 @@ def read_table(url: str, columns: list[str]):
 
 
 def read_stats(data_dir: str) -> dict:
-    """``stats.json`` of a prepared data directory."""
-    url = data_dir.rstrip("/") + "/stats.json"
+    """``stats.json`` of a COMMITTED prepared data directory (its ``_COMPLETE`` marker is
+    checked: a half-written prepare output is refused)."""
     try:
-        with fsspec.open(url, "r") as f:
-            return json.load(f)
-    except FileNotFoundError as e:
-        raise DataError(f"{url} not found: run `python -m spark_jobs.prepare CONFIG` first") from e
+        return spark_io.read_stats(data_dir)
+    except PrepareError as e:
+        raise DataError(str(e)) from e
 
 
 @dataclass
