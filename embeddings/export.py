@@ -42,7 +42,7 @@ from embeddings.manifest import MANIFEST, ExportError, Manifest
 from trainer.checkpoint import CheckpointError, barrier, load_best_table
 from trainer.config import Config, config_hash, load_config
 from trainer.data import parquet_files, read_stats, read_table
-from trainer.distributed import init_distributed
+from trainer.distributed import init_distributed, shutdown
 from trainer.model import MQSAEncoder
 from trainer.run_dir import RunDir, atomic_write_bytes, load_state, write_json
 
@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         run_cfg = load_config(RunDir(args.run_dir).path("config.yaml")).export
         out = args.out or run_cfg.out or RunDir(args.run_dir).path("export")
         manifest = export_run(args.run_dir, out, args.faiss or run_cfg.faiss)
+        shutdown()  # every rank waits here for rank 0's FAISS build and manifest
     except (ExportError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import torch
 
 from tests.dist_worker import item_table
 from trainer.config import load_config
-from trainer.distributed import init_distributed
+from trainer.distributed import init_distributed, shutdown
 from trainer.trainer import Trainer
 
 
@@ -23,6 +23,7 @@ def main() -> None:
     if env.is_main:
         params = {**trainer.model.encoder.state_dict(), "item_table": table}
         torch.save({"params": params, "epoch": state.epoch}, out)
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import load_config
-from trainer.distributed import init_distributed
+from trainer.distributed import init_distributed, shutdown
 from trainer.trainer import Trainer
 
 BASE = ["data.max_len=12", "model.dim=16", "model.dropout=0.0", "train.batch_size=32",
@@ -49,6 +49,7 @@ def main() -> None:
     results = {case: run_case(data_dir, int(steps), case.split(","), env) for case in cases}
     if env.is_main:
         torch.save(results, out)
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -79,3 +79,11 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out)
     return out
+
+
+def shutdown() -> None:
+    """Leave the process group together: a rank that exits while another still tears down its
+    gloo connections can make that rank abort (SIGABRT) after the work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

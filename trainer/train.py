@@ -8,7 +8,7 @@ import sys
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError
-from trainer.distributed import init_distributed
+from trainer.distributed import init_distributed, shutdown
 from trainer.trainer import Trainer, TrainingDiverged
 
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    shutdown()
     if env.is_main:
         test = result["test"]
         print(
