@@ -26,7 +26,7 @@ from trainer.trainer import Trainer
 
 def dense_teacher(trainer: Trainer) -> torch.Tensor:
     """``[N, N]`` teacher probabilities, built the reference way (dense rows)."""
-    n = trainer.seqs.num_items
+    n = trainer.users.num_items
     return trainer.teacher.dense()[:n, :n]
 
 
@@ -34,7 +34,7 @@ def baseline_step(trainer: Trainer, users: torch.Tensor, teacher: torch.Tensor, 
     """One reference-style step: every slot scored, dense teacher rows, plain autograd."""
     cfg, pad = trainer.cfg.model, trainer.pad
     model = trainer.model
-    train = trainer.seqs.train[users]
+    train = trainer.users.seqs.train[users]
     inputs = torch.full_like(train, pad)
     inputs[:, 1:] = train[:, :-1]
     mask = inputs != pad  # [B, M]
@@ -70,7 +70,7 @@ def main() -> None:
          f"train.threads={args.threads}", "train.run_dir=/tmp/train_speed_run"],
     )  # fmt: skip
     trainer = Trainer(cfg, init_distributed())
-    steps = math.ceil(trainer.seqs.num_users / cfg.train.batch_size)
+    steps = trainer.users.steps_per_epoch()
     trainer.train_epoch(TrainerState(epoch=0))  # warm-up (allocator, thread pools)
     epoch_s = []
     for epoch in range(1, args.epochs + 1):
@@ -79,11 +79,11 @@ def main() -> None:
     ours = sum(epoch_s) / len(epoch_s)
     print(f"ours: {ours:.2f} s/epoch ({steps} steps, bf16={args.bf16}, "
           f"{torch.get_num_threads()} threads); full valid+test eval of "
-          f"{trainer.seqs.num_users} users: {eval_s:.2f} s")  # fmt: skip
+          f"{trainer.users.num_users} users: {eval_s:.2f} s")  # fmt: skip
     if args.baseline_steps:
         teacher = dense_teacher(trainer)
         opt = torch.optim.Adam(trainer.model.parameters(), lr=cfg.train.lr)
-        batches = epoch_order(trainer.seqs.num_users, 0, 0).split(cfg.train.batch_size)
+        batches = epoch_order(trainer.users.num_users, 0, 0).split(cfg.train.batch_size)
         baseline_step(trainer, batches[0], teacher, opt)  # warm-up
         start = time.perf_counter()
         for users in batches[1 : args.baseline_steps + 1]:

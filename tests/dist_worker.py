@@ -3,17 +3,21 @@
 Usage (1 process or under torchrun):
     python tests/dist_worker.py DATA_DIR OUT.pt STEPS CASE [CASE ...]
 where each CASE is a comma-separated list of config overrides. OUT.pt maps each case to its
-initial and final weights (the dense part, plus the gathered item table) and its metrics.
+initial and final weights (the dense part, plus the gathered item table) and its metrics; a
+streaming case (data.stream=true) also holds the in-memory evaluation of the same weights.
 """
 
 import sys
+from itertools import islice
 
 import torch
 import torch.distributed as dist
 
 from trainer.config import load_config
 from trainer.distributed import init_distributed, shutdown
+from trainer.evaluate import evaluate
 from trainer.trainer import Trainer
+from trainer.user_source import InMemoryUsers
 
 BASE = ["data.max_len=12", "model.dim=16", "model.dropout=0.0", "train.batch_size=32",
         "train.progress=false"]  # fmt: skip
@@ -37,10 +41,13 @@ def run_case(data_dir: str, steps: int, overrides: list[str], env) -> dict:
     cfg = load_config(None, [f"data.dir={data_dir}", *BASE, *overrides])
     trainer = Trainer(cfg, env)
     initial = snapshot(trainer)
-    order = torch.randperm(trainer.seqs.num_users, generator=torch.Generator().manual_seed(0))
-    for global_users in order.split(cfg.train.batch_size)[:steps]:
-        trainer.train_step(global_users)
-    return {"initial": initial, "params": snapshot(trainer), "metrics": trainer.evaluate()}
+    for train in islice(trainer.users.train_batches(epoch=1), steps):
+        trainer.train_step(train)
+    result = {"initial": initial, "params": snapshot(trainer), "metrics": trainer.evaluate()}
+    if cfg.data.stream:
+        in_memory = InMemoryUsers(cfg, env.rank, env.world)
+        result["metrics_in_memory"] = evaluate(trainer.model.encoder, trainer.table, in_memory)
+    return result
 
 
 def main() -> None:

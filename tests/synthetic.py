@@ -16,9 +16,16 @@ import pyarrow.parquet as pq
 
 
 def write_prepared(
-    root: Path, num_users: int = 120, num_items: int = 40, max_len: int = 12, seed: int = 0
+    root: Path,
+    num_users: int = 120,
+    num_items: int = 40,
+    max_len: int = 12,
+    seed: int = 0,
+    num_files: int = 2,
+    row_group_size: int | None = None,
 ) -> Path:
-    """Users walk a planted item->item chain with noise; returns ``root``."""
+    """Users walk a planted item->item chain with noise; ``sequences/`` is ``num_files`` files
+    of row groups of ``row_group_size`` users (None: one per file); returns ``root``."""
     rng = np.random.default_rng(seed)
     successor = rng.permutation(num_items)
     users = []
@@ -48,8 +55,8 @@ def write_prepared(
         ),
         root / "vocab" / "part-0.parquet",
     )
-    half = num_users // 2
-    for i, part in enumerate((users[:half], users[half:])):
+    for i, rows in enumerate(np.array_split(np.arange(num_users), num_files)):
+        part = [users[r] for r in rows]
         pq.write_table(
             pa.table(
                 {
@@ -60,6 +67,7 @@ def write_prepared(
                 }
             ),
             root / "sequences" / f"part-{i}.parquet",
+            row_group_size=row_group_size,
         )
     keys = sorted(pairs)
     pq.write_table(

@@ -1,5 +1,6 @@
 """2-process torchrun jobs match 1-process runs on the same global batches, for both item-table
-backends and catalogue mode; the TorchRec table with SGD matches the dense table with SGD."""
+backends and catalogue mode; the TorchRec table with SGD matches the dense table with SGD; ranks
+streaming uneven parts of sequences/ train a whole epoch together and evaluate exactly."""
 
 import os
 import subprocess
@@ -23,6 +24,8 @@ CASES = {
     "catalog_uniform": "embeddings.backend=torchrec,loss.candidates=sampled,"
     "loss.sampler=uniform,loss.num_negatives=16",
 }
+# 4 steps = the whole epoch; the ranks stream 64 and 56 users (row groups of 16, 16, 8 per file)
+STREAM = "embeddings.backend=torchrec,data.stream=true,data.shuffle_buffer=20"
 
 
 def run(cmd: list[str]) -> None:
@@ -39,13 +42,13 @@ def torchrun(nproc: int) -> list[str]:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dist")
-    data = write_prepared(root / "data")
+    data = write_prepared(root / "data", num_files=3, row_group_size=16)
     one, two = root / "one.pt", root / "two.pt"
-    cases = list(CASES.values())
+    cases = [*CASES.values(), STREAM]
     run([sys.executable, WORKER, str(data), str(one), STEPS, *cases])
     run(torchrun(2) + [WORKER, str(data), str(two), STEPS, *cases])
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    return {name: (a[case], b[case]) for name, case in CASES.items()}
+    return {name: (a[case], b[case]) for name, case in {**CASES, "stream": STREAM}.items()}
 
 
 # The key bias adds the same constant to every score of a query, which the softmax ignores: its
@@ -63,15 +66,30 @@ def assert_same_params(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6)
         torch.testing.assert_close(b[name], value, rtol=rtol, atol=atol, msg=name)
 
 
+def assert_trained(run: dict) -> None:
+    moved = [n for n, v in run["params"].items() if not torch.equal(v, run["initial"][n])]
+    assert "item_table" in moved and len(moved) >= len(run["params"]) - 1
+
+
+def assert_same_metrics(a: dict, b: dict) -> None:
+    for split in ("valid", "test"):
+        for key, value in a[split].items():
+            assert abs(b[split][key] - value) < 1e-9, (split, key)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_match_one_rank(results, case):
     one, two = results[case]
-    moved = [n for n, v in one["params"].items() if not torch.equal(v, one["initial"][n])]
-    assert "item_table" in moved and len(moved) >= len(one["params"]) - 1  # training happened
+    assert_trained(one)
     assert_same_params(one["params"], two["params"])
-    for split in ("valid", "test"):
-        for key, value in one["metrics"][split].items():
-            assert abs(two["metrics"][split][key] - value) < 1e-9, (split, key)
+    assert_same_metrics(one["metrics"], two["metrics"])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_streaming_ranks_train_and_evaluate_exactly(results, world):
+    run = results["stream"][world - 1]
+    assert_trained(run)  # a whole epoch, both ranks stepping together over uneven parts
+    assert_same_metrics(run["metrics_in_memory"], run["metrics"])
 
 
 def test_torchrec_sgd_matches_dense_sgd(results):

@@ -14,7 +14,7 @@ from embeddings.manifest import ExportError
 from embeddings.recommend import Recommender
 from tests.synthetic import write_prepared
 from trainer.config import load_config
-from trainer.data import inputs_for_test_split, load_sequences, trim
+from trainer.data import load_sequences, trim
 from trainer.evaluate import target_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +46,11 @@ def test_export_round_trip(trained_run, tmp_path):
     assert items.column("item_id").to_pylist() == [f"i{k}" for k in range(40)]
 
     seqs = load_sequences(cfg)
-    users = torch.arange(seqs.num_users)
-    inputs = trim(inputs_for_test_split(seqs, users), seqs.num_items)
+    inputs = trim(seqs.test_inputs(), seqs.num_items)
     with torch.no_grad():
         want = encoder(table.lookup(inputs), inputs != seqs.num_items)[:, -1]
     rec = Recommender(str(out))
-    full = inputs_for_test_split(seqs, users)
+    full = seqs.test_inputs()
     with torch.no_grad():
         got = rec.encoder(table.lookup(full), full != seqs.num_items)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

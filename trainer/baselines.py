@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from trainer.config import load_config
-from trainer.data import Sequences, inputs_for_test_split, load_sequences, load_transitions
+from trainer.data import Sequences, load_sequences, load_transitions
 from trainer.metrics import METRIC_NAMES, metric_sums, metrics_from_sums
 from trainer.teacher import csr_edges, csr_offsets
 
@@ -45,11 +45,12 @@ def evaluate_baseline(
     """Valid/test metrics of ``scorer(history [B, M]) -> scores [B, N]`` (float64)."""
     sums = {s: torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64) for s in ("valid", "test")}
     for users in torch.arange(seqs.num_users).split(batch_size):
-        history, valid = seqs.train[users], seqs.valid[users]
+        batch = seqs.select(users)
+        history, valid = batch.train, batch.valid
         sums["valid"] += metric_sums(rank_by_scores(scorer(history), valid, history))
-        test_in = inputs_for_test_split(seqs, users)
         excluded = torch.cat([history, valid[:, None]], dim=1)
-        sums["test"] += metric_sums(rank_by_scores(scorer(test_in), seqs.test[users], excluded))
+        test_ranks = rank_by_scores(scorer(batch.test_inputs()), batch.test, excluded)
+        sums["test"] += metric_sums(test_ranks)
     return {split: metrics_from_sums(s) for split, s in sums.items()}
 
 

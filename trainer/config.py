@@ -39,6 +39,10 @@ class DataConfig:
     top_k_successors: int = 0  # keep the K most frequent successors per item; 0 = keep all
     max_time_gap: float = 0.0  # drop transitions whose timestamp gap exceeds this; 0 = off
     num_files: int = 8  # sequences/ is written as this many Parquet files
+    # training: false = every rank holds all users (N ranks see the batches of 1 rank);
+    # true = each rank streams only its own row groups of sequences/ (catalogue scale)
+    stream: bool = False
+    shuffle_buffer: int = 65536  # users shuffled together when streaming
     spark_master: str = "local[*]"
 
 

@@ -1,7 +1,8 @@
 """Reads the prepared data (``sequences/``, ``transitions/``, ``stats.json``) and builds batches.
 
-Paper mode holds every user's cut train sequence as one right-aligned ``[U, M]`` int64 matrix
-(``M = max_len``; padding id = N), which is small even for millions of users at M = 50.
+Users' cut train sequences are right-aligned ``[U, M]`` int64 matrices (``M = max_len``; padding
+id = N). Paper mode holds all users in one (small even for millions of users at M = 50); with
+``data.stream`` each rank reads only its own row groups (``trainer.user_stream``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def read_stats(data_dir: str) -> dict:
 
 @dataclass
 class Sequences:
-    """All users' data, paper mode.
+    """Users' data: all of them (paper mode) or one chunk of a streamed part.
 
     Attributes:
         train: ``[U, M]`` int64 cut train sequences, right-aligned, padding id N.
@@ -83,6 +84,27 @@ class Sequences:
     def max_len(self) -> int:
         return self.train.shape[1]
 
+    def select(self, rows: torch.Tensor | slice) -> Sequences:
+        """The users ``rows`` (an index tensor or a slice), in that order."""
+        return Sequences(self.train[rows], self.valid[rows], self.test[rows], self.num_items)
+
+    @staticmethod
+    def cat(chunks: list[Sequences]) -> Sequences:
+        """The users of ``chunks`` one after the other (at least one chunk)."""
+        return Sequences(
+            torch.cat([c.train for c in chunks]),
+            torch.cat([c.valid for c in chunks]),
+            torch.cat([c.test for c in chunks]),
+            chunks[0].num_items,
+        )
+
+    def test_inputs(self) -> torch.Tensor:
+        """Test input: (cut train + validation item)[-M:] ``[U, M]``."""
+        shifted = torch.empty_like(self.train)
+        shifted[:, :-1] = self.train[:, 1:]
+        shifted[:, -1] = self.valid
+        return shifted
+
 
 def right_align(lists, max_len: int, pad: int) -> np.ndarray:
     """Pack the last ``max_len`` items of each list into a right-aligned ``[U, M]`` matrix."""
@@ -98,35 +120,47 @@ def right_align(lists, max_len: int, pad: int) -> np.ndarray:
     return out
 
 
-def load_sequences(cfg: Config) -> Sequences:
-    """Read ``sequences/`` and check it against the config and ``stats.json``."""
+SEQUENCE_COLUMNS = ["train_items", "valid_item", "test_item"]
+
+
+def prepared_num_items(cfg: Config) -> int:
+    """N from the committed ``stats.json``, after checking that ``data.max_len`` matches it."""
     stats = read_stats(cfg.data.dir)
-    num_items = int(stats["items"])
     if "max_len" in stats and int(stats["max_len"]) != cfg.data.max_len:
         raise DataError(
             f"data.max_len={cfg.data.max_len} but {cfg.data.dir} was prepared with "
             f"max_len={stats['max_len']}: re-run prepare or fix the config"
         )
-    table = read_table(
-        cfg.data.dir.rstrip("/") + "/sequences", ["train_items", "valid_item", "test_item"]
-    )
-    if table.num_rows == 0:
-        raise DataError(f"{cfg.data.dir}/sequences is empty: no user survived prepare")
+    return int(stats["items"])
+
+
+def sequences_from_table(table, max_len: int, num_items: int, where: str) -> Sequences:
+    """Right-align and check one Arrow table of ``sequences/`` rows (``where`` names it in
+    errors): every item index must lie in ``0..N-1``."""
     train_col = table.column("train_items").combine_chunks()
     values = train_col.values.to_numpy(zero_copy_only=False)
     valid = table.column("valid_item").to_numpy().astype(np.int64)
     test = table.column("test_item").to_numpy().astype(np.int64)
-    top = max(values.max(initial=-1), valid.max(), test.max())
-    if top >= num_items or min(values.min(initial=0), valid.min(), test.min()) < 0:
-        raise DataError(
-            f"{cfg.data.dir}/sequences holds item index {top} but stats.json says {num_items} items"
-        )
+    if len(valid):
+        top = max(values.max(initial=-1), valid.max(), test.max())
+        if top >= num_items or min(values.min(initial=0), valid.min(), test.min()) < 0:
+            raise DataError(f"{where} holds item index {top} but stats.json says {num_items} items")
     return Sequences(
-        train=torch.from_numpy(right_align(train_col, cfg.data.max_len, num_items)),
+        train=torch.from_numpy(right_align(train_col, max_len, num_items)),
         valid=torch.from_numpy(valid),
         test=torch.from_numpy(test),
         num_items=num_items,
     )
+
+
+def load_sequences(cfg: Config) -> Sequences:
+    """Read all of ``sequences/`` and check it against the config and ``stats.json``."""
+    num_items = prepared_num_items(cfg)
+    url = cfg.data.dir.rstrip("/") + "/sequences"
+    table = read_table(url, SEQUENCE_COLUMNS)
+    if table.num_rows == 0:
+        raise DataError(f"{cfg.data.dir}/sequences is empty: no user survived prepare")
+    return sequences_from_table(table, cfg.data.max_len, num_items, url)
 
 
 def load_transitions(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,9 +211,6 @@ def rank_slice(global_batch: torch.Tensor, rank: int, world: int) -> torch.Tenso
     return global_batch.tensor_split(world)[rank]
 
 
-def inputs_for_test_split(seqs: Sequences, users: torch.Tensor) -> torch.Tensor:
-    """Test input: (cut train + validation item)[-M:] ``[B, M]``."""
-    shifted = torch.empty_like(seqs.train[users])
-    shifted[:, :-1] = seqs.train[users, 1:]
-    shifted[:, -1] = seqs.valid[users]
-    return shifted
+def batch_share(batch_size: int, rank: int, world: int) -> int:
+    """How many of a global batch's ``batch_size`` users ``rank`` takes (as ``rank_slice``)."""
+    return batch_size // world + (1 if rank < batch_size % world else 0)

@@ -10,17 +10,16 @@ sums, identical to a single process on the same weights.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from embeddings.base import ItemTable
-from trainer.data import Sequences, inputs_for_test_split, trim
+from trainer.data import trim
 from trainer.distributed import all_reduce_sum
 from trainer.metrics import METRIC_NAMES, metric_sums, metrics_from_sums
 from trainer.model import MQSAEncoder
+from trainer.user_source import UserSource
 
 
 def count_higher(
@@ -87,32 +86,27 @@ def _all_gather_rows(local: torch.Tensor, size: int) -> torch.Tensor:
 def evaluate(
     encoder: MQSAEncoder,
     table: ItemTable,
-    seqs: Sequences,
-    users: torch.Tensor,
+    users: UserSource,
     batch_size: int = 1024,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Validation and test metrics; ``users`` is this rank's share (all ranks must call).
+    """Validation and test metrics of all users; every rank calls with its ``users``.
 
     Validation: input = cut train sequence, masked = that history. Test: input = (train +
     validation item)[-M:], masked = the history plus the validation item.
     """
     was_training = encoder.training
     encoder.eval()
-    pad = seqs.num_items
+    pad = users.num_items
     first_id, items = table.local_rows()  # [C, D], ids first_id..first_id + C - 1
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    most_users = int(all_reduce_sum(torch.tensor(float(users.numel()))).item()) // world + 1
-    num_batches = math.ceil(most_users / batch_size)  # the same on every rank
+    num_batches, batches = users.eval_batches(batch_size)  # num_batches: the same on every rank
     sums = {s: torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64) for s in ("valid", "test")}
-    for b in tqdm(range(num_batches), desc="eval", disable=not progress, leave=False):
-        batch_users = users[b * batch_size : (b + 1) * batch_size]
-        history = seqs.train[batch_users]  # [B, M]
-        valid_target = seqs.valid[batch_users]
+    for batch in tqdm(batches, total=num_batches, desc="eval", disable=not progress, leave=False):
+        history = batch.train  # [B, M]
         splits = (
-            ("valid", history, history, valid_target),
-            ("test", inputs_for_test_split(seqs, batch_users),
-             torch.cat([history, valid_target[:, None]], dim=1), seqs.test[batch_users]),
+            ("valid", history, history, batch.valid),
+            ("test", batch.test_inputs(), torch.cat([history, batch.valid[:, None]], dim=1),
+             batch.test),
         )  # fmt: skip
         for split, inputs, excluded, targets in splits:
             inputs = trim(inputs, pad) if inputs.shape[0] else inputs

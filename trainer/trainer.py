@@ -11,7 +11,7 @@ from tqdm import tqdm
 from embeddings.dense import DenseItemTable
 from trainer.checkpoint import Checkpointer, TrainerState, save_best
 from trainer.config import Config
-from trainer.data import epoch_order, load_sequences, load_transitions, rank_slice, training_batch
+from trainer.data import load_transitions, training_batch
 from trainer.distributed import DistEnv, all_reduce_sum
 from trainer.engine import build_engine
 from trainer.evaluate import evaluate
@@ -19,6 +19,7 @@ from trainer.mqsa_ted import MQSATED
 from trainer.run_dir import RunDir, save_state
 from trainer.samplers import NegativeSampler
 from trainer.teacher import SparseTeacher
+from trainer.user_source import build_user_source
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,47 +54,45 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         set_threads(cfg, env)
-        self.seqs = load_sequences(cfg)
-        self.pad = self.seqs.num_items
+        self.users = build_user_source(cfg, env.rank, env.world)
+        num_items = self.pad = self.users.num_items
         self.teacher = None
         if cfg.model.lambda_kd > 0:
             src, dst, count = load_transitions(cfg.data.dir)
-            self.teacher = SparseTeacher.from_edges(
-                src, dst, count, self.seqs.num_items, cfg.model.tau
-            )
+            self.teacher = SparseTeacher.from_edges(src, dst, count, num_items, cfg.model.tau)
         sampler = None
         if cfg.loss.candidates == "sampled":
-            sampler = NegativeSampler.from_config(cfg, self.seqs.num_items)
+            sampler = NegativeSampler.from_config(cfg, num_items)
         if cfg.embeddings.backend == "torchrec":
             from embeddings.torchrec_table import TorchRecItemTable  # imports fbgemm: only if used
 
-            self.table = TorchRecItemTable.from_config(cfg, self.seqs.num_items, cfg.train.seed)
+            self.table = TorchRecItemTable.from_config(cfg, num_items, cfg.train.seed)
         else:
-            self.table = DenseItemTable(self.seqs.num_items, cfg.model.dim, seed=cfg.train.seed)
+            self.table = DenseItemTable(num_items, cfg.model.dim, seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed)  # the same encoder weights on every rank and world size
         dense_table = self.table if cfg.embeddings.backend == "dense" else None
-        self.model = MQSATED(cfg, self.seqs.max_len, dense_table, sampler)
+        self.model = MQSATED(cfg, cfg.data.max_len, dense_table, sampler)
         self.engine = build_engine(self.model, cfg, env)
         torch.manual_seed(cfg.train.seed + 7919 * env.rank)  # dropout differs per rank
         self.run_dir = RunDir(cfg.train.run_dir)
-        self.checkpointer = Checkpointer(cfg, env, self.seqs.num_items)
+        self.checkpointer = Checkpointer(cfg, env, num_items)
         self.loss_sums = torch.zeros(2, dtype=torch.float64)  # [rec, kd] of this epoch, this rank
-        self.eval_users = rank_slice(torch.arange(self.seqs.num_users), env.rank, env.world)
         self.log(
-            f"data: {self.seqs.num_users} users, {self.seqs.num_items} items, max_len "
-            f"{self.seqs.max_len}; world {env.world}; {torch.get_num_threads()} threads/rank"
+            f"data: {self.users.num_users} users, {num_items} items, max_len "
+            f"{cfg.data.max_len}; world {env.world}; {torch.get_num_threads()} threads/rank; "
+            + self.users.describe()
         )
 
     def log(self, message: str) -> None:
         if self.env.is_main:
             tqdm.write(message)
 
-    def train_step(self, global_users: torch.Tensor) -> torch.Tensor:
-        """One optimiser step on a global batch of user ids; returns ``[rec, kd]`` of this rank."""
-        num_positions = int((self.seqs.train[global_users][:, :-1] != self.pad).sum())
-        norm = num_positions / self.env.world  # DeepSpeed averages gradients over ranks
-        users = rank_slice(global_users, self.env.rank, self.env.world)
-        batch = training_batch(self.seqs.train[users], self.pad)
+    def train_step(self, train: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on this rank's share ``[b, M]`` of a global batch (cut train
+        sequences); returns ``[rec, kd]`` of this rank."""
+        positions = torch.tensor(float((train[:, :-1] != self.pad).sum()))
+        norm = float(all_reduce_sum(positions)) / self.env.world  # DeepSpeed averages over ranks
+        batch = training_batch(train, self.pad)
         losses = self.engine(batch, self.teacher, norm, norm, self.table)
         if not torch.isfinite(losses.total):
             raise TrainingDiverged(f"loss is {losses.total.item()}")
@@ -106,22 +105,22 @@ class Trainer:
         every ``checkpoint.every`` steps; returns the epoch's record (mean losses, seconds)."""
         start = time.perf_counter()
         self.model.train()
-        order = epoch_order(self.seqs.num_users, self.cfg.train.seed, state.epoch)
-        batches = order.split(self.cfg.train.batch_size)
+        steps = self.users.steps_per_epoch()
         every = self.cfg.checkpoint.every
         bar = tqdm(
-            batches[state.step_in_epoch :],
+            self.users.train_batches(state.epoch, state.step_in_epoch),
+            total=steps - state.step_in_epoch,
             desc=f"epoch {state.epoch}",
             disable=not (self.cfg.train.progress and self.env.is_main),
             leave=False,
         )
-        for global_users in bar:
-            self.loss_sums += self.train_step(global_users)
+        for train in bar:
+            self.loss_sums += self.train_step(train)
             state.step_in_epoch += 1
             state.global_step += 1
-            if every and state.global_step % every == 0 and state.step_in_epoch < len(batches):
+            if every and state.global_step % every == 0 and state.step_in_epoch < steps:
                 self.checkpointer.save(self.engine, self.table, state, self.loss_sums)
-        rec, kd = (all_reduce_sum(self.loss_sums) / self.env.world / len(batches)).tolist()
+        rec, kd = (all_reduce_sum(self.loss_sums) / self.env.world / steps).tolist()
         self.loss_sums.zero_()
         return {
             "epoch": state.epoch,
@@ -133,10 +132,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         start = time.perf_counter()
+        progress = self.cfg.train.progress and self.env.is_main
         result = evaluate(
-            self.model.encoder, self.table, self.seqs, self.eval_users,
-            self.cfg.train.eval_batch_size, progress=self.cfg.train.progress and self.env.is_main,
-        )  # fmt: skip
+            self.model.encoder, self.table, self.users, self.cfg.train.eval_batch_size, progress
+        )
         result["eval_seconds"] = time.perf_counter() - start
         return result
 

@@ -1,0 +1,114 @@
+"""Streaming users (data.stream): each rank reads only its row groups, every user is trained on
+once per epoch and evaluated exactly once, all ranks run the same number of steps, and the
+per-epoch shuffle is deterministic."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from tests.synthetic import write_prepared
+from trainer.config import load_config
+from trainer.data import DataError, load_sequences
+from trainer.user_stream import RowGroup, StreamingUsers, assign_row_groups, list_row_groups
+
+NUM_USERS = 120
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # 3 files of 40 users in row groups of 16, 16, 8: nine uneven parts
+    root = tmp_path_factory.mktemp("stream") / "data"
+    return write_prepared(root, num_users=NUM_USERS, num_files=3, row_group_size=16)
+
+
+def config(data_dir, *overrides):
+    return load_config(
+        None, [f"data.dir={data_dir}", "data.max_len=12", "train.batch_size=32", *overrides]
+    )
+
+
+def rows(train: torch.Tensor, *others: torch.Tensor) -> Counter:
+    """A multiset of users, each as the tuple of its row(s)."""
+    return Counter(
+        tuple(train[i].tolist()) + tuple(int(o[i]) for o in others) for i in range(len(train))
+    )
+
+
+def test_row_groups_dealt_by_rows(data_dir):
+    groups = list_row_groups(str(data_dir / "sequences"))
+    assert sorted(g.num_rows for g in groups) == [8] * 3 + [16] * 6
+    shares = assign_row_groups(groups, 2)
+    assert sorted(sum(g.num_rows for g in s) for s in shares) == [56, 64]
+    assert sorted(g for s in shares for g in s) == sorted(groups)  # disjoint, complete
+    fake = [RowGroup(f"f{i}", 0, n) for i, n in enumerate([100, 60, 50, 10])]
+    assert [sum(g.num_rows for g in s) for s in assign_row_groups(fake, 2)] == [110, 110]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_evaluation_sees_every_user_exactly_once(data_dir, world):
+    cfg = config(data_dir)
+    want = load_sequences(cfg)
+    counts, seen = set(), Counter()
+    for rank in range(world):
+        count, batches = StreamingUsers(cfg, rank, world).eval_batches(batch_size=10)
+        batches = list(batches)
+        counts.add(count)
+        assert len(batches) == count and all(b.num_users <= 10 for b in batches)
+        for b in batches:
+            seen += rows(b.train, b.valid, b.test)
+    assert len(counts) == 1  # the same number of evaluation batches on every rank
+    assert seen == rows(want.train, want.valid, want.test)
+
+
+class CountingReads(StreamingUsers):
+    """Records every row group this rank reads."""
+
+    def _read(self, group):
+        self.read_groups.append(group)
+        return super()._read(group)
+
+
+def test_epoch_covers_each_rank_share_and_steps_agree(data_dir):
+    cfg = config(data_dir, "data.shuffle_buffer=20")
+    want = load_sequences(cfg)
+    first_pass, steps = Counter(), set()
+    for rank in range(2):
+        users = CountingReads(cfg, rank, 2)
+        users.read_groups = []
+        batches = list(users.train_batches(epoch=1))
+        steps.add(len(batches))
+        assert len(batches) == users.steps_per_epoch()
+        assert all(b.shape == (users.batch, 12) for b in batches)
+        assert set(users.read_groups) <= set(users.groups)  # only its own row groups
+        stream = torch.cat(batches)
+        first_pass += rows(stream[: users.rows])  # every user of its share, once
+        repeats = rows(stream[users.rows :])
+        assert sum(repeats.values()) == len(stream) - users.rows < users.batch + 8
+    assert len(steps) == 1  # the epoch ends together
+    assert first_pass == rows(want.train)
+
+
+def test_shuffle_is_seeded_per_epoch_and_resumable(data_dir):
+    users = StreamingUsers(config(data_dir, "data.shuffle_buffer=20"), 1, 2)
+    epoch1 = list(users.train_batches(epoch=1))
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, users.train_batches(1), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch1, users.train_batches(2), strict=True))
+    resumed = list(users.train_batches(epoch=1, start_step=2))
+    assert len(resumed) == len(epoch1) - 2
+    assert all(torch.equal(a, b) for a, b in zip(epoch1[2:], resumed, strict=True))
+
+
+def test_buffer_bounds_memory(data_dir):
+    users = StreamingUsers(config(data_dir, "data.shuffle_buffer=20"), 0, 1)
+    chunks = list(users._shuffled_pass(epoch=1, pass_index=0))
+    assert len(chunks) > 1 and max(c.num_users for c in chunks) < 20 + 16
+
+
+def test_stream_errors(tmp_path, data_dir):
+    with pytest.raises(DataError, match="9 row groups for 10 ranks"):
+        StreamingUsers(config(data_dir), 0, 10)
+    short = write_prepared(tmp_path / "short", num_users=NUM_USERS)
+    (short / "sequences" / "part-1.parquet").unlink()
+    with pytest.raises(DataError, match="holds 60 users but stats.json says 120"):
+        StreamingUsers(config(short), 0, 1)
