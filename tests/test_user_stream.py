@@ -4,6 +4,7 @@ per-epoch shuffle is deterministic."""
 
 from collections import Counter
 
+import fsspec
 import pytest
 import torch
 
@@ -112,3 +113,16 @@ def test_stream_errors(tmp_path, data_dir):
     (short / "sequences" / "part-1.parquet").unlink()
     with pytest.raises(DataError, match="holds 60 users but stats.json says 120"):
         StreamingUsers(config(short), 0, 1)
+
+
+def test_streams_through_fsspec_urls(data_dir):
+    mem = fsspec.filesystem("memory")
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            mem.pipe(f"/stream_data/{path.relative_to(data_dir)}", path.read_bytes())
+    local = StreamingUsers(config(data_dir), 1, 2)
+    remote = StreamingUsers(config("memory://stream_data"), 1, 2)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(local.train_batches(3), remote.train_batches(3), strict=True)
+    )
