@@ -33,7 +33,7 @@ from embeddings.torchrec_table import TorchRecItemTable  # noqa: E402
 from trainer.catalog import catalog_forward  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
 from trainer.data import rank_slice, training_batch  # noqa: E402
-from trainer.distributed import init_distributed  # noqa: E402
+from trainer.distributed import init_distributed, shutdown  # noqa: E402
 from trainer.engine import build_engine  # noqa: E402
 from trainer.losses import LossTerms  # noqa: E402
 from trainer.model import MQSAEncoder  # noqa: E402
@@ -112,7 +112,7 @@ def worker(args: argparse.Namespace) -> None:
             "loss": [losses.rec.item(), losses.kd.item()],
         }
         print("RESULT " + json.dumps(result), flush=True)
-    dist.destroy_process_group()
+    shutdown()
 
 
 def launch(args: argparse.Namespace, items: str) -> dict:

@@ -21,7 +21,7 @@ from embeddings.torchrec_table import TorchRecItemTable, init_rows
 from trainer.catalog import catalog_forward
 from trainer.config import load_config
 from trainer.data import rank_slice, training_batch
-from trainer.distributed import init_distributed
+from trainer.distributed import init_distributed, shutdown
 from trainer.engine import build_engine
 from trainer.model import MQSAEncoder
 from trainer.samplers import NegativeSampler
@@ -189,7 +189,12 @@ def main() -> None:
     results.update(catalog_run())
     if dist.get_rank() == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
+    shutdown()
+    # Skip interpreter finalisation: under load, a C++ thread left by this worker's mix of DCP,
+    # fused TorchRec kernels and gloo sometimes aborts the process ("terminate called without
+    # an active exception") after all the work above is done and written.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
