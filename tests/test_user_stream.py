@@ -109,6 +109,8 @@ def test_buffer_bounds_memory(data_dir):
 def test_stream_errors(tmp_path, data_dir):
     with pytest.raises(DataError, match="9 row groups for 10 ranks"):
         StreamingUsers(config(data_dir), 0, 10)
+    with pytest.raises(DataError, match="batch_size=4 is smaller than the 5 ranks"):
+        StreamingUsers(config(data_dir, "train.batch_size=4"), 0, 5)
     short = write_prepared(tmp_path / "short", num_users=NUM_USERS)
     (short / "sequences" / "part-1.parquet").unlink()
     with pytest.raises(DataError, match="holds 60 users but stats.json says 120"):

@@ -116,6 +116,8 @@ class StreamingUsers:
                 "prepare with a larger data.num_files"
             )
         batch = cfg.train.batch_size
+        if batch < world:
+            raise DataError(f"train.batch_size={batch} is smaller than the {world} ranks")
         self.groups, self.rows = shares[rank], rows[rank]
         self.batch = batch_share(batch, rank, world)
         self.steps = max(math.ceil(n / batch_share(batch, r, world)) for r, n in enumerate(rows))
