@@ -123,15 +123,15 @@ def right_align(lists, max_len: int, pad: int) -> np.ndarray:
 SEQUENCE_COLUMNS = ["train_items", "valid_item", "test_item"]
 
 
-def prepared_num_items(cfg: Config) -> int:
-    """N from the committed ``stats.json``, after checking that ``data.max_len`` matches it."""
+def prepared_stats(cfg: Config) -> dict:
+    """The committed ``stats.json``, after checking that ``data.max_len`` matches it."""
     stats = read_stats(cfg.data.dir)
     if "max_len" in stats and int(stats["max_len"]) != cfg.data.max_len:
         raise DataError(
             f"data.max_len={cfg.data.max_len} but {cfg.data.dir} was prepared with "
             f"max_len={stats['max_len']}: re-run prepare or fix the config"
         )
-    return int(stats["items"])
+    return stats
 
 
 def sequences_from_table(table, max_len: int, num_items: int, where: str) -> Sequences:
@@ -155,7 +155,7 @@ def sequences_from_table(table, max_len: int, num_items: int, where: str) -> Seq
 
 def load_sequences(cfg: Config) -> Sequences:
     """Read all of ``sequences/`` and check it against the config and ``stats.json``."""
-    num_items = prepared_num_items(cfg)
+    num_items = int(prepared_stats(cfg)["items"])
     url = cfg.data.dir.rstrip("/") + "/sequences"
     table = read_table(url, SEQUENCE_COLUMNS)
     if table.num_rows == 0:

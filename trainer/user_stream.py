@@ -32,8 +32,7 @@ from trainer.data import (
     Sequences,
     batch_share,
     parquet_files,
-    prepared_num_items,
-    read_stats,
+    prepared_stats,
     sequences_from_table,
 )
 
@@ -94,7 +93,8 @@ class StreamingUsers:
     """This rank's row groups of ``sequences/``, read one at a time."""
 
     def __init__(self, cfg: Config, rank: int, world: int) -> None:
-        self.num_items = prepared_num_items(cfg)
+        stats = prepared_stats(cfg)
+        self.num_items = int(stats["items"])
         self.max_len, self.seed, self.rank = cfg.data.max_len, cfg.train.seed, rank
         self.shuffle_buffer = cfg.data.shuffle_buffer
         url = cfg.data.dir.rstrip("/") + "/sequences"
@@ -102,7 +102,7 @@ class StreamingUsers:
         self.num_users = sum(g.num_rows for g in groups)
         if self.num_users == 0:
             raise DataError(f"{url} is empty: no user survived prepare")
-        expected = read_stats(cfg.data.dir).get("users")
+        expected = stats.get("users")
         if expected is not None and int(expected) != self.num_users:
             raise DataError(
                 f"{url} holds {self.num_users} users but stats.json says {expected}: "
@@ -118,10 +118,14 @@ class StreamingUsers:
         batch = cfg.train.batch_size
         if batch < world:
             raise DataError(f"train.batch_size={batch} is smaller than the {world} ranks")
-        self.groups, self.rows = shares[rank], rows[rank]
+        self.groups, self.share_rows = shares[rank], rows
         self.batch = batch_share(batch, rank, world)
         self.steps = max(math.ceil(n / batch_share(batch, r, world)) for r, n in enumerate(rows))
-        self.share_rows = rows
+
+    @property
+    def rows(self) -> int:
+        """Users in this rank's row groups."""
+        return self.share_rows[self.rank]
 
     def describe(self) -> str:
         return (
