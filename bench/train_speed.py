@@ -41,7 +41,7 @@ def baseline_step(trainer: Trainer, users: torch.Tensor, teacher: torch.Tensor, 
     emb = model.table.lookup(inputs)  # [B, M, D]
     h = model.encoder(emb, mask).reshape(-1, cfg.dim)  # [B*M, D]
     items = model.table.all_items()
-    logits = h @ items.T  # [B*M, N]
+    logits = h @ model.table.weight.T  # [B*M, N + 1]: the reference scores the padding row too
     flat_mask = mask.reshape(-1).float()
     targets = train.reshape(-1).clamp(max=pad - 1)
     rec = (F.cross_entropy(logits, targets, reduction="none") * flat_mask).sum() / flat_mask.sum()

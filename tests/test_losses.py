@@ -1,6 +1,7 @@
 """Paper-mode losses against dense references: full softmax, the chunked log-partition, TED."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -9,29 +10,42 @@ from trainer.losses import full_softmax_rec_loss, ted_loss
 from trainer.teacher import SparseTeacher
 
 
-def test_log_partition_value_and_gradients_match_autograd():
+@pytest.mark.parametrize("zero_column", [False, True])
+@pytest.mark.parametrize("sign", [1.0, -1.0])  # -1: every logit negative, the zero column wins
+def test_log_partition_value_and_gradients_match_autograd(zero_column, sign):
     torch.manual_seed(0)
-    table = (torch.randn(300, 16) * 0.5).requires_grad_()
-    queries = torch.randn(70, 16).requires_grad_()
+    table = (torch.randn(300, 16).abs() * 0.5 * sign).requires_grad_()
+    queries = (torch.randn(70, 16).abs() * 3).requires_grad_()
     weights = torch.rand(70)
-    value = weighted_log_partition(queries, table, weights, chunk=32)
+    value = weighted_log_partition(queries, table, weights, chunk=32, zero_column=zero_column)
     value.backward()
     got = queries.grad.clone(), table.grad.clone()
     queries.grad = table.grad = None
-    want = (torch.logsumexp(queries @ table.T, dim=1) * weights).sum()
+    logits = queries @ table.T  # [R, N]
+    if zero_column:
+        logits = torch.cat([logits, torch.zeros(70, 1)], dim=1)
+    want = (torch.logsumexp(logits, dim=1) * weights).sum()
     want.backward()
     torch.testing.assert_close(value, want)
     torch.testing.assert_close(got[0], queries.grad)
     torch.testing.assert_close(got[1], table.grad)
 
 
-def test_full_softmax_loss_equals_cross_entropy():
+def test_full_softmax_loss_equals_cross_entropy_over_table_with_padding_row():
+    """The reference scores against the table WITH its zero padding row: N + 1 classes."""
     torch.manual_seed(0)
-    items = torch.randn(50, 8)
-    queries = torch.randn(20, 8)
+    items = (torch.randn(50, 8) * 0.1).requires_grad_()
+    queries = torch.randn(20, 8).requires_grad_()
     targets = torch.randint(0, 50, (20,))
     got = full_softmax_rec_loss(queries, targets, items, norm=20.0, chunk=7, bf16=False)
-    torch.testing.assert_close(got, F.cross_entropy(queries @ items.T, targets))
+    with_padding = torch.cat([items, torch.zeros(1, 8)])  # [N + 1, D]
+    want = F.cross_entropy(queries @ with_padding.T, targets)
+    torch.testing.assert_close(got, want)
+    assert abs(float(want - F.cross_entropy(queries @ items.T, targets))) > 1e-4
+    got_grads = torch.autograd.grad(got, [queries, items])
+    want_grads = torch.autograd.grad(want, [queries, items])
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
 
 
 def _tiny_graph(num_items: int = 9):

@@ -88,8 +88,13 @@ def test_accidental_hits_are_masked():
     want = 0.0
     for p in range(3):
         keep = ids != targets[p]
-        logits = torch.cat([(queries[p] * items[targets[p]]).sum()[None],
-                            queries[p] @ items[ids[keep]].T - 0.5])  # fmt: skip
+        logits = torch.cat(
+            [
+                (queries[p] * items[targets[p]]).sum()[None],
+                queries[p] @ items[ids[keep]].T - 0.5,
+                torch.zeros(1),
+            ]
+        )  # fmt: skip  (the padding row's logit)
         want = want + torch.logsumexp(logits, 0) - logits[0]
     torch.testing.assert_close(got, want / 3.0)
     (grad,) = torch.autograd.grad(got, items)

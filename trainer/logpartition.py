@@ -30,7 +30,7 @@ def _buffer(name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor
 
 class _WeightedLogPartition(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, table, row_weights, chunk: int, bf16: bool):  # type: ignore[override]
+    def forward(ctx, queries, table, row_weights, chunk: int, bf16: bool, zero_column: bool):  # type: ignore[override]
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         mm_dtype = torch.bfloat16 if bf16 else torch.float32
         table_mm = table.detach().to(mm_dtype)  # [N, D]
@@ -47,8 +47,12 @@ class _WeightedLogPartition(torch.autograd.Function):
             torch.mm(q_mm, table_t, out=raw)  # [C, N]
             scores = raw if not bf16 else _buffer("f32", rows, num_items, torch.float32).copy_(raw)
             row_max = scores.amax(dim=1, keepdim=True)  # [C, 1]
+            if zero_column:
+                row_max.clamp_(min=0.0)
             scores.sub_(row_max).exp_()
             row_sum = scores.sum(dim=1, keepdim=True)  # [C, 1]
+            if zero_column:  # the extra logit 0; its row is zero, so it adds nothing to grads
+                row_sum += (-row_max).exp()
             total += (w * (row_sum.log() + row_max)).sum().double()
             if needs_grad:
                 scores.mul_(w / row_sum)  # w * softmax
@@ -61,7 +65,7 @@ class _WeightedLogPartition(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grad_q, grad_t = ctx.saved_tensors
-        return grad_q * grad_out, grad_t * grad_out, None, None, None
+        return grad_q * grad_out, grad_t * grad_out, None, None, None, None
 
 
 def weighted_log_partition(
@@ -70,6 +74,7 @@ def weighted_log_partition(
     row_weights: torch.Tensor,
     chunk: int = 4096,
     bf16: bool = False,
+    zero_column: bool = False,
 ) -> torch.Tensor:
     """``sum_r row_weights[r] * logsumexp_j(queries[r] . table[j])`` with exact gradients.
 
@@ -79,7 +84,11 @@ def weighted_log_partition(
         row_weights: ``[R]`` constants.
         chunk: rows per block of the ``[chunk, N]`` score matrix.
         bf16: run the three matrix products in bfloat16 (softmax and sums stay float32).
+        zero_column: score one more row that is all zeros (logit 0 for every query), like the
+            padding row the reference keeps in its score matrix.
     Returns:
         A scalar.
     """
-    return _WeightedLogPartition.apply(queries, table, row_weights.detach(), chunk, bf16)
+    return _WeightedLogPartition.apply(
+        queries, table, row_weights.detach(), chunk, bf16, zero_column
+    )

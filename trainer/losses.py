@@ -37,13 +37,17 @@ def full_softmax_rec_loss(
 ) -> torch.Tensor:
     """Softmax cross-entropy over all N items, summed over positions and divided by ``norm``.
 
+    As in the reference, the softmax also holds the zero padding row (one more class whose logit
+    is always 0): its training scores are against the whole ``[N + 1, D]`` table; only evaluation
+    drops the padding column.
+
     Args:
         queries: ``[P, D]`` mixed query vectors at the real positions.
         targets: ``[P]`` next-item ids.
         items: ``[N, D]`` the whole item table.
     """
     weights = torch.full((queries.shape[0],), 1.0 / norm)
-    lse = weighted_log_partition(queries, items, weights, chunk, bf16)
+    lse = weighted_log_partition(queries, items, weights, chunk, bf16, zero_column=True)
     target_logits = (queries * items[targets]).sum(-1)  # [P]
     return lse - target_logits.sum() / norm
 

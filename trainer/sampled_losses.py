@@ -1,9 +1,10 @@
 """Catalogue-mode losses: the positives plus shared sampled candidates, never ``[P, N]``.
 
 Recommendation loss at position p with target t_p and candidates c_1..c_K (``trainer.samplers``):
-``logits_p = [q_p . E_t, q_p . E_c1 - logQ_1, ..., q_p . E_cK - logQ_K]``, a candidate equal to
-t_p (an accidental hit) gets -inf, and the loss is the cross-entropy with class 0. The positive
-is not corrected, the negatives estimate the rest of the partition function.
+``logits_p = [q_p . E_t, q_p . E_c1 - logQ_1, ..., q_p . E_cK - logQ_K, 0]``, a candidate equal
+to t_p (an accidental hit) gets -inf, and the loss is the cross-entropy with class 0. The positive
+is not corrected, the negatives estimate the rest of the partition function, and the last logit
+is the zero padding row that paper mode's softmax holds (known exactly, so never sampled).
 
 TED for head h (student vector ``s_h``, teacher ``p_hj = base_h + excess_hj``):
 ``CE_h = lse_h - sum_j p_hj s_h.E_j / tau``. The cross term is exact (``teacher_cross_term``:
@@ -46,7 +47,7 @@ def sampled_rec_loss(
     pos = (queries * target_emb).sum(-1, keepdim=True)  # [P, 1]
     neg = queries @ cand_emb.T - cands.log_q  # [P, K]
     neg = neg.masked_fill(cands.ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
-    logits = torch.cat([pos, neg], dim=1)  # [P, 1 + K]
+    logits = torch.cat([pos, neg, pos.new_zeros(pos.shape)], dim=1)  # [P, 1 + K + 1]
     return (torch.logsumexp(logits, dim=1) - pos.squeeze(1)).sum() / norm
 
 
