@@ -92,9 +92,9 @@ def test_accidental_hits_are_masked():
             [
                 (queries[p] * items[targets[p]]).sum()[None],
                 queries[p] @ items[ids[keep]].T - 0.5,
-                torch.zeros(1),
+                torch.zeros(1),  # the padding row's logit
             ]
-        )  # fmt: skip  (the padding row's logit)
+        )
         want = want + torch.logsumexp(logits, 0) - logits[0]
     torch.testing.assert_close(got, want / 3.0)
     (grad,) = torch.autograd.grad(got, items)
