@@ -31,7 +31,7 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
   if [ "${GPUS:-0}" -gt 0 ]; then
     NPROC_PER_NODE=$GPUS
   else
-    NPROC_PER_NODE=$("$PY" -c "import sys; from trainer.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).distributed.nproc_per_node)" "$@")
+    NPROC_PER_NODE=$("$PY" -c "import sys; from core.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).distributed.nproc_per_node)" "$@")
   fi
 fi
 NNODES=${NNODES:-1}

@@ -5,8 +5,9 @@
 Launches one 2-process torchrun job (gloo, CPU, one thread per rank) per catalogue size. Each
 job trains the real ``MQSAEncoder`` (ModelConfig defaults: d = 64, 1 block, TED on) in a
 DeepSpeed engine against a row-wise sharded ``TorchRecItemTable`` (row-wise Adagrad with L2)
-with ``catalog_forward``: a global batch of 256 synthetic users x 50 positions, 1024 shared
-popularity-sampled negatives, a synthetic sparse teacher with 4 successors per item. Sequences
+with the ``CatalogObjective`` step (the batch built inside the timed step): a global batch of
+256 synthetic users x 50 positions, 1024 shared popularity-sampled negatives, a synthetic sparse
+teacher with 4 successors per item. Sequences
 and successors follow a Zipf-like popularity so that the popularity sampler, the log-Q
 correction and the lookup de-duplication see realistic repeats.
 """
@@ -24,36 +25,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.config import load_config  # noqa: E402
 from embeddings.torchrec_table import TorchRecItemTable  # noqa: E402
-from trainer.catalog import catalog_forward  # noqa: E402
-from trainer.config import Config, load_config  # noqa: E402
-from trainer.data import rank_slice, training_batch  # noqa: E402
+from trainer.batches import BatchBuilder  # noqa: E402
+from trainer.data import rank_slice  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
-from trainer.engine import build_engine  # noqa: E402
-from trainer.losses import LossTerms  # noqa: E402
+from trainer.engine import DivergenceGuard, build_engine  # noqa: E402
 from trainer.model import MQSAEncoder  # noqa: E402
+from trainer.objectives import CatalogObjective  # noqa: E402
 from trainer.samplers import NegativeSampler  # noqa: E402
 from trainer.teacher import SparseTeacher  # noqa: E402
 
 SEQ = 50
 DEGREE = 4  # successors per item of the synthetic teacher
-
-
-class CatalogModel(nn.Module):
-    """What DeepSpeed wraps: the encoder. The sharded table lives outside and is passed in."""
-
-    def __init__(self, cfg: Config, max_len: int) -> None:
-        super().__init__()
-        self.cfg = cfg.model
-        self.encoder = MQSAEncoder(cfg.model, max_len)
-
-    def forward(self, batch, table, sampler, teacher, norm: float) -> LossTerms:
-        return catalog_forward(self.encoder, table, batch, sampler, teacher, self.cfg, norm, norm)
 
 
 def zipf_counts(num_items: int) -> torch.Tensor:
@@ -63,7 +51,7 @@ def zipf_counts(num_items: int) -> torch.Tensor:
 
 def synthetic_teacher(num_items: int, popular: NegativeSampler, tau: float) -> SparseTeacher:
     """CSR teacher with DEGREE popular successors per item, each with count 1 (logit 1/tau)."""
-    dst = popular.popular(num_items * DEGREE)  # [N * DEGREE]
+    dst = popular.popular(num_items * DEGREE, popular.generator())  # [N * DEGREE]
     z = (num_items - DEGREE) + DEGREE * torch.tensor(1.0 / tau).exp()
     base = torch.full((num_items,), float(1.0 / z))
     excess = torch.full((num_items * DEGREE,), float((torch.tensor(1.0 / tau).exp() - 1) / z))
@@ -83,19 +71,24 @@ def worker(args: argparse.Namespace) -> None:
     sampler = NegativeSampler(args.sampler, num_items, args.negatives, counts=counts, seed=1)
     data = NegativeSampler("popularity", num_items, 0, counts=counts, seed=7)  # synthetic data
     teacher = synthetic_teacher(num_items, data, cfg.model.tau)
-    table = TorchRecItemTable.from_config(cfg, num_items)
+    table = TorchRecItemTable.from_config(cfg, num_items, cfg.train.seed, env.device)
     torch.manual_seed(cfg.train.seed)
-    engine = build_engine(CatalogModel(cfg, SEQ), cfg, env)
+    encoder = MQSAEncoder(cfg.model, SEQ).to(env.device)
+    objective = CatalogObjective(encoder, table, teacher.to(env.device), cfg)
+    engine, optimizer = build_engine(objective, cfg, env)
+    guard = DivergenceGuard(optimizer, env.device)
+    table.grad_gate = guard.gate
+    batches = BatchBuilder(num_items, teacher, sampler)
     setup_s = time.perf_counter() - t0
     times = []
     for step in range(args.warmup + args.steps):
-        train = data.popular(args.batch * (SEQ + 1)).view(args.batch, SEQ + 1)  # [B, SEQ + 1]
+        train = data.popular(args.batch * (SEQ + 1), data.generator(step))
         users = rank_slice(torch.arange(args.batch), env.rank, env.world)
-        batch = training_batch(train[users], num_items)
-        norm = float(args.batch * SEQ) / env.world
         dist.barrier()
-        start = time.perf_counter()
-        losses = engine(batch, table, sampler, teacher, norm)
+        start = time.perf_counter()  # the batch is built inside the timed step (no prefetch)
+        batch = batches(train.view(args.batch, SEQ + 1)[users], 0, step)
+        losses = engine(batch)
+        guard.observe(losses.total)
         engine.backward(losses.total)
         engine.step()
         if step >= args.warmup:

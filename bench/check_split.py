@@ -22,18 +22,18 @@ import time
 import pandas as pd
 import pyarrow.parquet as pq
 
-from spark_jobs.io import list_parquet_files, read_stats
+from core.config import DataConfig
+from core.prepared import dataset_files, read_stats
 from spark_jobs.prepare import prepare
 from spark_jobs.reference import reference_transitions
 from spark_jobs.session import build_session
-from trainer.config import DataConfig
 
 KEYS = ("users", "items", "events", "train_events")
 
 
 def read_dataset(data_dir: str, name: str) -> pd.DataFrame:
     """A committed dataset as one pandas frame."""
-    return pd.concat(pq.read_table(f).to_pandas() for f in list_parquet_files(f"{data_dir}/{name}"))
+    return pd.concat(pq.read_table(f).to_pandas() for f in dataset_files(data_dir, name))
 
 
 def pandas_split(events: str, user: str, item: str, time_col: str) -> pd.DataFrame:

@@ -47,13 +47,13 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from embeddings.export import (
+    from embeddings.torchrec_table import TorchRecItemTable
+    from mqsa_ted.export import (
         build_faiss,
         faiss_recall_at_10,
         read_vectors,
         write_item_rows,
     )
-    from embeddings.torchrec_table import TorchRecItemTable
     from trainer.distributed import init_distributed
 
     torch.set_num_threads(1)

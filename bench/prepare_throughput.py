@@ -30,11 +30,11 @@ from typing import Any
 import duckdb
 import psutil
 
+from core.config import DataConfig
 from spark_jobs.prepare import prepare
 from spark_jobs.progress import Progress
 from spark_jobs.session import build_session
 from spark_jobs.synth import SynthSpec, write_log
-from trainer.config import DataConfig
 
 MAX_LEN = 50
 WARMUP_EVENTS = 300_000  # JIT-compiles the hot paths before anything is timed

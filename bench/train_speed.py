@@ -17,8 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from core.config import load_config
+from trainer.builder import build_run
 from trainer.checkpoint import TrainerState
-from trainer.config import load_config
 from trainer.data import epoch_order
 from trainer.distributed import init_distributed
 from trainer.trainer import Trainer
@@ -27,12 +28,12 @@ from trainer.trainer import Trainer
 def dense_teacher(trainer: Trainer) -> torch.Tensor:
     """``[N, N]`` teacher probabilities, built the reference way (dense rows)."""
     n = trainer.users.num_items
-    return trainer.teacher.dense()[:n, :n]
+    return trainer.run.batches.teacher.dense()[:n, :n]
 
 
 def baseline_step(trainer: Trainer, users: torch.Tensor, teacher: torch.Tensor, opt) -> None:
     """One reference-style step: every slot scored, dense teacher rows, plain autograd."""
-    cfg, pad = trainer.cfg.model, trainer.pad
+    cfg, pad = trainer.cfg.model, trainer.users.num_items
     model = trainer.model
     train = trainer.users.seqs.train[users]
     inputs = torch.full_like(train, pad)
@@ -69,7 +70,7 @@ def main() -> None:
         [f"data.dir={args.data}", "train.progress=false", f"train.bf16={args.bf16}",
          f"train.threads={args.threads}", "train.run_dir=/tmp/train_speed_run"],
     )  # fmt: skip
-    trainer = Trainer(cfg, init_distributed())
+    trainer = Trainer(build_run(cfg, init_distributed()))
     steps = trainer.users.steps_per_epoch()
     trainer.train_epoch(TrainerState(epoch=0))  # warm-up (allocator, thread pools)
     epoch_s = []

@@ -7,6 +7,8 @@ indices ``0..N-1``; the padding id is ``N`` and always looks up a zero vector.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -34,29 +36,45 @@ def init_rows(
 
 
 class ItemTable(nn.Module):
-    """An item table: ``num_items`` rows of width ``dim`` plus a zero padding row."""
+    """An item table: ``num_items`` rows of width ``dim`` plus a zero padding row.
+
+    ``has_fused_optimizer`` says who trains it: False = its parameters belong to the model that
+    the DeepSpeed engine optimizes; True = it updates itself inside the backward pass (TorchRec's
+    fused kernel) and is checkpointed on its own.
+    """
 
     num_items: int
     dim: int
+    has_fused_optimizer: bool = False
+    # fused tables: a hook applied to the gradient of every looked-up row before the fused
+    # update (the trainer's divergence guard zeroes a skipped step's gradient with it)
+    grad_gate: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def padding_id(self) -> int:
         return self.num_items
 
+    @property
+    def device(self) -> torch.device:
+        """Where lookups return their rows."""
+        raise NotImplementedError
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``ids`` (any shape ``[*]``, values in ``0..N``): ``[*, D]``; id N gives zeros."""
         raise NotImplementedError
 
+    def rows(self, ids: torch.Tensor, host_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of distinct real ids ``[U]`` (on this table's device): ``[U, D]``.
+
+        The step's one read of the table (a sharded table makes it one exchange). ``host_ids``
+        is the same ids on the host, where a sharded table does its bookkeeping without waiting
+        on the device. This default is :meth:`lookup`.
+        """
+        return self.lookup(ids)
+
     def all_items(self) -> torch.Tensor:
         """The whole catalogue as one differentiable ``[N, D]`` tensor (paper mode only)."""
         raise NotImplementedError
-
-    def lookup_many(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Several lookups at once: ``{name: [*]}`` ids to ``{name: [*, D]}`` rows.
-
-        A sharded backend packs them into one exchange; this default simply loops.
-        """
-        return {name: self.lookup(value) for name, value in ids.items()}
 
     def item_sum(self) -> torch.Tensor:
         """``sum_j E_j`` over the N items, ``[D]`` (the zero-count mass of TED needs it).
@@ -66,7 +84,8 @@ class ItemTable(nn.Module):
         return self.all_items().sum(0)
 
     def local_rows(self) -> tuple[int, torch.Tensor]:
-        """``(first_id, rows [C, D])``: the contiguous rows this rank scores in evaluation.
+        """``(first_id, rows [C, D])``: the contiguous rows this rank scores in evaluation, on
+        this table's device.
 
         Together the ranks cover ``0..N-1`` exactly once. This default (a table every rank holds
         whole) gives each rank an even slice.
@@ -75,3 +94,9 @@ class ItemTable(nn.Module):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         bounds = [self.num_items * r // world for r in range(world + 1)]
         return bounds[rank], items[bounds[rank] : bounds[rank + 1]]
+
+    def export_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(global ids [R], vectors [R, D])`` this rank writes in an export, ON THE HOST."""
+        first_id, rows = self.local_rows()
+        ids = torch.arange(first_id, first_id + rows.shape[0])
+        return ids, rows.detach().to("cpu", torch.float32)

@@ -12,17 +12,34 @@ from embeddings.base import ItemTable, init_rows
 class DenseItemTable(ItemTable):
     """Item table as an ordinary parameter, trained by the DeepSpeed engine with the encoder.
 
-    Initialised normal(0, init_std) by ``init_rows``; the padding row (index N) is zero and,
-    being the ``padding_idx`` of the lookup, never receives a gradient, so it stays zero under
-    Adam with (coupled) weight decay.
+    Initialised normal(0, init_std) by ``init_rows`` (on the host: the same values whatever the
+    device, then moved to ``device``); the padding row (index N) is zero and, being the
+    ``padding_idx`` of the lookup, never receives a gradient, so it stays zero under Adam with
+    (coupled) weight decay.
     """
 
-    def __init__(self, num_items: int, dim: int, init_std: float = 0.01, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        dim: int,
+        init_std: float = 0.01,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        """``rows``: ``[N, D]`` values to hold instead of the seeded initial ones."""
         super().__init__()
         self.num_items = num_items
         self.dim = dim
-        # the same seeded values as the TorchRec backend, whatever the sharding
-        self.weight = nn.Parameter(init_rows(0, num_items + 1, dim, init_std, seed, num_items))
+        if rows is None:
+            initial = init_rows(0, num_items + 1, dim, init_std, seed, num_items)  # host
+        else:
+            initial = torch.cat([rows.float(), rows.new_zeros(1, dim, dtype=torch.float32)])
+        self.weight = nn.Parameter(initial.to(device))  # [N + 1, D]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight, padding_idx=self.num_items)

@@ -18,6 +18,11 @@ supported). The decay reaches only the rows a step touches, not the whole table.
 Padding: ids equal to N are never sent to TorchRec; their output rows are zeros. Row N therefore
 never receives a gradient and stays zero.
 
+Devices: the collection is sharded onto the run's device (``cuda:<local rank>`` under NCCL, the
+host under gloo); the planner is given the real topology (HBM per GPU, compute device). On CUDA
+the FUSED kernel runs row-wise Adagrad or Adam; on the host fbgemm's CPU kernel has SGD, Adagrad
+and row-wise Adagrad. Export and evaluation move shards to the host explicitly (``export_rows``).
+
 Initial values come from ``init_rows``: normal(0, init_std) generated per block of global rows
 with a per-block seed, so every sharding and every world size holds the same table.
 """
@@ -39,21 +44,27 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.planner.types import (
+    HardwareConfig,
+    KernelConfig,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.types import ShardingEnv
 
+from core.collectives import all_gather_rows, host_group, to_device
+from core.config import SHARDINGS, TABLE_OPTIMIZERS, Config
 from embeddings.base import INIT_BLOCK, ItemTable, init_rows
-from trainer.config import Config
 
 TABLE = "item_table"
 FEATURE = "item"
-OPTIMIZERS = {
-    "sgd": EmbOptimType.EXACT_SGD,
-    "adagrad": EmbOptimType.EXACT_ADAGRAD,
-    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-    "adam": EmbOptimType.ADAM,
-}
-SHARDINGS = ("row_wise", "table_wise", "column_wise")
+FBGEMM_OPTIMIZERS = (
+    EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    EmbOptimType.EXACT_ADAGRAD,
+    EmbOptimType.EXACT_SGD,
+    EmbOptimType.ADAM,
+)
+OPTIMIZERS = dict(zip(TABLE_OPTIMIZERS, FBGEMM_OPTIMIZERS, strict=True))
 WEIGHT_DECAY_OPTIMIZERS = ("rowwise_adagrad", "adam")
 
 
@@ -79,24 +90,22 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def _all_gather_ids(ids: torch.Tensor, pg: dist.ProcessGroup) -> torch.Tensor:
-    """Concatenation of every rank's 1-D ``ids`` (lengths may differ)."""
-    world = dist.get_world_size(pg)
-    sizes = [ids.new_zeros(1) for _ in range(world)]
-    dist.all_gather(sizes, ids.new_tensor([ids.numel()]), group=pg)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.cat([ids, ids.new_zeros(longest - ids.numel())])
-    parts = [ids.new_empty(longest) for _ in range(world)]
-    dist.all_gather(parts, padded, group=pg)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+def hardware(device: torch.device) -> HardwareConfig | None:
+    """The planner's view of a GPU: its real HBM (None on the host: the planner's defaults)."""
+    if device.type != "cuda":
+        return None
+    return HardwareConfig(hbm_cap_bytes=torch.cuda.get_device_properties(device).total_memory)
 
 
 class TorchRecItemTable(ItemTable):
     """Sharded item table; see the module docstring.
 
-    Collective calls (every rank must make them in the same order): ``lookup``, ``lookup_many``,
-    ``all_items``, ``item_sum``, ``export_rows`` for ``column_wise``, construction.
+    Collective calls (every rank must make them in the same order): ``lookup``, ``rows``,
+    ``all_items``, ``item_sum``, ``local_rows`` and ``export_rows`` (column-wise shards),
+    construction.
     """
+
+    has_fused_optimizer = True
 
     def __init__(
         self,
@@ -108,6 +117,7 @@ class TorchRecItemTable(ItemTable):
         weight_decay: float = 0.0,
         init_std: float = 0.01,
         seed: int = 0,
+        device: torch.device | None = None,
         pg: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
@@ -115,13 +125,13 @@ class TorchRecItemTable(ItemTable):
             raise ValueError(f"unknown embeddings.sharding {sharding!r} (known: {SHARDINGS})")
         self.num_items, self.dim = num_items, dim
         self.pg = pg or dist.group.WORLD
-        on_cuda = torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if on_cuda else "cpu")
+        self._device = torch.device(device or "cpu")
         collection = EmbeddingCollection(
             tables=[EmbeddingConfig(name=TABLE, embedding_dim=dim, num_embeddings=num_items + 1,
                                     feature_names=[FEATURE])],
             device=torch.device("meta"),
         )  # fmt: skip
+        on_cuda = self._device.type == "cuda"
         sharder = EmbeddingCollectionSharder(
             fused_params=fused_params(optimizer, lr, weight_decay, on_cuda)
         )
@@ -129,7 +139,8 @@ class TorchRecItemTable(ItemTable):
         planner = EmbeddingShardingPlanner(
             topology=TopologyFactory.create_topology(
                 TrainerConfig(world_size=world, local_world_size=min(world, local_world_size())),
-                kernel_config=KernelConfig(compute_device=self.device.type),
+                hardware_config=hardware(self._device),
+                kernel_config=KernelConfig(compute_device=self._device.type),
             ),
             constraints={TABLE: ParameterConstraints(
                 sharding_types=[sharding], compute_kernels=[EmbeddingComputeKernel.FUSED.value],
@@ -139,7 +150,7 @@ class TorchRecItemTable(ItemTable):
         self.dmp = DistributedModelParallel(
             collection,
             env=ShardingEnv.from_process_group(self.pg),
-            device=self.device,
+            device=self._device,
             plan=planner.collective_plan(collection, [sharder], self.pg),
             sharders=[sharder],
             init_data_parallel=False,
@@ -150,63 +161,69 @@ class TorchRecItemTable(ItemTable):
                 stop = row0 + weight.shape[0]
                 edges = [row0, *range(row0 - row0 % INIT_BLOCK + INIT_BLOCK, stop, INIT_BLOCK)]
                 for a, b in zip(edges, [*edges[1:], stop], strict=True):
-                    rows = init_rows(a, b, dim, init_std, seed, num_items)
+                    rows = init_rows(a, b, dim, init_std, seed, num_items)  # host: same values
                     weight[a - row0 : b - row0].copy_(rows[:, col0 : col0 + weight.shape[1]])
         self._partial: torch.Tensor | None = None  # float64 [D]: this rank's share of item_sum
         self._tracking = False
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (owned ids, old sum)
+        # rows the coming backward may update: (host ids, per-shard device indices, their sum)
+        self._pending: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config, num_items: int, seed: int = 0) -> TorchRecItemTable:
+    def from_config(
+        cls, cfg: Config, num_items: int, seed: int, device: torch.device
+    ) -> TorchRecItemTable:
         """From ``embeddings.*``; weight decay = ``model.l2`` where fbgemm supports it (row-wise
         Adagrad, Adam), none with ``sgd`` and ``adagrad``."""
         emb = cfg.embeddings
         decay = cfg.model.l2 if emb.optimizer in WEIGHT_DECAY_OPTIMIZERS else 0.0
-        return cls(num_items, cfg.model.dim, emb.sharding, emb.optimizer, emb.lr, decay, seed=seed)
+        return cls(num_items, cfg.model.dim, emb.sharding, emb.optimizer, emb.lr, decay,
+                   seed=seed, device=device)  # fmt: skip
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     # ---------------------------------------------------------------- lookups
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lookup_many({"ids": ids})["ids"]
-
-    def lookup_many(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """All groups in ONE KeyedJaggedTensor exchange: ``{name: [*]}`` to ``{name: [*, D]}``.
-
-        Ids are de-duplicated across the groups before the exchange; padding ids (N) give zero
-        rows and are not sent.
-        """
-        flat = torch.cat([v.reshape(-1) for v in ids.values()]).to(self.device)  # [S]
+        """Rows of ``ids`` ``[*]`` (padding N gives zeros), de-duplicated on the host (tests and
+        tools; the training step reads through :meth:`rows`)."""
+        flat = ids.reshape(-1).cpu()
         real = flat != self.padding_id
         uniq, inverse = flat[real].unique(return_inverse=True)  # [U], sorted
         if uniq.numel() and (uniq[0] < 0 or uniq[-1] >= self.num_items):
             raise IndexError(f"item ids must be in 0..{self.num_items} (padding = N)")
-        rows = self._exchange(uniq)  # [U, D]
+        rows = self.rows(to_device(uniq, self.device), uniq)  # [U, D]
         index = torch.full_like(flat, uniq.numel())
         index[real] = inverse
-        out = torch.cat([rows, rows.new_zeros(1, self.dim)])[index]  # [S, D]
-        sizes = [v.numel() for v in ids.values()]
-        return {
-            name: part.view(*value.shape, self.dim)
-            for (name, value), part in zip(ids.items(), out.split(sizes), strict=True)
-        }
+        out = torch.cat([rows, rows.new_zeros(1, self.dim)])[to_device(index, self.device)]
+        return out.view(*ids.shape, self.dim)
+
+    def rows(self, ids: torch.Tensor, host_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of distinct real ids ``[U]`` through ONE KeyedJaggedTensor exchange: ``[U, D]``.
+
+        ``host_ids`` (the same ids on the host) lets the item-sum bookkeeping find the touched
+        rows without reading the device; without it the ids are copied to the host."""
+        kjt = KeyedJaggedTensor(
+            keys=[FEATURE],
+            values=ids,
+            lengths=torch.full((1,), ids.numel(), dtype=torch.int32, device=self.device),
+        )
+        out = self.dmp(kjt)[FEATURE].values()
+        if out.requires_grad and self.grad_gate is not None:
+            out.register_hook(self.grad_gate)
+        if self._tracking and torch.is_grad_enabled():
+            self._track(host_ids if host_ids is not None else ids.cpu())
+            if out.requires_grad:
+                out.register_hook(self._on_grad)
+        return out
 
     def all_items(self) -> torch.Tensor:
         """The ``[N, D]`` catalogue on every rank, looked up through the KJT path so that the
         gradient reaches the fused optimizer. Cost per call and rank: an all-to-all of ``N x D``
         rows forward and ``N x D`` gradients backward, ``N x D`` memory (paper mode only)."""
-        return self._exchange(torch.arange(self.num_items, device=self.device))
-
-    def _exchange(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of distinct real ids ``[U]`` through the sharded collection: ``[U, D]``."""
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=[FEATURE], values=ids, lengths=torch.tensor([ids.numel()], dtype=torch.int32)
-        )
-        rows = self.dmp(kjt)[FEATURE].values()
-        if self._tracking and torch.is_grad_enabled():
-            self._track(ids)
-            if rows.requires_grad:
-                rows.register_hook(self._on_grad)
-        return rows
+        ids = torch.arange(self.num_items)
+        return self.rows(to_device(ids, self.device), ids)
 
     # ---------------------------------------------------------------- sum of all rows
 
@@ -214,9 +231,10 @@ class TorchRecItemTable(ItemTable):
         """Exact ``sum_j E_j`` ``[D]`` (no gradient), one ``[D]`` all-reduce per call.
 
         Each rank keeps its shards' row sum in float64 and updates it after every backward pass
-        from the rows that pass touched (every rank's looked-up ids are all-gathered at lookup
-        time, each owner sums its touched rows before and after the fused update): the cost
-        follows the batch, not N. The first two calls sum the local shards in full.
+        from the rows that pass touched (every rank's looked-up ids are all-gathered ON THE HOST
+        at lookup time, each owner sums its touched rows before and after the fused update): the
+        cost follows the batch, not N, and the device is never asked for an id. The first two
+        calls sum the local shards in full.
         """
         local = self._partial
         if local is None:
@@ -235,27 +253,44 @@ class TorchRecItemTable(ItemTable):
             out[col0 : col0 + weight.shape[1]] += rows.sum(0, dtype=torch.float64)
         return out
 
-    def _owned_sum(self, ids: torch.Tensor) -> torch.Tensor:
-        """float64 ``[D]`` sum of the local parts of rows ``ids`` (ids this rank owns)."""
+    def _shard_indices(self, owned: torch.Tensor) -> list[torch.Tensor]:
+        """Host ids ``owned`` -> per local shard, the device row indices inside that shard."""
+        parts = []
+        for weight, row0, _ in self._shards:
+            inside = (owned >= row0) & (owned < row0 + weight.shape[0])
+            parts.append(to_device(owned[inside] - row0, self.device))
+        return parts
+
+    def _owned_sum(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """float64 ``[D]`` sum of the local parts of the rows ``parts`` (from _shard_indices)."""
         out = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        for weight, row0, col0 in self._shards:
-            local = ids[(ids >= row0) & (ids < row0 + weight.shape[0])] - row0
+        for (weight, _, col0), local in zip(self._shards, parts, strict=True):
             out[col0 : col0 + weight.shape[1]] += weight[local].sum(0, dtype=torch.float64)
         return out
 
-    def _track(self, ids: torch.Tensor) -> None:
-        """Record the rows this rank owns that the coming backward may update, with their sum."""
-        touched = _all_gather_ids(ids, self.pg).to(self.device).unique()
+    def _track(self, host_ids: torch.Tensor) -> None:
+        """Record the rows this rank owns that the coming backward may update, with their sum.
+
+        The union of every rank's ids is formed on the host (an all-gather over the host group),
+        so finding the owned rows never waits for the device."""
+        touched = all_gather_rows(host_ids.cpu(), host_group())[0].unique()
         owned = torch.cat(
             [touched[(touched >= r0) & (touched < r0 + w.shape[0])] for w, r0, _ in self._shards]
             or [touched[:0]]
         ).unique()
-        if self._pending is None:
-            self._pending = (owned, self._owned_sum(owned))
+        if self._pending is not None:  # a second lookup before the backward: merge
+            old_ids, old_parts, old_sum = self._pending
+            new_ids = owned[~torch.isin(owned, old_ids)]
+            parts = self._shard_indices(new_ids)
+            merged = [torch.cat([a, b]) for a, b in zip(old_parts, parts, strict=True)]
+            self._pending = (
+                torch.cat([old_ids, new_ids]),
+                merged,
+                old_sum + self._owned_sum(parts),
+            )
             return
-        old_ids, old_sum = self._pending  # a second lookup before the backward: merge
-        new_ids = owned[~torch.isin(owned, old_ids)]
-        self._pending = (torch.cat([old_ids, new_ids]), old_sum + self._owned_sum(new_ids))
+        parts = self._shard_indices(owned)
+        self._pending = (owned, parts, self._owned_sum(parts))
 
     def _on_grad(self, grad: torch.Tensor) -> None:
         Variable._execution_engine.queue_callback(self._apply_pending)  # after the fused update
@@ -263,10 +298,10 @@ class TorchRecItemTable(ItemTable):
     def _apply_pending(self) -> None:
         if self._pending is None:
             return
-        owned, before = self._pending
+        _, parts, before = self._pending
         self._pending = None
         if self._partial is not None:
-            self._partial += self._owned_sum(owned) - before
+            self._partial += self._owned_sum(parts) - before
 
     # ---------------------------------------------------------------- shards and state
 
@@ -279,8 +314,9 @@ class TorchRecItemTable(ItemTable):
             for s in state[key].local_shards()
         ]
 
-    def export_rows(self, chunk: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(global row ids [R], vectors [R, D])`` held by this rank, padding row excluded.
+    def _held_rows(self, chunk: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(global row ids [R] on the host, vectors [R, D] on the device)`` this rank holds,
+        padding row excluded.
 
         Row- and table-wise shards hold whole rows: no communication. Column-wise shards hold
         column slices, so each rank instead fetches full rows for an even share of the ids
@@ -291,22 +327,27 @@ class TorchRecItemTable(ItemTable):
             for weight, row0, _ in self._shards:
                 count = max(0, min(weight.shape[0], self.num_items - row0))
                 ids.append(torch.arange(row0, row0 + count))
-                vectors.append(weight[:count].detach().clone())
+                vectors.append(weight[:count].detach())
             return torch.cat(ids or [torch.zeros(0, dtype=torch.int64)]), torch.cat(
-                vectors or [torch.zeros(0, self.dim)]
+                vectors or [torch.zeros(0, self.dim, device=self.device)]
             )
         world, rank = dist.get_world_size(self.pg), dist.get_rank(self.pg)
         share = math.ceil(self.num_items / world)
         start, stop = min(rank * share, self.num_items), min((rank + 1) * share, self.num_items)
-        ids = torch.arange(start, stop, device=self.device)
+        ids = torch.arange(start, stop)
+        parts = [torch.zeros(0, self.dim, device=self.device)]
         with torch.no_grad():
-            parts = [self._exchange(ids[i * chunk : (i + 1) * chunk])
-                     for i in range(math.ceil(share / chunk))]  # fmt: skip
+            parts += [self.rows(to_device(part, self.device), part) for part in ids.split(chunk)]
         return ids, torch.cat(parts)
 
+    def export_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(global row ids [R], vectors [R, D])`` held by this rank, moved to the host."""
+        ids, vectors = self._held_rows()
+        return ids, vectors.to("cpu", torch.float32)
+
     def local_rows(self) -> tuple[int, torch.Tensor]:
-        """This rank's shard as ``(first_id, rows [C, D])`` (row-wise or table-wise sharding)."""
-        ids, vectors = self.export_rows()
+        """This rank's rows as ``(first_id, rows [C, D])`` on the device (contiguous ids)."""
+        ids, vectors = self._held_rows()
         if ids.numel() == 0:
             return 0, vectors
         if not torch.equal(ids, torch.arange(int(ids[0]), int(ids[0]) + ids.numel())):

@@ -9,7 +9,7 @@ CONFIG=${1:-configs/demo.yaml}
 shift || true
 PY=.venv/bin/python
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} PYTHONPATH="$PWD"
-setting() { "$PY" -m trainer.config "$CONFIG" "$1" --set "${OVERRIDES[@]}"; }
+setting() { "$PY" -m core.config "$CONFIG" "$1" --set "${OVERRIDES[@]}"; }
 OVERRIDES=("$@")
 [ ${#OVERRIDES[@]} -gt 0 ] || OVERRIDES=()
 
@@ -30,5 +30,5 @@ if [ ! -e "$EVENTS" ]; then
 fi
 stage "spark prepare" "$PY" -m spark_jobs.prepare "$CONFIG" "${OVERRIDES[@]}"
 stage "train ($(setting distributed.nproc_per_node) processes)" ./launch.sh "$CONFIG" "${OVERRIDES[@]}"
-stage "export" "$PY" -m embeddings.export "$RUN_DIR"
-stage "report" "$PY" -m trainer.report "$RUN_DIR"
+stage "export" "$PY" -m mqsa_ted.export "$RUN_DIR"
+stage "report" "$PY" -m mqsa_ted.report "$RUN_DIR"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from core.errors import UserError
 
-class PrepareError(RuntimeError):
+
+class PrepareError(UserError):
     """Bad input or output for the data pipeline; the message names the problem and the URL."""
 
 

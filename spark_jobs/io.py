@@ -9,7 +9,7 @@ Commit protocol of an output directory ``D``: everything is written into a hidde
 ``.D.staging-<token>``; the marker file ``_COMPLETE`` is written there last; then the sibling is
 renamed to ``D`` (a previous ``D`` is first renamed aside and deleted afterwards). On a local
 disk or HDFS the rename is atomic; on object stores a rename is a copy, so readers must check
-``_COMPLETE`` (:func:`read_stats` and :func:`list_parquet_files` do).
+``_COMPLETE`` (the readers of :mod:`core.prepared` do).
 """
 
 from __future__ import annotations
@@ -24,23 +24,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import fsspec
 from fsspec.utils import get_protocol
 
-from spark_jobs.errors import PrepareError, first_line
+from core.prepared import COMPLETE_MARKER, STATS_FILE, is_data_file
+from core.storage import StorageError, full_url, url_to_fs
+from spark_jobs.errors import PrepareError
 
 SPARK_SCHEMES = {"file", "hdfs", "viewfs", "s3a", "gs", "abfs", "abfss", "wasb", "wasbs"}
 SPARK_ALIASES = {"s3": "s3a", "s3n": "s3a", "gcs": "gs"}
-COMPLETE_MARKER = "_COMPLETE"
-STATS_FILE = "stats.json"
-
-
-def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and path of ``url``; a clear error if its backend is missing."""
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError, OSError) as e:
-        raise PrepareError(f"cannot open {url}: {first_line(e)}") from e
 
 
 def spark_readable(url: str) -> bool:
@@ -57,19 +48,6 @@ def to_spark_url(url: str) -> str:
     return url
 
 
-def _full_url(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
-    """``path`` of ``fs`` as a URL, a plain path when ``like`` was a plain local path."""
-    if get_protocol(like) == "file" and not like.startswith("file:"):
-        return path
-    return fs.unstrip_protocol(path)
-
-
-def is_data_file(name: str) -> bool:
-    """Hadoop convention: names starting with ``_`` or ``.`` and checksums are not data."""
-    base = name.rstrip("/").rsplit("/", 1)[-1]
-    return not base.startswith(("_", ".")) and not base.endswith(".crc")
-
-
 def data_files(url: str) -> list[str]:
     """The data files at ``url`` (itself if a file), as fsspec paths, sorted by name."""
     fs, path = url_to_fs(url)
@@ -84,7 +62,7 @@ def has_backend(url: str) -> bool:
     """Whether fsspec can open ``url`` here (``s3a://`` needs s3fs, ``gs://`` gcsfs...)."""
     try:
         url_to_fs(url)
-    except PrepareError:
+    except StorageError:
         return False
     return True
 
@@ -145,7 +123,7 @@ class OutputStaging:
         """Where Spark writes the dataset ``name`` (a local directory for fsspec-only URLs)."""
         if self.local is not None:
             return f"{self.local}/{name}"
-        return to_spark_url(_full_url(self.fs, f"{self.staging}/{name}", self.url))
+        return to_spark_url(full_url(self.fs, f"{self.staging}/{name}"))
 
     def open(self, name: str, mode: str = "wb") -> Any:
         """Open the file ``name`` of the staging directory through fsspec."""
@@ -187,32 +165,3 @@ def staged_output(url: str) -> Iterator[OutputStaging]:
         staging.commit()
     finally:
         staging.cleanup()
-
-
-def _require_complete(data_dir: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = url_to_fs(data_dir)
-    path = path.rstrip("/")
-    if not fs.exists(f"{path}/{COMPLETE_MARKER}"):
-        raise PrepareError(
-            f"{data_dir} is not a complete prepared-data directory (no {COMPLETE_MARKER}); "
-            "run python -m spark_jobs.prepare first"
-        )
-    return fs, path
-
-
-def read_stats(data_dir: str) -> dict[str, Any]:
-    """The ``stats.json`` of a committed prepare output."""
-    fs, path = _require_complete(data_dir)
-    with fs.open(f"{path}/{STATS_FILE}", "r") as f:
-        return json.load(f)
-
-
-def list_parquet_files(url: str) -> list[str]:
-    """The Parquet data files of a dataset directory of a committed output, sorted by name.
-
-    ``url`` is e.g. ``<data.dir>/sequences``; its parent must carry ``_COMPLETE``.
-    """
-    _require_complete(url.rstrip("/").rsplit("/", 1)[0])
-    fs, path = url_to_fs(url)
-    files = sorted(p for p in fs.find(path) if is_data_file(p) and p.endswith(".parquet"))
-    return [_full_url(fs, p, url) for p in files]

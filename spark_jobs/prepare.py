@@ -17,6 +17,8 @@ from pyspark import StorageLevel
 from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 
+from core.config import ConfigError, DataConfig, load_config
+from core.prepared import STATS_FILE
 from spark_jobs.clean import (
     ROW_REASONS,
     annotate,
@@ -28,7 +30,7 @@ from spark_jobs.clean import (
 )
 from spark_jobs.errors import PrepareError, first_line
 from spark_jobs.filters import kcore
-from spark_jobs.io import STATS_FILE, OutputStaging, staged_input, staged_output, total_size
+from spark_jobs.io import OutputStaging, staged_input, staged_output, total_size
 from spark_jobs.progress import Progress
 from spark_jobs.read import detect_format, list_input, read_events
 from spark_jobs.sequences import (
@@ -42,7 +44,6 @@ from spark_jobs.sequences import (
 from spark_jobs.session import build_session, set_shuffle_partitions
 from spark_jobs.transitions import count_transitions, top_successors
 from spark_jobs.vocab import build_vocab, item_counts
-from trainer.config import ConfigError, DataConfig, load_config
 
 TIE_BREAK = "timestamp, then input row order"
 

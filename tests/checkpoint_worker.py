@@ -8,8 +8,9 @@ import sys
 
 import torch
 
+from core.config import load_config
 from tests.dist_worker import item_table
-from trainer.config import load_config
+from trainer.builder import build_run
 from trainer.distributed import init_distributed, shutdown
 from trainer.trainer import Trainer
 
@@ -17,7 +18,7 @@ from trainer.trainer import Trainer
 def main() -> None:
     config, out, *overrides = sys.argv[1:]
     env = init_distributed()
-    trainer = Trainer(load_config(config, [*overrides, "train.resume=auto"]), env)
+    trainer = Trainer(build_run(load_config(config, [*overrides, "train.resume=auto"]), env))
     state = trainer.start_state()
     table = item_table(trainer)  # collective: every rank takes part
     if env.is_main:

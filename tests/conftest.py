@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import SparkSession
 
-from spark_jobs.io import list_parquet_files
+from core.config import DataConfig
+from core.prepared import dataset_files
 from spark_jobs.prepare import prepare
 from spark_jobs.progress import Progress
 from spark_jobs.session import build_session
-from trainer.config import DataConfig
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def spark() -> Iterator[SparkSession]:
 def read_output(data_dir: str, name: str) -> pa.Table:
     """One dataset (vocab, sequences, transitions) of a committed output, via fsspec."""
     tables = []
-    for url in list_parquet_files(f"{data_dir}/{name}"):
+    for url in dataset_files(data_dir, name):
         with fsspec.open(url, "rb") as f:
             tables.append(pq.read_table(f))
     return pa.concat_tables(tables)

@@ -13,7 +13,8 @@ from itertools import islice
 import torch
 import torch.distributed as dist
 
-from trainer.config import load_config
+from core.config import load_config
+from trainer.builder import build_run
 from trainer.distributed import init_distributed, shutdown
 from trainer.evaluate import evaluate
 from trainer.trainer import Trainer
@@ -27,7 +28,7 @@ def item_table(trainer: Trainer) -> torch.Tensor:
     """The whole ``[N, D]`` table on every rank (gathered from the shards)."""
     first_id, rows = trainer.table.local_rows()
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (first_id, rows.detach().clone()))
+    dist.all_gather_object(parts, (first_id, rows.detach().cpu()))
     return torch.cat([r for _, r in sorted(parts, key=lambda p: p[0]) if r.numel()])
 
 
@@ -39,10 +40,10 @@ def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 def run_case(data_dir: str, steps: int, overrides: list[str], env) -> dict:
     cfg = load_config(None, [f"data.dir={data_dir}", *BASE, *overrides])
-    trainer = Trainer(cfg, env)
+    trainer = Trainer(build_run(cfg, env))
     initial = snapshot(trainer)
-    for train in islice(trainer.users.train_batches(epoch=1), steps):
-        trainer.train_step(train)
+    for batch in islice(trainer.step_batches(epoch=1), steps):
+        trainer.train_step(batch)
     result = {"initial": initial, "params": snapshot(trainer), "metrics": trainer.evaluate()}
     if cfg.data.stream:
         in_memory = InMemoryUsers(cfg, env.rank, env.world)

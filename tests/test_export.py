@@ -9,13 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from embeddings.export import export_run, load_trained
-from embeddings.manifest import ExportError
-from embeddings.recommend import Recommender
+from core.config import load_config
+from mqsa_ted.export import export_run, load_trained
+from mqsa_ted.manifest import ExportError
+from mqsa_ted.recommend import Recommender
 from tests.synthetic import write_prepared
-from trainer.config import load_config
-from trainer.data import load_sequences, trim
-from trainer.evaluate import target_ranks
+from trainer.batches import trim
+from trainer.data import load_sequences
+from trainer.evaluate import EvalSplit, target_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,9 +64,11 @@ def test_export_round_trip(trained_run, tmp_path):
     (result,) = rec.recommend([[f"i{i}" for i in history] + ["not-an-item"]], k=10)
     assert result.unknown == ["not-an-item"]
     items_t = table.all_items().detach()
-    excluded = torch.tensor([history])
+    mask_rows, mask_items = torch.zeros(len(history), dtype=torch.int64), torch.tensor(history)
+    no = torch.tensor([False])
     ranks = torch.stack(
-        [target_ranks(want[user : user + 1], items_t, torch.tensor([j]), excluded, 64)[0]
+        [target_ranks(want[user : user + 1], items_t,
+                      EvalSplit(None, torch.tensor([j]), mask_rows, mask_items, no), 64)[0]
          for j in range(40) if j not in history]
     )  # fmt: skip
     candidates = [j for j in range(40) if j not in history]
@@ -90,7 +93,7 @@ def test_missing_run_is_a_clear_error(tmp_path):
 
 
 def test_report_compares_model_and_baselines(trained_run, tmp_path):
-    from trainer.report import write_report
+    from mqsa_ted.report import write_report
 
     out = tmp_path / "export"
     export_run(str(trained_run), str(out), faiss_kind="none")
@@ -113,7 +116,7 @@ def test_torchrec_run_exports_per_rank(tmp_path):
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0"]  # fmt: skip
-    export = ["-m", "embeddings.export", str(tmp_path / "run"), "--out"]
+    export = ["-m", "mqsa_ted.export", str(tmp_path / "run"), "--out"]
     for cmd in (
         [*torchrun, "-m", "trainer.train", str(config)],
         [*torchrun, *export, str(tmp_path / "two")],

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.logpartition import weighted_log_partition
-from trainer.losses import full_softmax_rec_loss, ted_loss
+from trainer.losses import TeacherRows, full_softmax_rec_loss, ted_loss
 from trainer.teacher import SparseTeacher
 
 
@@ -37,7 +37,7 @@ def test_full_softmax_loss_equals_cross_entropy_over_table_with_padding_row():
     items = (torch.randn(50, 8) * 0.1).requires_grad_()
     queries = torch.randn(20, 8).requires_grad_()
     targets = torch.randint(0, 50, (20,))
-    got = full_softmax_rec_loss(queries, targets, items, norm=20.0, chunk=7, bf16=False)
+    got = full_softmax_rec_loss(queries, items[targets], items, norm=20.0, chunk=7, bf16=False)
     with_padding = torch.cat([items, torch.zeros(1, 8)])  # [N + 1, D]
     want = F.cross_entropy(queries @ with_padding.T, targets)
     torch.testing.assert_close(got, want)
@@ -77,7 +77,9 @@ def test_ted_loss_equals_dense_cross_entropy():
     items = torch.randn(n, 8).requires_grad_()
     heads = torch.tensor([0, 3, 3, 5, 8])
     student = items[heads] * 2.0
-    got = ted_loss(student, heads, items, teacher, tau, norm=5.0, chunk=2, bf16=False)
+    head_index, succ, excess = teacher.rows(heads)
+    rows = TeacherRows(teacher.base[heads], head_index, excess, items[succ])
+    got = ted_loss(student, items, rows, tau, norm=5.0, chunk=2, bf16=False)
     log_q = torch.log_softmax(student @ items.T / tau, dim=1)
     want = -(teacher.dense()[heads] * log_q).sum(1).mean()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from trainer.evaluate import target_ranks
+from trainer.evaluate import EvalSplit, target_ranks
 from trainer.metrics import metric_sums, metrics_from_sums
 
 
@@ -30,18 +30,26 @@ def test_sums_add_exactly_across_parts():
 
 
 def test_rank_count_matches_sorting_with_history_masked():
+    """Chunked counting = a full sort with the history removed; a target inside its user's
+    history is a miss (rank N + 1), as in the reference."""
     torch.manual_seed(0)
-    n, pad = 40, 40
+    n = 40
     items = torch.randn(n, 6)
     queries = torch.randn(5, 6)
     targets = torch.tensor([0, 7, 13, 39, 21])
-    history = torch.tensor(
-        [[1, 2, pad], [pad, pad, pad], [13 - 1, 5, 6], [38, 37, 36], [21 - 2, 0, 1]]
-    )
+    history = [[1, 2], [], [12, 5, 6, 13], [38, 37, 36], [19, 0, 1]]  # user 2 repeats its target
+    rows = torch.tensor([b for b, h in enumerate(history) for _ in h])
+    masked_items = torch.tensor([i for h in history for i in h])
+    target_masked = torch.tensor([int(t) in h for t, h in zip(targets, history, strict=True)])
+    split = EvalSplit(torch.zeros(5, 1), targets, rows, masked_items, target_masked)
     for chunk in (7, 40, 1000):
-        got = target_ranks(queries, items, targets, history, chunk)
+        got = target_ranks(queries, items, split, chunk)
         for b in range(5):
+            if targets[b].item() in history[b]:
+                assert got[b].item() == n + 1  # a miss
+                continue
             scores = queries[b] @ items.T
-            masked = set(history[b].tolist()) - {pad}
-            order = [j for j in torch.argsort(scores, descending=True).tolist() if j not in masked]
+            order = [
+                j for j in torch.argsort(scores, descending=True).tolist() if j not in history[b]
+            ]
             assert got[b].item() == order.index(targets[b].item()) + 1

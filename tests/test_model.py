@@ -2,7 +2,7 @@
 
 import torch
 
-from trainer.config import ModelConfig
+from core.config import ModelConfig
 from trainer.model import MQSAEncoder, window_mean
 
 

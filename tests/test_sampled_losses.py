@@ -8,13 +8,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from core.config import load_config
 from embeddings.dense import DenseItemTable
-from trainer.catalog import catalog_forward
-from trainer.config import load_config
-from trainer.data import training_batch
-from trainer.losses import paper_losses
-from trainer.mqsa_ted import MQSATED
-from trainer.sampled_losses import sampled_rec_loss, sampled_ted_loss
+from trainer.batches import BatchBuilder
+from trainer.losses import (
+    TeacherRows,
+    full_softmax_rec_loss,
+    sampled_rec_loss,
+    sampled_ted_loss,
+    ted_loss,
+)
+from trainer.model import MQSAEncoder
+from trainer.objectives import CatalogObjective, PaperObjective
 from trainer.samplers import Candidates, NegativeSampler, load_item_counts, occurrences
 from trainer.teacher import SparseTeacher
 
@@ -36,42 +41,44 @@ def test_all_items_candidates_equal_paper_losses_value_and_gradients():
     targets = torch.randint(0, N, (25,))
     heads = torch.randint(0, N, (20,))
     student = items[heads] * math.sqrt(D)
+    head_index, succ, excess = teacher.rows(heads)
+    rows = TeacherRows(teacher.base[heads], head_index, excess, items[succ])
 
-    want = paper_losses(queries, targets, student, heads, items, teacher, TAU, 0.1, 25.0, 20.0, 7)
-    want_grads = torch.autograd.grad(want.total, [queries, items], retain_graph=True)
+    rec = full_softmax_rec_loss(queries, items[targets], items, 25.0, 7, False)
+    kd = ted_loss(student, items, rows, TAU, 20.0, 7, False)
+    want = rec + 0.1 * kd
+    want_grads = torch.autograd.grad(want, [queries, items], retain_graph=True)
 
     cands = NegativeSampler("all", N, 0).sample(targets)
-    edges = teacher.rows(heads)
-    rec = sampled_rec_loss(queries, targets, items[targets], cands, items[cands.ids], 25.0)
-    kd = sampled_ted_loss(
-        student, heads, teacher, edges, items[edges[1]], cands, items[cands.ids],
-        items.sum(0).detach(), TAU, 20.0,
-    )  # fmt: skip
-    total = rec + 0.1 * kd
-    got_grads = torch.autograd.grad(total, [queries, items])
-    torch.testing.assert_close(rec, want.rec, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kd, want.kd, rtol=1e-5, atol=1e-5)
+    cand_emb = items[cands.ids]
+    got_rec = sampled_rec_loss(queries, targets, items[targets], cands.ids, cands.log_q, cand_emb,
+                               25.0)  # fmt: skip
+    got_kd = sampled_ted_loss(
+        student, rows, cands.log_q, cand_emb, items.sum(0).detach(), TAU, 20.0
+    )
+    got_grads = torch.autograd.grad(got_rec + 0.1 * got_kd, [queries, items])
+    torch.testing.assert_close(got_rec, rec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_kd, kd, rtol=1e-5, atol=1e-5)
     for got, ref in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_catalog_forward_with_all_items_equals_paper_model():
-    """The whole step (encoder, one lookup, both losses) against MQSATED.forward, dense table."""
+def test_catalog_step_with_all_items_equals_paper_step():
+    """The whole step (one read of the table, encoder, both losses): CatalogObjective with every
+    item as a candidate against PaperObjective, dense table."""
     cfg = load_config(None, ["model.dim=8", "model.dropout=0.0"])
     torch.manual_seed(0)
-    model = MQSATED(cfg, max_len=6, table=DenseItemTable(N, 8, init_std=0.3)).eval()
+    encoder = MQSAEncoder(cfg.model, max_len=6)
+    table = DenseItemTable(N, 8, init_std=0.3)
+    teacher = _teacher()
+    paper = PaperObjective(encoder, table, teacher, cfg).eval()
+    catalog = CatalogObjective(encoder, table, teacher, cfg).eval()
     train = torch.randint(0, N, (5, 6))
     train[0, :3] = N  # a short user: left padding
-    batch = training_batch(train, N)
-    teacher = _teacher()
-    norm = float(batch.mask.sum())
-    want = model(batch, teacher, norm, norm)
-    want_grads = torch.autograd.grad(want.total, list(model.parameters()))
-    sampler = NegativeSampler("all", N, 0)
-    got = catalog_forward(
-        model.encoder, model.table, batch, sampler, teacher, cfg.model, norm, norm
-    )
-    got_grads = torch.autograd.grad(got.total, list(model.parameters()))
+    want = paper(BatchBuilder(N, teacher)(train))
+    want_grads = torch.autograd.grad(want.total, list(paper.parameters()))
+    got = catalog(BatchBuilder(N, teacher, NegativeSampler("all", N, 0))(train))
+    got_grads = torch.autograd.grad(got.total, list(paper.parameters()))
     torch.testing.assert_close(got.total, want.total, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -84,7 +91,7 @@ def test_accidental_hits_are_masked():
     targets = torch.tensor([4, 7, 9])
     ids = torch.tensor([4, 11, 7, 4])  # 4 and 7 are positives of rows 0 and 1
     cands = Candidates(ids, torch.full((4,), 0.5))
-    got = sampled_rec_loss(queries, targets, items[targets], cands, items[ids], norm=3.0)
+    got = sampled_rec_loss(queries, targets, items[targets], ids, cands.log_q, items[ids], 3.0)
     want = 0.0
     for p in range(3):
         keep = ids != targets[p]
@@ -133,8 +140,8 @@ def test_corrected_sum_is_unbiased(kind):
     sampler = NegativeSampler(kind, N, 16, counts=counts, seed=1)
     trials = 4000
     total = 0.0
-    for _ in range(trials):
-        c = sampler.sample(targets)
+    for trial in range(trials):
+        c = sampler.sample(targets, sampler.generator(trial))
         total += torch.exp(scores[c.ids] - c.log_q.double()).sum().item()
     reachable = targets.unique() if kind == "in_batch" else torch.arange(N)
     want = scores[reachable].exp().sum().item()
@@ -149,10 +156,9 @@ def test_sampled_ted_uses_exact_item_sum_and_its_estimated_gradient():
     student = torch.randn(3, D)
     cands = Candidates(torch.tensor([5, 6]), torch.log(torch.tensor([0.5, 0.25])))
     edges = teacher.rows(heads)
+    rows = TeacherRows(teacher.base[heads], edges[0], edges[2], items[edges[1]])
     exact = items.sum(0).detach()
-    loss = sampled_ted_loss(
-        student, heads, teacher, edges, items[edges[1]], cands, items[cands.ids], exact, TAU, 1.0
-    )
+    loss = sampled_ted_loss(student, rows, cands.log_q, items[cands.ids], exact, TAU, 1.0)
     scaled = student / TAU
     lse = torch.logsumexp(scaled @ items[cands.ids].T - cands.log_q, 1).sum()
     base = teacher.base[heads]
@@ -169,6 +175,7 @@ def test_popularity_sampler_from_config_reads_vocab_counts(tmp_path):
     (tmp_path / "vocab").mkdir()
     vocab = pa.table({"item_id": ["a", "b", "c"], "index": [0, 2, 1], "count": [5, 1, 3]})
     pq.write_table(vocab, tmp_path / "vocab" / "part-0.parquet")
+    (tmp_path / "_COMPLETE").write_text("")  # a committed prepare output
     assert load_item_counts(str(tmp_path), 3).tolist() == [5.0, 3.0, 1.0]
     cfg = load_config(None, [f"data.dir={tmp_path}", "loss.sampler=popularity"])
     sampler = NegativeSampler.from_config(cfg, 3)

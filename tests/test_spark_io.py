@@ -7,13 +7,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.config import DataConfig
+from core.prepared import COMPLETE_MARKER, DataError, dataset_files, read_stats
 from spark_jobs.errors import PrepareError
-from spark_jobs.io import COMPLETE_MARKER, list_parquet_files, read_stats, staged_output
+from spark_jobs.io import staged_output
 from spark_jobs.prepare import prepare
 from spark_jobs.progress import Progress
 from spark_jobs.synth import SynthSpec, write_log
 from tests.conftest import read_output
-from trainer.config import DataConfig
 
 
 def test_memory_urls_round_trip(spark, tmp_path):
@@ -24,7 +25,7 @@ def test_memory_urls_round_trip(spark, tmp_path):
     stats = prepare(cfg, spark, Progress(log=lines.append))
     assert read_stats("memory://rt/prepared") == stats
     assert stats["users"] == 40 and stats["events"] == 600
-    files = list_parquet_files("memory://rt/prepared/sequences")
+    files = dataset_files("memory://rt/prepared", "sequences")
     assert len(files) == 3 and all(f.startswith("memory://") for f in files)
     assert read_output("memory://rt/prepared", "sequences").num_rows == 40
     assert any(line.startswith("[prepare] sequences:") for line in lines)
@@ -57,7 +58,7 @@ def test_failed_job_leaves_no_partial_output(tmp_path):
 def test_readers_require_the_commit_marker(tmp_path):
     (tmp_path / "d" / "sequences").mkdir(parents=True)
     pq.write_table(pa.table({"x": [1]}), tmp_path / "d" / "sequences" / "part-0.parquet")
-    with pytest.raises(PrepareError, match=COMPLETE_MARKER):
-        list_parquet_files(str(tmp_path / "d" / "sequences"))
-    with pytest.raises(PrepareError, match=COMPLETE_MARKER):
+    with pytest.raises(DataError, match=COMPLETE_MARKER):
+        dataset_files(str(tmp_path / "d"), "sequences")
+    with pytest.raises(DataError, match=COMPLETE_MARKER):
         read_stats(str(tmp_path / "d"))

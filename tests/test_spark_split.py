@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from spark_jobs.io import read_stats
+from core.prepared import read_stats
 from spark_jobs.reference import reference_split
 from spark_jobs.synth import SynthSpec, write_log
 from tests.conftest import read_output

@@ -8,9 +8,10 @@ import fsspec
 import pytest
 import torch
 
+from core.config import load_config
+from core.prepared import DataError
 from tests.synthetic import write_prepared
-from trainer.config import load_config
-from trainer.data import DataError, load_sequences
+from trainer.data import load_sequences
 from trainer.user_stream import RowGroup, StreamingUsers, assign_row_groups, list_row_groups
 
 NUM_USERS = 120
@@ -37,7 +38,7 @@ def rows(train: torch.Tensor, *others: torch.Tensor) -> Counter:
 
 
 def test_row_groups_dealt_by_rows(data_dir):
-    groups = list_row_groups(str(data_dir / "sequences"))
+    groups = list_row_groups(str(data_dir))
     assert sorted(g.num_rows for g in groups) == [8] * 3 + [16] * 6
     shares = assign_row_groups(groups, 2)
     assert sorted(sum(g.num_rows for g in s) for s in shares) == [56, 64]

@@ -16,14 +16,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
+from core.config import load_config
 from embeddings import torchrec_table
 from embeddings.torchrec_table import TorchRecItemTable, init_rows
-from trainer.catalog import catalog_forward
-from trainer.config import load_config
-from trainer.data import rank_slice, training_batch
+from trainer.batches import BatchBuilder
+from trainer.data import rank_slice
 from trainer.distributed import init_distributed, shutdown
 from trainer.engine import build_engine
 from trainer.model import MQSAEncoder
+from trainer.objectives import CatalogObjective
 from trainer.samplers import NegativeSampler
 from trainer.teacher import SparseTeacher
 
@@ -43,6 +44,13 @@ def global_groups(step: int) -> dict[str, torch.Tensor]:
 
 def local_groups(step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
     return {k: v.tensor_split(world)[rank] for k, v in global_groups(step).items()}
+
+
+def lookup_groups(table: TorchRecItemTable, groups: dict[str, torch.Tensor]) -> dict:
+    """All groups in one (collective) lookup: ``{name: [*]}`` ids to ``{name: [*, D]}`` rows."""
+    flat = torch.cat([v.reshape(-1) for v in groups.values()])
+    rows = table.lookup(flat).split([v.numel() for v in groups.values()])
+    return {k: r.view(*v.shape, D) for (k, v), r in zip(groups.items(), rows, strict=True)}
 
 
 def toy_loss(rows: dict[str, torch.Tensor], items: torch.Tensor | None, world: int) -> torch.Tensor:
@@ -97,7 +105,7 @@ def check_table_case(sharding: str, optimizer: str, use_all: bool) -> torch.Tens
     state = torch.zeros(N + 1)
     torch.testing.assert_close(full_table(table), weight[:N], rtol=0, atol=0)
     for step in range(STEPS):
-        rows = table.lookup_many(local_groups(step, rank, world))
+        rows = lookup_groups(table, local_groups(step, rank, world))
         loss = toy_loss(rows, table.all_items() if use_all else None, world)
         got_sum = table.item_sum()
         torch.testing.assert_close(got_sum, weight[:N].sum(0), rtol=1e-5, atol=1e-5)
@@ -117,13 +125,13 @@ def check_checkpoint(ckpt_dir: str) -> None:
     """DCP round trip of the sharded weights and the fused optimizer state."""
     world, rank = dist.get_world_size(), dist.get_rank()
     table = TorchRecItemTable(N, D, "row_wise", "rowwise_adagrad", LR, WD, seed=5)
-    table.lookup_many(local_groups(0, rank, world))["seq"].sum().backward()
+    lookup_groups(table, local_groups(0, rank, world))["seq"].sum().backward()
     saved_rows = full_table(table)
     dcp.save({"table": table.state_dict(), "opt": table.fused_optimizer.state_dict()},
              checkpoint_id=ckpt_dir)  # fmt: skip
     saved_opt = [v.local_shards()[0].tensor.clone() if v.local_shards() else None
                  for v in _opt_tensors(table)]  # fmt: skip
-    toy_loss(table.lookup_many(local_groups(1, rank, world)), None, world).backward()  # perturb
+    toy_loss(lookup_groups(table, local_groups(1, rank, world)), None, world).backward()
     assert not torch.equal(full_table(table), saved_rows)
     state = {"table": table.state_dict(), "opt": table.fused_optimizer.state_dict()}
     dcp.load(state, checkpoint_id=ckpt_dir)
@@ -145,25 +153,25 @@ def _opt_tensors(table: TorchRecItemTable) -> list:
 def catalog_run() -> dict[str, torch.Tensor]:
     """Catalogue-mode steps: torchrec table (SGD), MQSAEncoder in DeepSpeed, sampled losses."""
     env_cfg = ["model.dim=8", "model.dropout=0.0", "model.l2=0.0", "train.batch_size=6",
-               "embeddings.optimizer=sgd", "embeddings.lr=0.5"]  # fmt: skip
+               "embeddings.optimizer=sgd", "embeddings.lr=0.5",
+               "loss.candidates=sampled"]  # fmt: skip
     cfg = load_config(None, env_cfg)
     env = init_distributed(timeout_s=120)
     torch.manual_seed(0)
     encoder = MQSAEncoder(cfg.model, max_len=5)
-    engine = build_engine(encoder, cfg, env)
-    table = TorchRecItemTable.from_config(cfg, N, seed=1)
+    table = TorchRecItemTable.from_config(cfg, N, seed=1, device=env.device)
     gen = torch.Generator().manual_seed(0)
     src = torch.randint(0, N, (3000,), generator=gen).numpy()
     dst = torch.randint(0, 50, (3000,), generator=gen).numpy()
     teacher = SparseTeacher.from_edges(src, dst, src * 0 + 1, N, cfg.model.tau)
-    sampler = NegativeSampler("uniform", N, 16, seed=2)
+    objective = CatalogObjective(encoder, table, teacher, cfg)
+    engine, _ = build_engine(objective, cfg, env)
+    batches = BatchBuilder(N, teacher, NegativeSampler("uniform", N, 16, seed=2))
     for step in range(STEPS):
         seqs = torch.randint(0, 60, (6, 5), generator=torch.Generator().manual_seed(step))
         seqs[1, :3] = N
-        norm = float((seqs[:, :-1] != N).sum()) / env.world
         users = rank_slice(torch.arange(6), env.rank, env.world)
-        batch = training_batch(seqs[users], N)
-        losses = catalog_forward(encoder, table, batch, sampler, teacher, cfg.model, norm, norm)
+        losses = engine(batches(seqs[users], 0, step))
         engine.backward(losses.total)
         engine.step()
     out = {f"encoder.{k}": v.detach().clone() for k, v in encoder.named_parameters()}

@@ -16,21 +16,20 @@ import sys
 import numpy as np
 import torch
 
-from trainer.config import load_config
+from core.config import load_config
 from trainer.data import Sequences, load_sequences, load_transitions
+from trainer.evaluate import SPLITS, EvalSplit, eval_split
 from trainer.metrics import METRIC_NAMES, metric_sums, metrics_from_sums
 from trainer.teacher import csr_edges, csr_offsets
 
 
-def rank_by_scores(
-    scores: torch.Tensor, targets: torch.Tensor, excluded: torch.Tensor
-) -> torch.Tensor:
-    """1-based rank of ``targets`` in ``scores`` ``[B, N]`` with ``excluded`` ``[B, H]`` ids
-    (id N = padding) removed; ``scores`` is modified in place."""
-    target_scores = scores.gather(1, targets.unsqueeze(1))  # [B, 1]
-    padded = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
-    padded.scatter_(1, torch.cat([excluded, targets.unsqueeze(1)], dim=1), float("-inf"))
-    return (padded[:, :-1] > target_scores).sum(1) + 1
+def rank_by_scores(scores: torch.Tensor, split: EvalSplit) -> torch.Tensor:
+    """1-based rank of ``split.targets`` in ``scores`` ``[B, N]`` under the split's mask (a
+    masked target is a miss: rank N + 1); ``scores`` is modified in place."""
+    target_scores = scores.gather(1, split.targets.unsqueeze(1))  # [B, 1]
+    scores.index_put_(split.excluded(), scores.new_tensor(float("-inf")))
+    ranks = (scores > target_scores).sum(1) + 1
+    return torch.where(split.target_masked, scores.shape[1] + 1, ranks)
 
 
 def popularity(seqs: Sequences) -> torch.Tensor:
@@ -40,22 +39,22 @@ def popularity(seqs: Sequences) -> torch.Tensor:
 
 
 def evaluate_baseline(
-    seqs: Sequences, scorer, batch_size: int = 2048
+    seqs: Sequences, scorer, protocol: str = "paper", batch_size: int = 2048
 ) -> dict[str, dict[str, float]]:
-    """Valid/test metrics of ``scorer(history [B, M]) -> scores [B, N]`` (float64)."""
-    sums = {s: torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64) for s in ("valid", "test")}
+    """Valid/test metrics of ``scorer(inputs [B, M]) -> scores [B, N]`` (float64), under the
+    same protocol as the model (``trainer.evaluate``)."""
+    sums = {s: torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64) for s in SPLITS}
     for users in torch.arange(seqs.num_users).split(batch_size):
         batch = seqs.select(users)
-        history, valid = batch.train, batch.valid
-        sums["valid"] += metric_sums(rank_by_scores(scorer(history), valid, history))
-        excluded = torch.cat([history, valid[:, None]], dim=1)
-        test_ranks = rank_by_scores(scorer(batch.test_inputs()), batch.test, excluded)
-        sums["test"] += metric_sums(test_ranks)
+        for name in SPLITS:
+            split = eval_split(batch, name, protocol)
+            sums[name] += metric_sums(rank_by_scores(scorer(split.inputs), split))
     return {split: metrics_from_sums(s) for split, s in sums.items()}
 
 
 def baseline_metrics(cfg) -> dict[str, dict[str, dict[str, float]]]:
-    """Both baselines on the prepared data of ``cfg``."""
+    """Both baselines on the prepared data of ``cfg``, under ``train.eval_protocol``."""
+    protocol = cfg.train.eval_protocol
     seqs = load_sequences(cfg)
     pop = popularity(seqs)
     tie_break = pop / (pop.max() + 1.0)  # in [0, 1): orders items with equal counts
@@ -75,8 +74,8 @@ def baseline_metrics(cfg) -> dict[str, dict[str, dict[str, float]]]:
         return scores
 
     return {
-        "most_popular": evaluate_baseline(seqs, most_popular),
-        "last_item": evaluate_baseline(seqs, last_item),
+        "most_popular": evaluate_baseline(seqs, most_popular, protocol),
+        "last_item": evaluate_baseline(seqs, last_item, protocol),
     }
 
 

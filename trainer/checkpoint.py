@@ -26,23 +26,18 @@ from dataclasses import dataclass, field
 
 import fsspec
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from trainer.config import Config, config_hash
+from core.collectives import barrier
+from core.config import Config, config_hash
+from core.storage import load_state, save_state, write_json
 from trainer.distributed import DistEnv
-from trainer.run_dir import load_state, save_state, write_json
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
 
 
 TABLE_DIR = "table"
-
-
-def is_sharded(table) -> bool:
-    """True for a table with its own fused optimizer (saved through DCP, not DeepSpeed)."""
-    return hasattr(table, "fused_optimizer")
 
 
 def sharded_state(table) -> dict:
@@ -72,11 +67,6 @@ class TrainerState:
     stale: int = 0
     best: dict = field(default_factory=lambda: {"best_epoch": 0, "valid": {}, "test": {}})
     history: list = field(default_factory=list)
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _is_local(url: str) -> bool:
@@ -115,13 +105,15 @@ class Checkpointer:
             self.fs.rm(target, recursive=True)  # an unfinished attempt at the same step
         barrier()
         engine.save_checkpoint(staging, tag=DS_TAG, save_latest=False)
-        if is_sharded(table):
+        if table.has_fused_optimizer:
             dcp.save(sharded_state(table), checkpoint_id=f"{staging}/{TABLE_DIR}")
         rank_state = {
             "rng": torch.get_rng_state(),
-            "loss_sums": loss_sums.clone(),
+            "loss_sums": loss_sums.detach().cpu(),
             "world": self.env.world,
         }
+        if self.env.device.type == "cuda":
+            rank_state["cuda_rng"] = torch.cuda.get_rng_state(self.env.device)
         save_state(f"{staging}/rank-{self.env.rank:05d}.pt", rank_state)
         if self.env.is_main:
             write_json(
@@ -164,7 +156,7 @@ class Checkpointer:
         load_path, _ = engine.load_checkpoint(local_dir, tag=DS_TAG)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint in {path}/{DS_TAG}")
-        if is_sharded(table):
+        if table.has_fused_optimizer:
             load_sharded(table, f"{local_dir}/{TABLE_DIR}")
         loss_sums = torch.zeros(2, dtype=torch.float64)
         rank_file = f"{local_dir}/rank-{self.env.rank:05d}.pt"
@@ -172,6 +164,8 @@ class Checkpointer:
             rank_state = load_state(rank_file)
             if rank_state["world"] == self.env.world:  # same layout: resume the exact streams
                 torch.set_rng_state(rank_state["rng"])
+                if "cuda_rng" in rank_state and self.env.device.type == "cuda":
+                    torch.cuda.set_rng_state(rank_state["cuda_rng"], self.env.device)
                 loss_sums = rank_state["loss_sums"]
         state = TrainerState(
             **{k: saved[k] for k in (f.name for f in dataclasses.fields(TrainerState))}
@@ -187,8 +181,8 @@ def save_best(run_dir: str, model, table, epoch: int, env: DistEnv) -> None:
     dense) and, for a sharded table, ``best_table-eNNNNN/`` (DCP, each rank its shard, with a
     COMPLETE marker; the previous one is deleted once the new one is committed)."""
     if env.is_main:
-        save_state(f"{run_dir}/model.pt", model.state_dict())
-    if not is_sharded(table):
+        save_state(f"{run_dir}/model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    if not table.has_fused_optimizer:
         return
     target = f"{run_dir}/{BEST_TABLE}{epoch:05d}"
     dcp.save({"table": table.state_dict()}, checkpoint_id=target)

@@ -9,72 +9,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 
-from spark_jobs import io as spark_io
-from spark_jobs.errors import PrepareError
-from trainer.config import Config
-
-
-class DataError(ValueError):
-    """The prepared data is missing, empty or does not match the config."""
-
-
-def _fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
-
-
-def parquet_files(url: str) -> list[str]:
-    """Sorted Parquet files of a directory URL (fsspec); raises DataError when there are none."""
-    fs, path = _fs_and_path(url)
-    if not fs.exists(path):
-        raise DataError(f"{url} does not exist: run `python -m spark_jobs.prepare CONFIG` first")
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-    if not files:
-        raise DataError(f"{url} holds no Parquet files (an empty or unfinished prepare run?)")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [f if protocol in ("file", "local") else f"{protocol}://{f}" for f in files]
-
-
-def read_table(url: str, columns: list[str]):
-    """Read the columns of every Parquet file under ``url`` into one pyarrow Table."""
-    files = parquet_files(url)
-    fs, _ = _fs_and_path(url)
-    paths = [_fs_and_path(f)[1] for f in files]
-    try:
-        return pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=columns)
-    except (KeyError, ValueError) as e:
-        raise DataError(f"{url}: cannot read columns {columns}: {e}") from e
-
-
-def read_stats(data_dir: str) -> dict:
-    """``stats.json`` of a COMMITTED prepared data directory (its ``_COMPLETE`` marker is
-    checked: a half-written prepare output is refused)."""
-    try:
-        return spark_io.read_stats(data_dir)
-    except PrepareError as e:
-        raise DataError(str(e)) from e
+from core.config import Config
+from core.prepared import SEQUENCES, TRANSITIONS, DataError, read_dataset, read_stats
 
 
 @dataclass
 class Sequences:
-    """Users' data: all of them (paper mode) or one chunk of a streamed part.
+    """Users' data (host tensors): all of them (paper mode) or one chunk of a streamed part.
 
     Attributes:
-        train: ``[U, M]`` int64 cut train sequences, right-aligned, padding id N.
+        train: ``[U, M]`` int64 cut train sequences (the last ``max_len`` train items),
+            right-aligned, padding id N.
         valid: ``[U]`` validation targets.
         test: ``[U]`` test targets.
         num_items: N.
+        history_offsets: ``[U + 1]`` int64 CSR offsets of each user's WHOLE train history in
+            ``history_items`` (evaluation masks all of it, not only the cut ``train``).
+        history_items: ``[S]`` int64 every user's train items, oldest first.
     """
 
     train: torch.Tensor
     valid: torch.Tensor
     test: torch.Tensor
     num_items: int
+    history_offsets: torch.Tensor
+    history_items: torch.Tensor
 
     @property
     def num_users(self) -> int:
@@ -86,16 +48,34 @@ class Sequences:
 
     def select(self, rows: torch.Tensor | slice) -> Sequences:
         """The users ``rows`` (an index tensor or a slice), in that order."""
-        return Sequences(self.train[rows], self.valid[rows], self.test[rows], self.num_items)
+        if isinstance(rows, slice):
+            rows = torch.arange(self.num_users)[rows]
+        starts = self.history_offsets[rows]
+        lengths = self.history_offsets[rows + 1] - starts
+        offsets = torch.zeros(rows.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        source = torch.repeat_interleave(starts - offsets[:-1], lengths) + torch.arange(
+            int(offsets[-1])
+        )
+        return Sequences(
+            self.train[rows], self.valid[rows], self.test[rows], self.num_items,
+            offsets, self.history_items[source],
+        )  # fmt: skip
 
     @staticmethod
     def cat(chunks: list[Sequences]) -> Sequences:
         """The users of ``chunks`` one after the other (at least one chunk)."""
+        shifts = torch.tensor([0] + [int(c.history_offsets[-1]) for c in chunks[:-1]]).cumsum(0)
+        offsets = [chunks[0].history_offsets[:1]] + [
+            c.history_offsets[1:] + shift for c, shift in zip(chunks, shifts, strict=True)
+        ]
         return Sequences(
             torch.cat([c.train for c in chunks]),
             torch.cat([c.valid for c in chunks]),
             torch.cat([c.test for c in chunks]),
             chunks[0].num_items,
+            torch.cat(offsets),
+            torch.cat([c.history_items for c in chunks]),
         )
 
     def test_inputs(self) -> torch.Tensor:
@@ -145,11 +125,14 @@ def sequences_from_table(table, max_len: int, num_items: int, where: str) -> Seq
         top = max(values.max(initial=-1), valid.max(), test.max())
         if top >= num_items or min(values.min(initial=0), valid.min(), test.min()) < 0:
             raise DataError(f"{where} holds item index {top} but stats.json says {num_items} items")
+    offsets = train_col.offsets.to_numpy().astype(np.int64)
     return Sequences(
         train=torch.from_numpy(right_align(train_col, max_len, num_items)),
         valid=torch.from_numpy(valid),
         test=torch.from_numpy(test),
         num_items=num_items,
+        history_offsets=torch.from_numpy(offsets - offsets[0]),
+        history_items=torch.from_numpy(values[offsets[0] : offsets[-1]].astype(np.int64)),
     )
 
 
@@ -157,7 +140,7 @@ def load_sequences(cfg: Config) -> Sequences:
     """Read all of ``sequences/`` and check it against the config and ``stats.json``."""
     num_items = int(prepared_stats(cfg)["items"])
     url = cfg.data.dir.rstrip("/") + "/sequences"
-    table = read_table(url, SEQUENCE_COLUMNS)
+    table = read_dataset(cfg.data.dir, SEQUENCES, SEQUENCE_COLUMNS)
     if table.num_rows == 0:
         raise DataError(f"{cfg.data.dir}/sequences is empty: no user survived prepare")
     return sequences_from_table(table, cfg.data.max_len, num_items, url)
@@ -165,39 +148,8 @@ def load_sequences(cfg: Config) -> Sequences:
 
 def load_transitions(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(src, dst, count)`` int64 arrays of ``transitions/``."""
-    table = read_table(data_dir.rstrip("/") + "/transitions", ["src", "dst", "count"])
+    table = read_dataset(data_dir, TRANSITIONS, ["src", "dst", "count"])
     return tuple(table.column(c).to_numpy().astype(np.int64) for c in ("src", "dst", "count"))
-
-
-@dataclass
-class Batch:
-    """Left-padded training examples, trimmed to the longest sequence of the batch.
-
-    Attributes:
-        inputs: ``[B, T]`` input items (padding id N), slot ``T - 1`` = position ``max_len - 1``.
-        targets: ``[B, T]`` next items.
-        mask: ``[B, T]`` bool, True where ``inputs`` is a real item.
-    """
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    mask: torch.Tensor
-
-
-def trim(seqs: torch.Tensor, pad: int) -> torch.Tensor:
-    """Drop the leading all-padding columns of a right-aligned ``[B, M]`` matrix (keeps >= 1)."""
-    real = (seqs != pad).any(dim=0)
-    first = int(real.nonzero()[0]) if bool(real.any()) else seqs.shape[1] - 1
-    return seqs[:, first:]
-
-
-def training_batch(train: torch.Tensor, pad: int) -> Batch:
-    """Input = train[:-1], target = train[1:] (METHOD.md), from cut sequences ``[B, M]``."""
-    inputs = torch.full_like(train, pad)
-    inputs[:, 1:] = train[:, :-1]
-    inputs = trim(inputs, pad)
-    targets = train[:, train.shape[1] - inputs.shape[1] :]
-    return Batch(inputs=inputs, targets=targets, mask=inputs != pad)
 
 
 def epoch_order(num_users: int, seed: int, epoch: int) -> torch.Tensor:

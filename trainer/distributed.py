@@ -1,7 +1,8 @@
 """Process-group set-up shared by the trainer and the tools: torchrun or a single process.
 
-DeepSpeed owns ``init_distributed``; gloo on CPU, nccl on GPU. Under a plain ``python`` launch
-the same code runs as a world of one (rank 0 of 1) so there is a single code path.
+DeepSpeed owns ``init_distributed``; gloo on the host, NCCL on GPUs (``accelerator`` decides).
+Under a plain ``python`` launch the same code runs as a world of one (rank 0 of 1) so there is
+a single code path.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from core.collectives import host_group
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,27 @@ def _disable_deepspeed_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def accelerator() -> str:
+    """``cuda`` or ``cpu``: ``DS_ACCELERATOR`` if the user set it, else CUDA whenever torch sees
+    a GPU. The one place that decides; launch.sh and main.sh leave it to this function."""
+    visible = torch.cuda.is_available()
+    chosen = os.environ.get("DS_ACCELERATOR") or ("cuda" if visible else "cpu")
+    if chosen not in ("cuda", "cpu"):
+        raise ValueError(f"DS_ACCELERATOR={chosen!r}: this project runs on cuda or cpu")
+    if chosen == "cuda" and not visible:
+        raise ValueError("DS_ACCELERATOR=cuda but torch sees no CUDA device")
+    return chosen
+
+
 def init_distributed(timeout_s: int = 600) -> DistEnv:
-    """Initialise (once) the default process group from torchrun's environment, or as world 1."""
-    use_cuda = torch.cuda.is_available()
+    """Initialise (once) the default process group from torchrun's environment, or as world 1:
+    NCCL on CUDA (plus a gloo group for host-side exchanges), gloo on the host."""
+    kind = accelerator()
+    backend = "nccl" if kind == "cuda" else "gloo"
+    os.environ["DS_ACCELERATOR"] = kind  # DeepSpeed reads it when first imported
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)
     if "RANK" not in os.environ and not dist.is_initialized():
         # A plain `python` launch: a world of one on an in-memory store (no port to race for).
         os.environ.update(
@@ -49,36 +70,24 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
             MASTER_PORT="0",  # read by DeepSpeed, never bound
         )
         dist.init_process_group(
-            "nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+            backend, store=dist.HashStore(), rank=0, world_size=1,
             timeout=datetime.timedelta(seconds=timeout_s),
         )  # fmt: skip
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    _disable_deepspeed_shm_op()
+    if kind == "cpu":
+        _disable_deepspeed_shm_op()
     import deepspeed
 
     deepspeed.init_distributed(  # adopts an existing default group
-        dist_backend="nccl" if use_cuda else "gloo",
-        timeout=datetime.timedelta(seconds=timeout_s),
-        verbose=False,
+        dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
     )
+    host_group()  # collective: every rank creates the host-side group at the same point
     return DistEnv(
         rank=dist.get_rank(),
         world=dist.get_world_size(),
         local_rank=local_rank,
         local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-        device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+        device=torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu"),
     )
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over all ranks (float64 on CPU for exact counts)."""
-    out = values.detach().to(torch.float64).clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out)
-    return out
 
 
 def shutdown() -> None:

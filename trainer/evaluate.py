@@ -1,85 +1,158 @@
 """Full-ranking evaluation (METHOD.md, "Evaluation"): every user's target ranked among all items.
 
+Protocols (``train.eval_protocol``):
+
+- ``paper`` (the reference): the user's WHOLE train history is masked (plus the validation item
+  for the test split), not only the last ``max_len`` items the encoder reads; a target that is
+  itself in the mask (repeat consumption) is a miss.
+- ``repeat_aware``: nothing is masked; every target is ranked among all items.
+
 The rank of the target is ``1 + #(unmasked items scoring strictly higher)``. Counting needs no
 sort and adds up over item chunks, so the work is split both ways across ranks: each rank
 encodes its share of the users, the queries of a batch are all-gathered, each rank counts
 against the item rows it holds (its shard of a TorchRec table, or an even slice of a dense
 one), and the counts are all-reduced. No ``users x N`` matrix exists; the metrics are exact
-sums, identical to a single process on the same weights.
+sums, identical to a single process on the same weights. The mask travels as ``(row, item)``
+pairs, so a user's history of any length costs only its length.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+from dataclasses import dataclass
 
+import torch
+
+from core.collectives import all_gather_rows, all_reduce_sum, to_device, world
 from embeddings.base import ItemTable
-from trainer.data import trim
-from trainer.distributed import all_reduce_sum
+from trainer.batches import trim
+from trainer.data import Sequences
 from trainer.metrics import METRIC_NAMES, metric_sums, metrics_from_sums
 from trainer.model import MQSAEncoder
+from trainer.progress import progress
 from trainer.user_source import UserSource
+
+SPLITS = ("valid", "test")
+
+
+@dataclass
+class EvalSplit:
+    """One split of a batch of users, on the host.
+
+    Attributes:
+        inputs: ``[B, M]`` the encoder's input (right-aligned, padding N).
+        targets: ``[B]`` the items to rank.
+        mask_rows: ``[H]`` user (row) of each masked ``(row, item)`` pair.
+        mask_items: ``[H]`` item of each pair.
+        target_masked: ``[B]`` bool, the target is in the user's mask (a miss under ``paper``).
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    mask_rows: torch.Tensor
+    mask_items: torch.Tensor
+    target_masked: torch.Tensor
+
+    def excluded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows [H + B], items [H + B])`` never counted above a target: the mask and each
+        target itself (its score computed two ways may differ in the last bit)."""
+        rows = torch.cat([self.mask_rows, torch.arange(self.targets.shape[0])])
+        return rows, torch.cat([self.mask_items, self.targets])
+
+
+def eval_split(users: Sequences, split: str, protocol: str) -> EvalSplit:
+    """The ``split`` (valid or test) of ``users`` under ``protocol`` (see the module docstring).
+
+    Validation: input = cut train sequence; mask = the whole train history. Test: input =
+    (train + validation item)[-M:]; mask = the whole train history plus the validation item.
+    """
+    if split == "valid":
+        inputs, targets = users.train, users.valid
+    else:
+        inputs, targets = users.test_inputs(), users.test
+    empty = torch.zeros(0, dtype=torch.int64)
+    if protocol == "repeat_aware":
+        masked = torch.zeros(targets.shape[0], dtype=torch.bool)
+        return EvalSplit(inputs, targets, empty, empty, masked)
+    lengths = users.history_offsets[1:] - users.history_offsets[:-1]  # [B]
+    rows = torch.repeat_interleave(torch.arange(targets.shape[0]), lengths)
+    items = users.history_items
+    if split == "test":
+        rows = torch.cat([rows, torch.arange(targets.shape[0])])
+        items = torch.cat([items, users.valid])
+    masked = torch.zeros(targets.shape[0], dtype=torch.bool)
+    masked[rows[items == targets[rows]]] = True
+    return EvalSplit(inputs, targets, rows, items, masked)
 
 
 def count_higher(
     queries: torch.Tensor,
     items: torch.Tensor,
     target_scores: torch.Tensor,
-    excluded: torch.Tensor,
+    mask_rows: torch.Tensor,
+    mask_items: torch.Tensor,
     first_id: int = 0,
     item_chunk: int = 1 << 16,
 ) -> torch.Tensor:
-    """How many of the rows ``items`` (global ids ``first_id..``) score above each target.
+    """How many of the rows ``items`` (global ids ``first_id..``) score strictly above each
+    target, the masked ``(row, item)`` pairs left out.
 
     Args:
         queries: ``[B, D]`` user query vectors.
         items: ``[C, D]`` item rows with global ids ``first_id .. first_id + C - 1``.
         target_scores: ``[B, 1]`` each user's target score.
-        excluded: ``[B, H]`` global ids never counted (history, the target; padding ignored).
+        mask_rows, mask_items: ``[H]`` the pairs never counted (any ids; others' are ignored).
         item_chunk: rows scored per matrix product (``[B, item_chunk]`` at a time).
     Returns:
-        ``[B]`` int64 counts.
+        ``[B]`` int64 counts, on the queries' device.
     """
-    higher = torch.zeros(queries.shape[0], dtype=torch.int64)
+    batch, device = queries.shape[0], queries.device
+    higher = torch.zeros(batch, dtype=torch.int64, device=device)
     width = max(1, min(item_chunk, items.shape[0]))
-    buffer = queries.new_empty(queries.shape[0] * width)
-    rows = torch.arange(queries.shape[0]).unsqueeze(1).expand_as(excluded)  # [B, H]
+    buffer = queries.new_empty(batch * (width + 1))
     for start in range(0, items.shape[0], width):
         chunk = items[start : start + width]  # [C, D]
-        scores = buffer[: queries.shape[0] * chunk.shape[0]].view(queries.shape[0], -1)
-        torch.mm(queries, chunk.T, out=scores)  # [B, C]
-        local = excluded - (first_id + start)
+        scores = buffer[: batch * (chunk.shape[0] + 1)].view(batch, -1)  # [B, C + 1]
+        torch.mm(queries, chunk.T, out=scores[:, :-1])
+        local = mask_items - (first_id + start)
         inside = (local >= 0) & (local < chunk.shape[0])
-        scores[rows[inside], local[inside]] = float("-inf")
-        higher += (scores > target_scores).sum(1)
+        column = torch.where(inside, local, chunk.shape[0])  # outside: the spare last column
+        scores.index_put_((mask_rows, column), scores.new_tensor(float("-inf")))
+        higher += (scores[:, :-1] > target_scores).sum(1)
     return higher
 
 
 def target_ranks(
-    queries: torch.Tensor,
-    items: torch.Tensor,
-    targets: torch.Tensor,
-    excluded: torch.Tensor,
-    item_chunk: int = 1 << 16,
+    queries: torch.Tensor, items: torch.Tensor, split: EvalSplit, item_chunk: int = 1 << 16
 ) -> torch.Tensor:
-    """1-based rank of each target among all ``items`` ``[N, D]`` not in ``excluded``."""
+    """1-based rank of each target among all ``items`` ``[N, D]`` (one process, all on the
+    queries' device); a masked target's rank is ``N + 1`` (a miss)."""
+    device = queries.device
+    targets = to_device(split.targets, device)
     target_scores = (queries * items[targets]).sum(-1, keepdim=True)
-    excluded = torch.cat([excluded, targets.unsqueeze(1)], dim=1)
-    return count_higher(queries, items, target_scores, excluded, 0, item_chunk) + 1
+    rows, excluded = (to_device(t, device) for t in split.excluded())
+    counts = count_higher(queries, items, target_scores, rows, excluded, 0, item_chunk)
+    return torch.where(to_device(split.target_masked, device), items.shape[0] + 1, counts + 1)
 
 
-def _all_gather_rows(local: torch.Tensor, size: int) -> torch.Tensor:
-    """Concatenate every rank's ``[b_r, ...]`` rows (``b_r <= size``) in rank order."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return local
-    padded = local.new_zeros(size, *local.shape[1:])
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, padded)
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in parts]
-    dist.all_gather(counts, torch.tensor([local.shape[0]]))
-    return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)])
+def encode_last(
+    encoder: MQSAEncoder, table: ItemTable, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(queries [B, D], target rows [B, D])`` on the table's device for host ``inputs [B, M]``
+    and ``targets [B]``: the distinct rows are found on the host and read in one go."""
+    pad, device = table.padding_id, table.device
+    inputs = trim(inputs, pad) if inputs.shape[0] else inputs
+    flat = torch.cat([inputs.flatten(), targets])
+    real = flat != pad
+    ids, inverse = flat[real].unique(return_inverse=True)
+    index = torch.full_like(flat, ids.numel())
+    index[real] = inverse
+    rows = table.rows(to_device(ids, device), ids)  # [U, D] (collective for a sharded table)
+    rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    index = to_device(index, device)
+    emb = rows[index[: inputs.numel()]].view(*inputs.shape, -1)  # [B, T, D]
+    mask = to_device(inputs != pad, device)
+    queries = encoder(emb, mask, last_only=True)[:, -1]  # [B, D]
+    return queries, rows[index[inputs.numel() :]]
 
 
 @torch.no_grad()
@@ -88,48 +161,35 @@ def evaluate(
     table: ItemTable,
     users: UserSource,
     batch_size: int = 1024,
-    progress: bool = False,
+    show_progress: bool = False,
+    protocol: str = "paper",
 ) -> dict[str, dict[str, float]]:
-    """Validation and test metrics of all users; every rank calls with its ``users``.
-
-    Validation: input = cut train sequence, masked = that history. Test: input = (train +
-    validation item)[-M:], masked = the history plus the validation item.
-    """
+    """Validation and test metrics of all users; every rank calls with its ``users``."""
     was_training = encoder.training
     encoder.eval()
-    pad = users.num_items
-    first_id, items = table.local_rows()  # [C, D], ids first_id..first_id + C - 1
+    device, num_items = table.device, users.num_items
+    rank = world()[0]
+    first_id, items = table.local_rows()  # [C, D] on the device, ids first_id..first_id + C - 1
     num_batches, batches = users.eval_batches(batch_size)  # num_batches: the same on every rank
-    sums = {s: torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64) for s in ("valid", "test")}
-    for batch in tqdm(batches, total=num_batches, desc="eval", disable=not progress, leave=False):
-        history = batch.train  # [B, M]
-        splits = (
-            ("valid", history, history, batch.valid),
-            ("test", batch.test_inputs(), torch.cat([history, batch.valid[:, None]], dim=1),
-             batch.test),
-        )  # fmt: skip
-        for split, inputs, excluded, targets in splits:
-            inputs = trim(inputs, pad) if inputs.shape[0] else inputs
-            emb = table.lookup_many({"inputs": inputs, "targets": targets})  # collective
-            queries = encoder(emb["inputs"], inputs != pad, last_only=True)[:, -1]  # [B, D]
-            target_scores = (queries * emb["targets"]).sum(-1, keepdim=True)  # [B, 1]
-            excluded = torch.cat([excluded, targets.unsqueeze(1)], dim=1)  # [B, M + 1(+1)]
-            all_queries, all_scores, all_excluded = (
-                _all_gather_rows(t, batch_size) for t in (queries, target_scores, excluded)
+    sums = {s: torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64, device=device)
+            for s in SPLITS}  # fmt: skip
+    for batch in progress(batches, num_batches, "eval", show_progress):
+        for name in SPLITS:
+            split = eval_split(batch, name, protocol)
+            queries, target_emb = encode_last(encoder, table, split.inputs, split.targets)
+            target_scores = (queries * target_emb).sum(-1, keepdim=True)  # [B, 1]
+            scored, sizes = all_gather_rows(torch.cat([queries, target_scores], dim=1))
+            offset = sum(sizes[:rank])
+            rows, excluded = split.excluded()
+            pairs = torch.stack([rows + offset, excluded], dim=1)  # [H + B, 2]
+            all_pairs, _ = all_gather_rows(to_device(pairs, device))
+            all_queries, all_scores = scored.split([queries.shape[1], 1], dim=1)
+            counts = count_higher(
+                all_queries, items, all_scores, all_pairs[:, 0], all_pairs[:, 1], first_id
             )
-            counts = count_higher(all_queries, items, all_scores, all_excluded, first_id)
-            counts = all_reduce_sum(counts).to(torch.int64)
-            mine = slice(*_my_rows(queries.shape[0], batch_size))
-            sums[split] += metric_sums(counts[mine] + 1)
+            counts = all_reduce_sum(counts).to(torch.int64)[offset : offset + queries.shape[0]]
+            masked = to_device(split.target_masked, device)
+            ranks = torch.where(masked, num_items + 1, counts + 1)  # a masked target: a miss
+            sums[name] += metric_sums(ranks)
     encoder.train(was_training)
     return {split: metrics_from_sums(all_reduce_sum(s)) for split, s in sums.items()}
-
-
-def _my_rows(local_count: int, size: int) -> tuple[int, int]:
-    """Where this rank's rows sit in the gathered batch: ``(start, stop)``."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return 0, local_count
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([local_count]))
-    start = int(sum(int(c) for c in counts[: dist.get_rank()]))
-    return start, start + local_count

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import torch
 
-_WORKSPACE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+_WORKSPACE: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _buffer(name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """A reusable ``[rows, cols]`` scratch tensor (grown when needed, never shrunk)."""
-    key = (name, dtype)
+def _buffer(
+    name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A reusable ``[rows, cols]`` scratch tensor on ``device`` (grown when needed, never
+    shrunk; one per name, dtype and device)."""
+    key = (name, dtype, device)
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < rows * cols:
-        buf = torch.empty(rows * cols, dtype=dtype)
+        buf = torch.empty(rows * cols, dtype=dtype, device=device)
         _WORKSPACE[key] = buf
     return buf[: rows * cols].view(rows, cols)
 
@@ -35,17 +38,19 @@ class _WeightedLogPartition(torch.autograd.Function):
         mm_dtype = torch.bfloat16 if bf16 else torch.float32
         table_mm = table.detach().to(mm_dtype)  # [N, D]
         table_t = table_mm.T.contiguous()  # [D, N]
-        num_items = table.shape[0]
-        total = torch.zeros((), dtype=torch.float64)
-        grad_q = torch.empty(queries.shape, dtype=torch.float32) if needs_grad else None
-        grad_t = torch.zeros(table.shape, dtype=torch.float32) if needs_grad else None
+        num_items, device = table.shape[0], queries.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        grad_q = torch.empty_like(queries, dtype=torch.float32) if needs_grad else None
+        grad_t = torch.zeros_like(table, dtype=torch.float32) if needs_grad else None
         for start in range(0, queries.shape[0], chunk):
             q_mm = queries[start : start + chunk].detach().to(mm_dtype)  # [C, D]
             w = row_weights[start : start + chunk].unsqueeze(1)  # [C, 1]
             rows = q_mm.shape[0]
-            raw = _buffer("raw", rows, num_items, mm_dtype)
+            raw = _buffer("raw", rows, num_items, mm_dtype, device)
             torch.mm(q_mm, table_t, out=raw)  # [C, N]
-            scores = raw if not bf16 else _buffer("f32", rows, num_items, torch.float32).copy_(raw)
+            scores = raw if not bf16 else _buffer("f32", rows, num_items, torch.float32, device)
+            if bf16:
+                scores.copy_(raw)
             row_max = scores.amax(dim=1, keepdim=True)  # [C, 1]
             if zero_column:
                 row_max.clamp_(min=0.0)

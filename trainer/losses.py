@@ -1,7 +1,23 @@
-"""Paper-mode losses: full-softmax next-item loss and transition-aware distillation (TED).
+"""The losses of MQSA-TED: next-item softmax and transition-aware distillation (TED), each in
+its paper form (the whole catalogue) and its catalogue form (shared sampled candidates).
 
-Both are written as ``logsumexp over the catalogue`` (chunked, see ``logpartition``) minus a
-cheap linear term, so neither ever holds a ``positions x N`` or ``heads x N`` matrix.
+Paper form: both losses are ``logsumexp over the catalogue`` (chunked, ``trainer.logpartition``)
+minus a cheap linear term, so neither ever holds a ``positions x N`` or ``heads x N`` matrix.
+
+Catalogue form, recommendation loss at position p with target t_p and candidates c_1..c_K:
+``logits_p = [q_p . E_t, q_p . E_c1 - logQ_1, ..., q_p . E_cK - logQ_K, 0]``, a candidate equal
+to t_p (an accidental hit) gets -inf, and the loss is the cross-entropy with class 0. The last
+logit is the zero padding row that the paper's softmax holds (known exactly, never sampled).
+
+TED for head h (student ``s_h``, teacher ``p_hj = base_h + excess_hj``): ``CE_h = lse_h -
+sum_j p_hj s_h.E_j / tau``. The cross term is exact in both forms (``teacher_cross_term``:
+``base_h`` times ``s_h . sum_j E_j`` plus the successor edges). In the catalogue form ``lse_h``
+is estimated by ``logsumexp_k(s_h . E_ck / tau - logQ_k)`` and the gradient of ``sum_j E_j`` (a
+dense update of every row) by ``sum_k E_ck exp(-logQ_k)``, which only touches candidate rows.
+With every item as a candidate once (``log_q = 0``) the catalogue form equals the paper form.
+
+Every normaliser may be a float or a device scalar tensor (the global count of positions,
+summed over ranks on the device): nothing here reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -11,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from trainer.logpartition import weighted_log_partition
-from trainer.teacher import SparseTeacher
 
 
 @dataclass
@@ -27,11 +42,28 @@ class LossTerms:
     kd: torch.Tensor
 
 
+@dataclass
+class TeacherRows:
+    """The sparse teacher rows of a batch's heads, gathered on the device.
+
+    Attributes:
+        base: ``[H]`` each head's non-successor probability.
+        head_index: ``[E]`` the head (index into the H heads) of each successor edge.
+        excess: ``[E]`` the edge's teacher probability above ``base``.
+        succ_emb: ``[E, D]`` the successors' rows.
+    """
+
+    base: torch.Tensor
+    head_index: torch.Tensor
+    excess: torch.Tensor
+    succ_emb: torch.Tensor
+
+
 def full_softmax_rec_loss(
     queries: torch.Tensor,
-    targets: torch.Tensor,
+    target_emb: torch.Tensor,
     items: torch.Tensor,
-    norm: float,
+    norm: float | torch.Tensor,
     chunk: int,
     bf16: bool,
 ) -> torch.Tensor:
@@ -43,53 +75,16 @@ def full_softmax_rec_loss(
 
     Args:
         queries: ``[P, D]`` mixed query vectors at the real positions.
-        targets: ``[P]`` next-item ids.
+        target_emb: ``[P, D]`` the rows of the next items.
         items: ``[N, D]`` the whole item table.
     """
-    weights = torch.full((queries.shape[0],), 1.0 / norm)
+    weights = torch.ones_like(queries[:, 0]) / norm  # [P]
     lse = weighted_log_partition(queries, items, weights, chunk, bf16, zero_column=True)
-    target_logits = (queries * items[targets]).sum(-1)  # [P]
-    return lse - target_logits.sum() / norm
-
-
-def ted_loss(
-    student: torch.Tensor,
-    heads: torch.Tensor,
-    items: torch.Tensor,
-    teacher: SparseTeacher,
-    tau: float,
-    norm: float,
-    chunk: int,
-    bf16: bool,
-) -> torch.Tensor:
-    """Cross-entropy(teacher, student) summed over heads and divided by ``norm``.
-
-    With student logits ``s_hj = student_h . E_j / tau`` and teacher ``p_ij = base_i + excess_ij``
-    (``excess`` only on successors), ``CE_h = lse_h - base_i * (student_h . sum_j E_j) / tau
-    - sum_succ excess_ij * s_hj``: exact, and the zero-count mass costs one ``[D]`` sum.
-
-    Args:
-        student: ``[H, D]`` student vectors (dropout(E[head] * sqrt(d))).
-        heads: ``[H]`` head item ids.
-        items: ``[N, D]`` the whole item table.
-    """
-    logits_scale = student / tau  # [H, D]
-    weights = torch.full((student.shape[0],), 1.0 / norm)
-    lse = weighted_log_partition(logits_scale, items, weights, chunk, bf16)
-    head_index, succ, excess = teacher.rows(heads)
-    cross = teacher_cross_term(
-        logits_scale, teacher.base[heads], items.sum(0), head_index, excess, items[succ]
-    )
-    return lse - cross / norm
+    return lse - (queries * target_emb).sum() / norm
 
 
 def teacher_cross_term(
-    scaled: torch.Tensor,
-    base: torch.Tensor,
-    item_sum: torch.Tensor,
-    head_index: torch.Tensor,
-    excess: torch.Tensor,
-    succ_emb: torch.Tensor,
+    scaled: torch.Tensor, item_sum: torch.Tensor, teacher: TeacherRows
 ) -> torch.Tensor:
     """``sum_h sum_j p_hj * (scaled_h . E_j)`` for the sparse teacher, without an ``[H, N]`` term.
 
@@ -98,37 +93,84 @@ def teacher_cross_term(
 
     Args:
         scaled: ``[H, D]`` student vectors divided by tau.
-        base: ``[H]`` the teacher's non-successor probability of each head.
         item_sum: ``[D]`` ``sum_j E_j`` over all N items.
-        head_index: ``[E_h]`` head of each successor edge (index into the H heads).
-        excess: ``[E_h]`` the edge's teacher probability above ``base``.
-        succ_emb: ``[E_h, D]`` the successor rows.
     Returns:
         A scalar.
     """
-    uniform_part = base * (scaled @ item_sum)  # [H]
-    succ_part = excess * (scaled[head_index] * succ_emb).sum(-1)  # [E_h]
+    uniform_part = teacher.base * (scaled @ item_sum)  # [H]
+    edge_scaled = scaled.index_select(0, teacher.head_index)  # [E, D]
+    succ_part = teacher.excess * (edge_scaled * teacher.succ_emb).sum(-1)  # [E]
     return uniform_part.sum() + succ_part.sum()
 
 
-def paper_losses(
+def ted_loss(
+    student: torch.Tensor,
+    items: torch.Tensor,
+    teacher: TeacherRows,
+    tau: float,
+    norm: float | torch.Tensor,
+    chunk: int,
+    bf16: bool,
+) -> torch.Tensor:
+    """Paper TED: cross-entropy(teacher, student) over all N items, summed over heads / ``norm``.
+
+    With student logits ``s_hj = student_h . E_j / tau``, ``CE_h = lse_h - base_h * (student_h .
+    sum_j E_j) / tau - sum_succ excess_hj * s_hj``: exact, and the zero-count mass costs one
+    ``[D]`` sum.
+
+    Args:
+        student: ``[H, D]`` student vectors (dropout(E[head] * sqrt(d))).
+        items: ``[N, D]`` the whole item table.
+    """
+    scaled = student / tau  # [H, D]
+    weights = torch.ones_like(student[:, 0]) / norm  # [H]
+    lse = weighted_log_partition(scaled, items, weights, chunk, bf16)
+    return lse - teacher_cross_term(scaled, items.sum(0), teacher) / norm
+
+
+def sampled_rec_loss(
     queries: torch.Tensor,
     targets: torch.Tensor,
+    target_emb: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_log_q: torch.Tensor,
+    cand_emb: torch.Tensor,
+    norm: float | torch.Tensor,
+) -> torch.Tensor:
+    """Sampled-softmax next-item loss, summed over positions and divided by ``norm``.
+
+    Args:
+        queries: ``[P, D]`` query vectors at the real positions.
+        targets: ``[P]`` target ids.
+        target_emb: ``[P, D]`` target rows.
+        cand_ids: ``[K]`` shared candidate ids; ``cand_log_q``: ``[K]`` their log-Q.
+        cand_emb: ``[K, D]`` candidate rows.
+    """
+    pos = (queries * target_emb).sum(-1, keepdim=True)  # [P, 1]
+    neg = queries @ cand_emb.T - cand_log_q  # [P, K]
+    neg = neg.masked_fill(cand_ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos, neg, torch.zeros_like(pos)], dim=1)  # [P, 1 + K + 1]
+    return (torch.logsumexp(logits, dim=1) - pos.squeeze(1)).sum() / norm
+
+
+def sampled_ted_loss(
     student: torch.Tensor,
-    heads: torch.Tensor,
-    items: torch.Tensor,
-    teacher: SparseTeacher | None,
+    teacher: TeacherRows,
+    cand_log_q: torch.Tensor,
+    cand_emb: torch.Tensor,
+    item_sum: torch.Tensor,
     tau: float,
-    lambda_kd: float,
-    rec_norm: float,
-    kd_norm: float,
-    chunk: int = 4096,
-    bf16: bool = False,
-) -> LossTerms:
-    """Recommendation loss plus ``lambda_kd`` times TED (skipped when ``lambda_kd == 0``)."""
-    rec = full_softmax_rec_loss(queries, targets, items, rec_norm, chunk, bf16)
-    if lambda_kd == 0.0 or teacher is None:
-        kd = rec.new_zeros(())
-        return LossTerms(total=rec, rec=rec.detach(), kd=kd)
-    kd = ted_loss(student, heads, items, teacher, tau, kd_norm, chunk, bf16)
-    return LossTerms(total=rec + lambda_kd * kd, rec=rec.detach(), kd=kd.detach())
+    norm: float | torch.Tensor,
+) -> torch.Tensor:
+    """TED cross-entropy with an estimated student log-partition, summed over heads / ``norm``.
+
+    Args:
+        student: ``[H, D]`` student vectors (dropout(E[head] * sqrt(d))).
+        cand_log_q: ``[K]`` the candidates' log-Q; ``cand_emb``: ``[K, D]`` their rows.
+        item_sum: ``[D]`` exact ``sum_j E_j`` (its own gradient, if any, is not used).
+    """
+    scaled = student / tau  # [H, D]
+    lse = torch.logsumexp(scaled @ cand_emb.T - cand_log_q, dim=1)  # [H]
+    estimate = torch.exp(-cand_log_q) @ cand_emb  # [D]
+    item_sum = item_sum.detach() + (estimate - estimate.detach())  # exact value, sampled grad
+    return (lse.sum() - teacher_cross_term(scaled, item_sum, teacher)) / norm

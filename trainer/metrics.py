@@ -23,7 +23,7 @@ def metric_sums(ranks: torch.Tensor) -> torch.Tensor:
     for k in CUTOFFS:
         hit = ranks <= k
         sums += [hit.sum(), (gain * hit).sum()]
-    sums.append(torch.tensor(float(ranks.numel()), dtype=torch.float64))
+    sums.append(torch.full((), ranks.numel(), dtype=torch.float64, device=ranks.device))
     return torch.stack(sums)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ModelConfig
+from core.config import ModelConfig
 
 NEG_INF = -(2.0**32) + 1.0  # the reference's mask value: finite, so fully masked rows stay finite
 

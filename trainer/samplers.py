@@ -14,8 +14,11 @@ position and every distillation head. ``log_q[k]`` is the log of the EXPECTED nu
   so the union still estimates the sum once, not twice.
 - ``all``: every item once, ``log_q = 0``: the exact full softmax (paper mode's candidate set).
 
-Draws come from the sampler's own generator: ranks that build it with the same seed draw the
-same uniform and popularity negatives at every step.
+The sampler is data-side: the batch builder draws on the host, in the prefetching loader, and
+the candidates travel to the device with the batch (so the step never waits on a draw, and a
+CPU and a GPU run of the same seed see the same candidates). Each step's draws come from a
+generator seeded by ``(seed, epoch, step)``: a resumed run draws the same candidates, and all
+ranks draw the same uniform and popularity negatives (in-batch draws take each rank's targets).
 """
 
 from __future__ import annotations
@@ -25,10 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.config import Config
-from trainer.data import read_table
-
-KINDS = ("all", "uniform", "popularity", "in_batch", "mixed")
+from core.config import SAMPLERS, Config
+from core.prepared import VOCAB, read_dataset
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Candidates:
 
 def load_item_counts(data_dir: str, num_items: int) -> torch.Tensor:
     """Event counts per item index from ``vocab/`` (columns ``index``, ``count``): ``[N]``."""
-    table = read_table(data_dir.rstrip("/") + "/vocab", ["index", "count"])
+    table = read_dataset(data_dir, VOCAB, ["index", "count"])
     counts = torch.zeros(num_items, dtype=torch.float64)
     index = torch.from_numpy(table.column("index").to_numpy().astype("int64"))
     counts[index] = torch.from_numpy(table.column("count").to_numpy().astype("float64"))
@@ -54,12 +55,12 @@ def load_item_counts(data_dir: str, num_items: int) -> torch.Tensor:
 
 
 def occurrences(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """How often each of ``ids`` (``[K]``) occurs in ``values`` (``[P]``): ``[K]`` int64."""
-    uniq, counts = values.unique(return_counts=True)
-    if uniq.numel() == 0:
-        return torch.zeros_like(ids)
-    pos = torch.searchsorted(uniq, ids).clamp(max=uniq.numel() - 1)
-    return torch.where(uniq[pos] == ids, counts[pos], 0)
+    """How often each of ``ids`` (``[K]``) occurs in ``values`` (``[P]``): ``[K]`` int64.
+
+    Two binary searches in the sorted values: no data-dependent shapes."""
+    ordered = values.sort().values
+    right = torch.searchsorted(ordered, ids, right=True)
+    return right - torch.searchsorted(ordered, ids)
 
 
 class NegativeSampler:
@@ -75,22 +76,21 @@ class NegativeSampler:
     ) -> None:
         """
         Args:
-            kind: one of ``KINDS``.
+            kind: one of ``core.config.SAMPLERS`` (``all`` included).
             counts: ``[N]`` item popularity (``popularity`` and ``mixed`` only).
-            seed: seed of the sampler's generator (use the same on every rank).
+            seed: the base seed of every step's generator (use the same on every rank).
         """
-        if kind not in KINDS:
-            raise ValueError(f"unknown sampler {kind!r} (known: {', '.join(KINDS)})")
+        if kind not in (*SAMPLERS, "all"):
+            raise ValueError(f"unknown sampler {kind!r} (known: {', '.join(SAMPLERS)}, all)")
         if kind in ("popularity", "mixed"):
             if counts is None or counts.shape != (num_items,):
                 raise ValueError(f"sampler {kind!r} needs item counts of shape [{num_items}]")
-            probs = counts.to(torch.float64) / counts.sum()
-            self.probs = probs  # [N]
-            self.cdf = probs.cumsum(0)  # [N]
+            self.probs = counts.to(torch.float64) / counts.sum()  # [N]
+            self.cdf = self.probs.cumsum(0)  # [N]
         self.kind = kind
         self.num_items = num_items
         self.num_negatives = num_negatives
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
     @classmethod
     def from_config(cls, cfg: Config, num_items: int) -> NegativeSampler:
@@ -102,39 +102,49 @@ class NegativeSampler:
         )
         return cls(kind, num_items, cfg.loss.num_negatives, counts, seed=cfg.train.seed)
 
-    def popular(self, k: int) -> torch.Tensor:
+    def generator(self, *stream: int) -> torch.Generator:
+        """The generator of one step: seeded by ``(seed, *stream)`` (e.g. epoch, step)."""
+        value = self.seed
+        for part in stream:
+            value = (value * 1_000_003 + part) % (1 << 62)
+        return torch.Generator().manual_seed(value)
+
+    def popular(self, k: int, gen: torch.Generator) -> torch.Tensor:
         """``k`` draws with probability ``probs`` (inverse CDF: O(k log N), no O(N) pass)."""
-        u = torch.rand(k, dtype=torch.float64, generator=self.generator) * self.cdf[-1]
+        u = torch.rand(k, dtype=torch.float64, generator=gen) * self.cdf[-1]
         return torch.searchsorted(self.cdf, u, right=True).clamp(max=self.num_items - 1)
 
-    def _in_batch(self, targets: torch.Tensor, k: int) -> torch.Tensor:
+    @staticmethod
+    def _in_batch(targets: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
         """``k`` of the targets, positions drawn uniformly with replacement."""
         if targets.numel() == 0:
             return targets.new_empty(0)
-        return targets[torch.randint(targets.numel(), (k,), generator=self.generator)]
+        return targets[torch.randint(targets.numel(), (k,), generator=gen)]
 
-    def sample(self, targets: torch.Tensor) -> Candidates:
-        """The candidate set of one step.
+    def sample(self, targets: torch.Tensor, gen: torch.Generator | None = None) -> Candidates:
+        """The candidate set of one step (host tensors).
 
         Args:
             targets: ``[P]`` this rank's real next-item targets (used by in-batch kinds).
+            gen: this step's generator (default: ``generator()``, the base seed).
         """
+        gen = gen if gen is not None else self.generator()
         k, n = self.num_negatives, self.num_items
         if self.kind == "all":
             return Candidates(torch.arange(n), torch.zeros(n))
         if self.kind == "uniform":
-            ids = torch.randint(n, (k,), generator=self.generator)
+            ids = torch.randint(n, (k,), generator=gen)
             return Candidates(ids, torch.full((k,), math.log(k / n)))
         if self.kind == "popularity":
-            ids = self.popular(k)
+            ids = self.popular(k, gen)
             return Candidates(ids, (k * self.probs[ids]).log().float())
         num_targets = max(targets.numel(), 1)
         if self.kind == "in_batch":
-            ids = self._in_batch(targets, k)
+            ids = self._in_batch(targets, k, gen)
             expected = k * occurrences(targets, ids).double() / num_targets
             return Candidates(ids, expected.log().float())
         k_pop = k // 2
         k_batch = k - k_pop if targets.numel() else 0
-        ids = torch.cat([self.popular(k_pop), self._in_batch(targets, k_batch)])
+        ids = torch.cat([self.popular(k_pop, gen), self._in_batch(targets, k_batch, gen)])
         expected = k_pop * self.probs[ids] + k_batch * occurrences(targets, ids) / num_targets
         return Candidates(ids, expected.log().float())

@@ -42,9 +42,13 @@ def csr_offsets(src: np.ndarray, num_rows: int) -> np.ndarray:
 class SparseTeacher:
     """CSR teacher: row i's successors are ``dst[indptr[i]:indptr[i + 1]]``.
 
+    The graph (row offsets, successor ids) stays on the host, where the batch builder finds each
+    batch's edges (``edges_of``: their number depends on the data, so it is decided before the
+    step); the probabilities live on the run's device (``to``), where the step gathers them.
+
     Attributes:
-        indptr: ``[N + 1]`` int64 row offsets.
-        dst: ``[E]`` int64 successor ids.
+        indptr: ``[N + 1]`` int64 row offsets (host).
+        dst: ``[E]`` int64 successor ids (host).
         excess: ``[E]`` float32, ``p_ij - base_i`` for each successor.
         base: ``[N]`` float32, the probability of a non-successor (``1 / Z_i``; ``1 / N`` for an
             item without successors, whose teacher is uniform).
@@ -58,6 +62,15 @@ class SparseTeacher:
     @property
     def num_items(self) -> int:
         return self.base.shape[0]
+
+    def to(self, device: torch.device) -> SparseTeacher:
+        """The probabilities on ``device``; the graph stays on the host."""
+        return SparseTeacher(self.indptr, self.dst, self.excess.to(device), self.base.to(device))
+
+    def edges_of(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host-side: the successor edges of host ids ``heads`` ``[H]`` as
+        ``(head_index [E_h], edge [E_h])`` (position in ``heads``, position in ``dst``)."""
+        return csr_edges(self.indptr, heads)
 
     @classmethod
     def from_edges(
@@ -98,22 +111,15 @@ class SparseTeacher:
         )
 
     def rows(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The successor edges of each head.
-
-        Args:
-            heads: ``[H]`` item ids.
-        Returns:
-            ``(head_index [E_h], successor [E_h], excess [E_h])`` where ``head_index`` points into
-            ``heads``.
-        """
-        head_index, edge = csr_edges(self.indptr, heads)
-        return head_index, self.dst[edge], self.excess[edge]
+        """The successor edges of host ids ``heads`` ``[H]`` (tests and tools, host teacher):
+        ``(head_index [E_h], successor [E_h], excess [E_h])``."""
+        head_index, edge = self.edges_of(heads)
+        return head_index, self.dst[edge], self.excess[edge.to(self.excess.device)]
 
     def dense(self) -> torch.Tensor:
         """The full ``[N, N]`` teacher matrix (for tests on tiny graphs only)."""
         n = self.num_items
         out = self.base.unsqueeze(1).expand(n, n).clone()
-        heads = torch.arange(n)
-        head_index, succ, excess = self.rows(heads)
+        head_index, succ, excess = self.rows(torch.arange(n))
         out[head_index, succ] += excess
         return out

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from core.config import ConfigError, load_config
+from core.prepared import DataError
+from trainer.builder import build_run
 from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, load_config
-from trainer.data import DataError
 from trainer.distributed import init_distributed, shutdown
 from trainer.trainer import Trainer, TrainingDiverged
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         env = init_distributed()
-        result = Trainer(cfg, env).fit()
+        result = Trainer(build_run(cfg, env)).fit()
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,35 +1,32 @@
-"""The training loop: epochs of shuffled user batches, evaluation, early stopping, run outputs."""
+"""The training loop over a built run (``trainer.builder``): epochs of prefetched batches,
+evaluation, best-validation selection, early stopping, checkpoints, run outputs.
+
+The step never reads a value back to the host: the loss sums stay on the device and a
+non-finite step is skipped there (``trainer.engine.DivergenceGuard``). The host reads happen
+only where something is logged: every ``train.log_every`` steps and at the end of an epoch
+(``host_reads``).
+"""
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Iterator
 
 import torch
-from tqdm import tqdm
 
-from embeddings.dense import DenseItemTable
-from trainer.checkpoint import Checkpointer, TrainerState, save_best
-from trainer.config import Config
-from trainer.data import load_transitions, training_batch
-from trainer.distributed import DistEnv, all_reduce_sum
-from trainer.engine import build_engine
+from core.collectives import all_reduce_sum
+from core.storage import save_state
+from trainer.batches import StepBatch
+from trainer.builder import Run
+from trainer.checkpoint import TrainerState, save_best
 from trainer.evaluate import evaluate
-from trainer.mqsa_ted import MQSATED
-from trainer.run_dir import RunDir, save_state
-from trainer.samplers import NegativeSampler
-from trainer.teacher import SparseTeacher
-from trainer.user_source import build_user_source
+from trainer.prefetch import prefetched
+from trainer.progress import progress
+from trainer.run_dir import RunDir
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good weights were saved."""
-
-
-def set_threads(cfg: Config, env: DistEnv) -> None:
-    """Split this machine's cores between the local processes unless ``train.threads`` is set."""
-    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // env.local_world)
-    torch.set_num_threads(threads)
 
 
 def format_epoch(record: dict) -> str:
@@ -49,56 +46,49 @@ def format_epoch(record: dict) -> str:
 
 
 class Trainer:
-    """Paper-mode trainer (dense item table in the DeepSpeed engine)."""
+    """Loops over a :class:`~trainer.builder.Run` built by ``build_run``."""
 
-    def __init__(self, cfg: Config, env: DistEnv) -> None:
-        self.cfg, self.env = cfg, env
-        set_threads(cfg, env)
-        self.users = build_user_source(cfg, env.rank, env.world)
-        num_items = self.pad = self.users.num_items
-        self.teacher = None
-        if cfg.model.lambda_kd > 0:
-            src, dst, count = load_transitions(cfg.data.dir)
-            self.teacher = SparseTeacher.from_edges(src, dst, count, num_items, cfg.model.tau)
-        sampler = None
-        if cfg.loss.candidates == "sampled":
-            sampler = NegativeSampler.from_config(cfg, num_items)
-        if cfg.embeddings.backend == "torchrec":
-            from embeddings.torchrec_table import TorchRecItemTable  # imports fbgemm: only if used
-
-            self.table = TorchRecItemTable.from_config(cfg, num_items, cfg.train.seed)
-        else:
-            self.table = DenseItemTable(num_items, cfg.model.dim, seed=cfg.train.seed)
-        torch.manual_seed(cfg.train.seed)  # the same encoder weights on every rank and world size
-        dense_table = self.table if cfg.embeddings.backend == "dense" else None
-        self.model = MQSATED(cfg, cfg.data.max_len, dense_table, sampler)
-        self.engine = build_engine(self.model, cfg, env)
-        torch.manual_seed(cfg.train.seed + 7919 * env.rank)  # dropout differs per rank
-        self.run_dir = RunDir(cfg.train.run_dir)
-        self.checkpointer = Checkpointer(cfg, env, num_items)
-        self.loss_sums = torch.zeros(2, dtype=torch.float64)  # [rec, kd] of this epoch, this rank
+    def __init__(self, run: Run) -> None:
+        self.run, self.cfg, self.env = run, run.cfg, run.env
+        self.users, self.table, self.model = run.users, run.table, run.objective
+        self.engine, self.guard, self.checkpointer = run.engine, run.guard, run.checkpointer
+        self.run_dir = RunDir(self.cfg.train.run_dir)
+        # [rec, kd] summed over this epoch's steps on this rank, on the device
+        self.loss_sums = torch.zeros(2, dtype=torch.float64, device=run.device)
         self.log(
-            f"data: {self.users.num_users} users, {num_items} items, max_len "
-            f"{cfg.data.max_len}; world {env.world}; {torch.get_num_threads()} threads/rank; "
-            + self.users.describe()
+            f"data: {self.users.num_users} users, {self.users.num_items} items, max_len "
+            f"{self.cfg.data.max_len}; world {self.env.world} on {self.env.device}; "
+            f"{torch.get_num_threads()} threads/rank; " + self.users.describe()
         )
 
     def log(self, message: str) -> None:
         if self.env.is_main:
-            tqdm.write(message)
+            print(message, flush=True)
 
-    def train_step(self, train: torch.Tensor) -> torch.Tensor:
-        """One optimiser step on this rank's share ``[b, M]`` of a global batch (cut train
-        sequences); returns ``[rec, kd]`` of this rank."""
-        positions = torch.tensor(float((train[:, :-1] != self.pad).sum()))
-        norm = float(all_reduce_sum(positions)) / self.env.world  # DeepSpeed averages over ranks
-        batch = training_batch(train, self.pad)
-        losses = self.engine(batch, self.teacher, norm, norm, self.table)
-        if not torch.isfinite(losses.total):
-            raise TrainingDiverged(f"loss is {losses.total.item()}")
+    def step_batches(self, epoch: int, start_step: int = 0) -> Iterator[StepBatch]:
+        """This rank's batches of ``epoch`` from ``start_step`` on, built and moved to the
+        device ahead of the step (``trainer.prefetch``)."""
+        sequences = self.users.train_batches(epoch, start_step)
+        items = ((train, epoch, start_step + i) for i, train in enumerate(sequences))
+        return prefetched(items, lambda item: self.run.batches(*item), self.env.device)
+
+    def train_step(self, batch: StepBatch) -> None:
+        """One optimiser step on this rank's share of a global batch (no host read)."""
+        losses = self.engine(batch)
+        self.guard.observe(losses.total)  # a non-finite step is skipped on the device
         self.engine.backward(losses.total)
         self.engine.step()
-        return torch.stack([losses.rec, losses.kd])
+        self.loss_sums += torch.stack([losses.rec, losses.kd]).double()
+
+    def host_reads(self, steps: int) -> tuple[float, float]:
+        """The values the log shows, read from the device: mean ``(rec, kd)`` over the last
+        ``steps`` steps of all ranks. Raises :class:`TrainingDiverged` if a step was skipped for
+        a non-finite loss."""
+        skipped = self.guard.skipped()
+        if skipped:
+            raise TrainingDiverged(f"{skipped} step(s) had a non-finite loss")
+        rec, kd = (all_reduce_sum(self.loss_sums) / self.env.world / max(steps, 1)).tolist()
+        return rec, kd
 
     def train_epoch(self, state: TrainerState) -> dict[str, float]:
         """Run the rest of epoch ``state.epoch`` from batch ``state.step_in_epoch``, checkpointing
@@ -106,21 +96,24 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         steps = self.users.steps_per_epoch()
-        every = self.cfg.checkpoint.every
-        bar = tqdm(
-            self.users.train_batches(state.epoch, state.step_in_epoch),
+        every, log_every = self.cfg.checkpoint.every, self.cfg.train.log_every
+        bar = progress(
+            self.step_batches(state.epoch, state.step_in_epoch),
             total=steps - state.step_in_epoch,
             desc=f"epoch {state.epoch}",
-            disable=not (self.cfg.train.progress and self.env.is_main),
-            leave=False,
+            enabled=self.cfg.train.progress and self.env.is_main,
         )
-        for train in bar:
-            self.loss_sums += self.train_step(train)
+        for batch in bar:
+            self.train_step(batch)
             state.step_in_epoch += 1
             state.global_step += 1
+            if log_every and state.global_step % log_every == 0:
+                rec, kd = self.host_reads(state.step_in_epoch)
+                bar.set_postfix(rec=f"{rec:.4f}", kd=f"{kd:.4f}")
             if every and state.global_step % every == 0 and state.step_in_epoch < steps:
+                self.host_reads(state.step_in_epoch)  # never checkpoint a diverged run
                 self.checkpointer.save(self.engine, self.table, state, self.loss_sums)
-        rec, kd = (all_reduce_sum(self.loss_sums) / self.env.world / steps).tolist()
+        rec, kd = self.host_reads(steps)
         self.loss_sums.zero_()
         return {
             "epoch": state.epoch,
@@ -132,16 +125,19 @@ class Trainer:
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         start = time.perf_counter()
-        progress = self.cfg.train.progress and self.env.is_main
+        show = self.cfg.train.progress and self.env.is_main
+        train = self.cfg.train
         result = evaluate(
-            self.model.encoder, self.table, self.users, self.cfg.train.eval_batch_size, progress
-        )
+            self.model.encoder, self.table, self.users, train.eval_batch_size, show,
+            train.eval_protocol,
+        )  # fmt: skip
         result["eval_seconds"] = time.perf_counter() - start
         return result
 
     def save_weights(self, name: str) -> None:
         if self.env.is_main:
-            save_state(self.run_dir.path(name), self.model.state_dict())
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            save_state(self.run_dir.path(name), state)
 
     def start_state(self) -> TrainerState:
         """A fresh state, or the one of the checkpoint ``train.resume`` names."""
@@ -151,24 +147,26 @@ class Trainer:
             if resume:
                 self.log(f"resume=auto: no complete checkpoint under {self.checkpointer.root}")
             return TrainerState()
-        state, self.loss_sums = self.checkpointer.load(self.engine, self.table, path)
+        state, loss_sums = self.checkpointer.load(self.engine, self.table, path)
+        self.loss_sums = loss_sums.to(self.loss_sums.device)
         self.log(f"resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch}")
         return state
 
     def fit(self) -> dict:
         """Train, evaluate every ``eval_every`` epochs, keep the best-validation weights."""
         cfg = self.cfg.train
+        state = self.start_state()
         if self.env.is_main:
             self.run_dir.write_config(self.cfg)
-        state = self.start_state()
         while state.epoch <= cfg.epochs and not (cfg.patience and state.stale >= cfg.patience):
             try:
                 record = self.train_epoch(state)
             except TrainingDiverged as e:
                 self.save_weights("last_good.pt")
                 raise TrainingDiverged(
-                    f"epoch {state.epoch}: {e}; stopped, the last good weights are in "
-                    f"{self.run_dir.path('last_good.pt')} (lower train.lr?)"
+                    f"epoch {state.epoch}: {e}; stopped, the last good weights (no non-finite "
+                    f"step touched them) are in {self.run_dir.path('last_good.pt')} "
+                    "(lower train.lr?)"
                 ) from e
             if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
                 record.update(self.evaluate())
@@ -185,7 +183,9 @@ class Trainer:
             state.history.append(record)
             self.log(format_epoch(record))
             if self.env.is_main:
-                self.run_dir.write_metrics({**state.best, "epochs": state.history})
+                self.run_dir.write_metrics(
+                    {"protocol": cfg.eval_protocol, **state.best, "epochs": state.history}
+                )
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             self.checkpointer.save(self.engine, self.table, state, self.loss_sums)
         if cfg.patience and state.stale >= cfg.patience:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from trainer.config import Config
+from core.config import Config
 from trainer.data import Sequences, epoch_order, load_sequences, rank_slice
 from trainer.user_stream import StreamingUsers
 

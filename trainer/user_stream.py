@@ -25,13 +25,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from trainer.config import Config
+from core.config import Config
+from core.prepared import SEQUENCES, DataError, dataset_files
 from trainer.data import (
     SEQUENCE_COLUMNS,
-    DataError,
     Sequences,
     batch_share,
-    parquet_files,
     prepared_stats,
     sequences_from_table,
 )
@@ -46,10 +45,10 @@ class RowGroup:
     num_rows: int
 
 
-def list_row_groups(url: str) -> list[RowGroup]:
-    """Every non-empty row group under ``url``, from the Parquet footers only."""
+def list_row_groups(data_dir: str) -> list[RowGroup]:
+    """Every non-empty row group of ``<data_dir>/sequences``, from the Parquet footers only."""
     groups = []
-    for file in parquet_files(url):
+    for file in dataset_files(data_dir, SEQUENCES):
         fs, path = fsspec.core.url_to_fs(file)
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
@@ -98,7 +97,7 @@ class StreamingUsers:
         self.max_len, self.seed, self.rank = cfg.data.max_len, cfg.train.seed, rank
         self.shuffle_buffer = cfg.data.shuffle_buffer
         url = cfg.data.dir.rstrip("/") + "/sequences"
-        groups = list_row_groups(url)
+        groups = list_row_groups(cfg.data.dir)
         self.num_users = sum(g.num_rows for g in groups)
         if self.num_users == 0:
             raise DataError(f"{url} is empty: no user survived prepare")
@@ -169,11 +168,10 @@ class StreamingUsers:
     def eval_batches(self, batch_size: int) -> tuple[int, Iterator[Sequences]]:
         num = math.ceil(max(self.share_rows) / batch_size)
         chunks = (self._read(g) for g in self.groups)
+        none = torch.empty(0, dtype=torch.int64)
         empty = Sequences(
-            torch.empty(0, self.max_len, dtype=torch.int64),
-            torch.empty(0, dtype=torch.int64),
-            torch.empty(0, dtype=torch.int64),
-            self.num_items,
-        )
+            torch.empty(0, self.max_len, dtype=torch.int64), none, none, self.num_items,
+            torch.zeros(1, dtype=torch.int64), none,
+        )  # fmt: skip
         batches = rebatch(chunks, batch_size)
         return num, (next(batches, empty) for _ in range(num))

@@ -1,7 +1,7 @@
 """Top-K recommendations from an export, for one history or a Parquet file of histories.
 
-    python -m embeddings.recommend EXPORT_DIR --history id1,id2,... [--k 10]
-    python -m embeddings.recommend EXPORT_DIR --batch histories.parquet --out recs.parquet
+    python -m mqsa_ted.recommend EXPORT_DIR --history id1,id2,... [--k 10]
+    python -m mqsa_ted.recommend EXPORT_DIR --batch histories.parquet --out recs.parquet
 
 The history is given oldest first, as raw item ids. Unknown ids are reported and skipped; the
 history's own items are never recommended.
@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from embeddings.manifest import ExportError, Manifest
-from trainer.data import read_table
+from core.storage import read_parquet
+from mqsa_ted.manifest import ExportError, Manifest
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Recommender:
 
     def __init__(self, export_dir: str) -> None:
         self.manifest = Manifest.read(export_dir)
-        table = read_table(f"{export_dir.rstrip('/')}/items", ["item_id", "index", "vector"])
+        table = read_parquet(f"{export_dir.rstrip('/')}/items", ["item_id", "index", "vector"])
         rows = table.column("index").to_numpy()
         order = np.argsort(rows)
         self.raw_ids = [table.column("item_id").to_pylist()[i] for i in order]

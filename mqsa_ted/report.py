@@ -1,6 +1,6 @@
 """Run report: the model against the baselines, training curves, sample recommendations.
 
-    python -m trainer.report RUN_DIR [--export EXPORT_DIR] [--users 3]
+    python -m mqsa_ted.report RUN_DIR [--export EXPORT_DIR] [--users 3]
 
 Prints a metrics table (model, most-popular, last-item transitions) and top-10 lists for a few
 users, and writes ``curves.png`` and ``report.md`` into the run directory.
@@ -18,13 +18,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from embeddings.export import read_vocab  # noqa: E402
-from embeddings.recommend import Recommender  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.storage import atomic_write_bytes  # noqa: E402
+from mqsa_ted.export import read_vocab  # noqa: E402
+from mqsa_ted.recommend import Recommender  # noqa: E402
 from trainer.baselines import baseline_metrics  # noqa: E402
-from trainer.config import load_config  # noqa: E402
 from trainer.data import load_sequences  # noqa: E402
 from trainer.metrics import METRIC_NAMES  # noqa: E402
-from trainer.run_dir import RunDir, atomic_write_bytes  # noqa: E402
+from trainer.run_dir import RunDir  # noqa: E402
 
 
 def metrics_table(rows: dict[str, dict[str, float]]) -> str:

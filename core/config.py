@@ -80,6 +80,7 @@ class TrainConfig:
     batch_size: int = 256  # global batch (users per step, over all ranks)
     lr: float = 1e-3
     optimizer: str = "adam"  # optimizer of the DeepSpeed-trained part: adam (paper) | sgd
+    grad_clip: float = 0.0  # clip the dense gradients' global norm to this; 0 = off (the paper)
     seed: int = 2023
     eval_every: int = 1
     patience: int = 0  # stop after this many evaluations without a better valid NDCG@20; 0 = off
@@ -88,7 +89,11 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads per process; 0 = cores / local processes
     score_chunk: int = 4096  # rows per chunk of the catalogue-wide score products
     eval_batch_size: int = 1024
+    # paper: the whole train history is masked and a target inside it is a miss (the reference);
+    # repeat_aware: nothing is masked, repeated targets are ranked (data with repeat consumption)
+    eval_protocol: str = "paper"
     progress: bool = True
+    log_every: int = 100  # steps between logged losses (the only host reads of a step); 0 = epochs
     resume: str = ""  # "" = start fresh | auto = newest complete checkpoint | a checkpoint URL
 
 
@@ -129,15 +134,26 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# The one list of every enumerated setting; modules that switch on a value import it from here.
+FORMATS = ("auto", "parquet", "csv", "json")
+BACKENDS = ("dense", "torchrec")
+SHARDINGS = ("row_wise", "table_wise", "column_wise")
+TABLE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+CANDIDATES = ("all", "sampled")
+SAMPLERS = ("uniform", "popularity", "in_batch", "mixed")
+DENSE_OPTIMIZERS = ("adam", "sgd")
+FAISS_KINDS = ("auto", "flat", "ivf", "hnsw", "none")
+EVAL_PROTOCOLS = ("paper", "repeat_aware")
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.format": ("auto", "parquet", "csv", "json"),
-    "embeddings.backend": ("dense", "torchrec"),
-    "embeddings.sharding": ("row_wise", "table_wise", "column_wise"),
-    "embeddings.optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
-    "loss.candidates": ("all", "sampled"),
-    "train.optimizer": ("adam", "sgd"),
-    "loss.sampler": ("uniform", "popularity", "in_batch", "mixed"),
-    "export.faiss": ("auto", "flat", "ivf", "hnsw", "none"),
+    "data.format": FORMATS,
+    "embeddings.backend": BACKENDS,
+    "embeddings.sharding": SHARDINGS,
+    "embeddings.optimizer": TABLE_OPTIMIZERS,
+    "loss.candidates": CANDIDATES,
+    "train.optimizer": DENSE_OPTIMIZERS,
+    "loss.sampler": SAMPLERS,
+    "export.faiss": FAISS_KINDS,
+    "train.eval_protocol": EVAL_PROTOCOLS,
 }
 
 
@@ -235,7 +251,7 @@ def config_hash(cfg: Config, sections: tuple[str, ...] = ("data", "model")) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.config CONFIG [section.key] [-- overrides]``: print the resolved config
+    """``python -m core.config CONFIG [section.key] [-- overrides]``: print the resolved config
     (or one value), so shell scripts read settings without parsing YAML themselves."""
     import argparse
     import sys

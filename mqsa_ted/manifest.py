@@ -39,5 +39,5 @@ class Manifest:
         except FileNotFoundError as e:
             raise ExportError(
                 f"{url} not found: {export_dir} is not a finished export "
-                "(run `python -m embeddings.export RUN_DIR`)"
+                "(run `python -m mqsa_ted.export RUN_DIR`)"
             ) from e

@@ -1,7 +1,7 @@
 """Export a trained run for retrieval: item vectors, the user encoder, a FAISS index.
 
-    python -m embeddings.export RUN_DIR [--out URL] [--faiss auto|flat|ivf|hnsw|none]
-    torchrun --nproc_per_node=2 -m embeddings.export RUN_DIR ...   # TorchRec runs: per rank
+    python -m mqsa_ted.export RUN_DIR [--out URL] [--faiss auto|flat|ivf|hnsw|none]
+    torchrun --nproc_per_node=2 -m mqsa_ted.export RUN_DIR ...   # TorchRec runs: per rank
 
 Writes under ``--out`` (default ``<RUN_DIR>/export``):
 
@@ -31,20 +31,21 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from core.collectives import barrier
+from core.config import Config, config_hash, load_config
+from core.prepared import VOCAB, read_dataset, read_stats
+from core.storage import atomic_write_bytes, load_state, read_parquet, write_json
 from embeddings.base import ItemTable
-from embeddings.dense import DenseItemTable
-from embeddings.manifest import MANIFEST, ExportError, Manifest
-from trainer.checkpoint import CheckpointError, barrier, load_best_table
-from trainer.config import Config, config_hash, load_config
-from trainer.data import parquet_files, read_stats, read_table
+from embeddings.factory import build_item_table
+from mqsa_ted.manifest import MANIFEST, ExportError, Manifest
+from trainer.checkpoint import CheckpointError, load_best_table
 from trainer.distributed import init_distributed, shutdown
 from trainer.model import MQSAEncoder
-from trainer.run_dir import RunDir, atomic_write_bytes, load_state, write_json
+from trainer.run_dir import RunDir
 
 
 class UserEncoder(nn.Module):
@@ -60,7 +61,9 @@ class UserEncoder(nn.Module):
         return self.encoder(history, mask, last_only=True)[:, -1]
 
 
-def load_trained(run_dir: str) -> tuple[Config, MQSAEncoder, ItemTable]:
+def load_trained(
+    run_dir: str, device: torch.device | str = "cpu"
+) -> tuple[Config, MQSAEncoder, ItemTable]:
     """``(cfg, encoder, table)`` with a run's best-validation weights.
 
     The dense backend's table comes from ``model.pt``; a TorchRec table is rebuilt with the
@@ -74,13 +77,10 @@ def load_trained(run_dir: str) -> tuple[Config, MQSAEncoder, ItemTable]:
     except FileNotFoundError as e:
         raise ExportError(f"{run.path('model.pt')} not found: has the run finished?") from e
     num_items = int(read_stats(cfg.data.dir)["items"])
-    if cfg.embeddings.backend == "torchrec":
-        from embeddings.torchrec_table import TorchRecItemTable
-
-        table = TorchRecItemTable.from_config(cfg, num_items, cfg.train.seed)
+    table = build_item_table(cfg, num_items, device)
+    if table.has_fused_optimizer:
         load_best_table(run_dir, table)
     else:
-        table = DenseItemTable(num_items, cfg.model.dim)
         weight = state.pop("table.weight")
         if weight.shape != table.weight.shape:
             raise ExportError(
@@ -88,7 +88,7 @@ def load_trained(run_dir: str) -> tuple[Config, MQSAEncoder, ItemTable]:
                 f"{cfg.data.dir} has {num_items} items (+1 padding row)"
             )
         table.weight.data.copy_(weight)
-    encoder = MQSAEncoder(cfg.model, cfg.data.max_len)
+    encoder = MQSAEncoder(cfg.model, cfg.data.max_len).to(device)
     try:
         encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()})
     except RuntimeError as e:
@@ -99,16 +99,12 @@ def load_trained(run_dir: str) -> tuple[Config, MQSAEncoder, ItemTable]:
 def raw_item_ids(data_dir: str, first: int, count: int) -> list:
     """Raw ids of rows ``first .. first + count - 1`` from ``<data_dir>/vocab`` (only those
     rows are read: a rank never holds the whole vocabulary)."""
-    url = data_dir.rstrip("/") + "/vocab"
-    fs, _ = fsspec.core.url_to_fs(url)
-    paths = [fsspec.core.url_to_fs(f)[1] for f in parquet_files(url)]
     index = pc.field("index")
-    table = pads.dataset(paths, format="parquet", filesystem=fs).to_table(
-        columns=["item_id", "index"], filter=(index >= first) & (index < first + count)
-    )
-    table = table.sort_by("index")
+    table = read_dataset(
+        data_dir, VOCAB, ["item_id", "index"], filter=(index >= first) & (index < first + count)
+    ).sort_by("index")
     if table.num_rows != count:
-        raise ExportError(f"{url} lacks rows {first}..{first + count - 1}: wrong vocab?")
+        raise ExportError(f"{data_dir}/vocab lacks rows {first}..{first + count - 1}: wrong vocab?")
     return table.column("item_id").to_pylist()
 
 
@@ -119,7 +115,7 @@ def read_vocab(data_dir: str) -> list:
 
 def read_vectors(items_url: str, dim: int) -> np.ndarray:
     """All vectors of an export's ``items/`` in row order: ``[N, D]`` float32."""
-    table = read_table(items_url, ["index", "vector"]).sort_by("index")
+    table = read_parquet(items_url, ["index", "vector"]).sort_by("index")
     flat = table.column("vector").combine_chunks().values.to_numpy()
     return flat.reshape(-1, dim).astype(np.float32, copy=False)
 
@@ -192,14 +188,16 @@ def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | N
     """Write the export of ``run_dir`` to ``out`` (see the module docstring); every rank writes
     the item rows it holds. Returns the manifest on rank 0, None elsewhere."""
     env = init_distributed()
-    cfg, encoder, table = load_trained(run_dir)
+    cfg, encoder, table = load_trained(run_dir, env.device)
+    encoder = encoder.cpu()  # the exported program runs on the host
     fs, path = fsspec.core.url_to_fs(out)
     if env.is_main and fs.exists(f"{path}/{MANIFEST}"):
         fs.rm(f"{path}/{MANIFEST}")  # the old export stops looking complete before we overwrite
     barrier()
-    first_id, rows = table.local_rows()  # [C, D]
+    ids, rows = table.export_rows()  # [C], [C, D] on the host
+    first_id = int(ids[0]) if ids.numel() else 0
     part = f"{out}/items/part-{env.rank:05d}.parquet"
-    write_item_rows(part, cfg.data.dir, first_id, rows.float().numpy())
+    write_item_rows(part, cfg.data.dir, first_id, rows.numpy())
     barrier()
     if not env.is_main:
         return None

@@ -1,0 +1,17 @@
+"""The one base class of the errors a user can fix: every command prints its message and exits 2.
+
+Each layer raises its own subclass (``ConfigError``, ``DataError``, ``PrepareError``,
+``CheckpointError``, ``ExportError``...), so a message always names what is wrong and where,
+and no command shows a traceback for a bad setting, a bad file or a missing input.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input, a bad setting or a missing/damaged file: the message says which and how to
+    fix it. Commands catch this class, print ``error: <message>`` and exit with status 2."""
+
+
+class StorageError(UserError):
+    """A URL cannot be opened, read or written (missing backend, permission, disk full)."""

@@ -1,0 +1,28 @@
+"""The one place that turns ``embeddings.backend`` into an item table (trainer, export and
+recommend all build their tables here)."""
+
+from __future__ import annotations
+
+import torch
+
+from core.config import Config
+from embeddings.base import ItemTable
+from embeddings.dense import DenseItemTable
+
+
+def build_item_table(cfg: Config, num_items: int, device: torch.device | str) -> ItemTable:
+    """The table ``embeddings.backend`` asks for, with ``num_items`` rows of ``model.dim`` plus
+    padding, initialised from ``train.seed`` (the same values for every backend, sharding and
+    world size), placed on ``device``. The TorchRec backend is collective (every rank calls)."""
+    device = torch.device(device)
+    if cfg.embeddings.backend == "torchrec":
+        from embeddings.torchrec_table import TorchRecItemTable  # imports fbgemm: only if used
+
+        return TorchRecItemTable.from_config(cfg, num_items, cfg.train.seed, device)
+    return DenseItemTable(num_items, cfg.model.dim, seed=cfg.train.seed, device=device)
+
+
+def table_from_rows(rows: torch.Tensor) -> DenseItemTable:
+    """A dense table holding exported vectors ``rows [N, D]`` (serving: the export's items)."""
+    table = DenseItemTable(rows.shape[0], rows.shape[1], device=rows.device, rows=rows)
+    return table.requires_grad_(False)

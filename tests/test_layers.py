@@ -1,0 +1,60 @@
+"""The packages form layers that import one way (docs/architecture.md draws the graph):
+
+    core  <-  spark_jobs
+    core  <-  embeddings  <-  trainer  <-  mqsa_ted (export, recommend, report, the CLI)
+
+and reading a config stays light (no torch, DeepSpeed or Spark), so a bad setting is refused
+before any heavy import.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALLOWED = {
+    "core": set(),
+    "spark_jobs": {"core"},
+    "embeddings": {"core"},
+    "trainer": {"core", "embeddings"},
+    "mqsa_ted": {"core", "spark_jobs", "embeddings", "trainer"},
+}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Our top-level packages that ``path`` imports (at module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found |= {name.split(".")[0] for name in names} & set(ALLOWED)
+    return found
+
+
+def test_every_import_points_down_the_layers():
+    wrong = []
+    for package, allowed in ALLOWED.items():
+        files = sorted((ROOT / package).rglob("*.py"))
+        assert files, package
+        for path in files:
+            for target in imported_packages(path) - allowed - {package}:
+                wrong.append(f"{path.relative_to(ROOT)} imports {target}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_reading_a_config_imports_nothing_heavy():
+    code = (
+        "import sys; from core.config import load_config; load_config(None, ['train.epochs=2']);"
+        "heavy = ('torch', 'deepspeed', 'pyspark', 'torchrec');"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

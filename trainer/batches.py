@@ -1,0 +1,156 @@
+"""Training batches as the step consumes them: built on the host, moved to the device in one go.
+
+Everything whose SIZE depends on the data is decided here, on the host, before the step: which
+slots hold real items, which teacher edges the batch's heads have, which negatives are drawn,
+which distinct rows the item table must fetch. The step on the device then runs only ops of
+known shapes (gathers with these indices), so it never waits for the device to tell the host
+a size (no ``nonzero``, ``unique`` or boolean-mask indexing in the step).
+
+Shapes: ``B`` users (this rank's share of the global batch), ``T`` slots (the longest
+sequence of the batch), ``P`` real positions (= TED heads), ``K`` candidates, ``E`` teacher
+edges of the heads, ``U`` distinct item rows the step reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from trainer.samplers import NegativeSampler
+from trainer.teacher import SparseTeacher
+
+
+@dataclass
+class StepBatch:
+    """One rank's share of a global batch, ready for the step.
+
+    Attributes:
+        inputs: ``[B, T]`` int64 input items (padding id N), right-aligned: slot ``T - 1`` is
+            position ``max_len - 1``.
+        positions: ``[P]`` int64 flat slot index ``b * T + t`` of every real input item (these
+            slots are scored, and their items are the TED heads).
+        targets: ``[P]`` int64 the next item at each position.
+        counts: ``[1]`` float64 ``P``: this rank's part of the loss normalisers (the step sums it
+            over ranks on the device).
+        rows: ``[U]`` int64 distinct item ids the step reads from the table.
+        inputs_row: ``[B, T]`` int64 index into ``rows`` of each input (``U`` at padding: the zero
+            row appended by the objective).
+        targets_row: ``[P]`` index into ``rows`` of each target.
+        cand_row: ``[K]`` index into ``rows`` of each candidate (catalogue mode, else empty).
+        cand_log_q: ``[K]`` float32 log expected multiplicity of each candidate.
+        cand_ids: ``[K]`` int64 candidate ids (accidental-hit masking).
+        edge_head: ``[E]`` int64 index into the ``P`` heads of each teacher edge (TED, else
+            empty).
+        edge: ``[E]`` int64 index into the teacher's edge arrays.
+        succ_row: ``[E]`` index into ``rows`` of each edge's successor.
+        host_rows: ``rows`` kept on the host (a sharded table's bookkeeping reads it there);
+            not moved by ``to``.
+    """
+
+    inputs: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    counts: torch.Tensor
+    rows: torch.Tensor
+    inputs_row: torch.Tensor
+    targets_row: torch.Tensor
+    cand_row: torch.Tensor
+    cand_log_q: torch.Tensor
+    cand_ids: torch.Tensor
+    edge_head: torch.Tensor
+    edge: torch.Tensor
+    succ_row: torch.Tensor
+    host_rows: torch.Tensor
+
+    def _map(self, fn) -> StepBatch:
+        moved = {
+            f.name: fn(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "host_rows"
+        }
+        return StepBatch(**moved, host_rows=self.host_rows)
+
+    def pin_memory(self) -> StepBatch:
+        """Page-locked host copies, so the device copy can be asynchronous."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> StepBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[B, T]`` bool, True at real input items (derived on the batch's device)."""
+        return self.inputs_row != self.rows.shape[0]
+
+
+def trim(seqs: torch.Tensor, pad: int) -> torch.Tensor:
+    """Drop the leading all-padding columns of a right-aligned host ``[B, M]`` matrix (keeps at
+    least one column)."""
+    real = (seqs != pad).any(dim=0)
+    first = int(real.nonzero()[0]) if bool(real.any()) else seqs.shape[1] - 1
+    return seqs[:, first:]
+
+
+class BatchBuilder:
+    """Host side of a training step: cut train sequences ``[B, M]`` -> :class:`StepBatch`.
+
+    Input = train[:-1], target = train[1:] (METHOD.md), trimmed to the longest sequence; the
+    teacher edges of every head (TED), the step's candidates (catalogue mode) and the distinct
+    rows to read are found here.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        teacher: SparseTeacher | None = None,
+        sampler: NegativeSampler | None = None,
+    ) -> None:
+        self.pad = num_items
+        self.teacher = teacher
+        self.sampler = sampler
+
+    def __call__(self, train: torch.Tensor, epoch: int = 0, step: int = 0) -> StepBatch:
+        """The batch of cut train sequences ``train [B, M]`` at ``(epoch, step)`` (seeds the
+        step's candidate draws)."""
+        pad = self.pad
+        shifted = torch.full_like(train, pad)
+        shifted[:, 1:] = train[:, :-1]
+        inputs = trim(shifted, pad)  # [B, T]
+        targets_full = train[:, train.shape[1] - inputs.shape[1] :]  # [B, T]
+        positions = (inputs != pad).flatten().nonzero().squeeze(1)  # [P]
+        targets = targets_full.flatten()[positions]  # [P]
+        heads = inputs.flatten()[positions]  # [P]
+        empty = torch.zeros(0, dtype=torch.int64)
+        cand_ids, cand_log_q = empty, torch.zeros(0)
+        if self.sampler is not None:
+            cands = self.sampler.sample(targets, self.sampler.generator(epoch, step))
+            cand_ids, cand_log_q = cands.ids, cands.log_q
+        edge_head, edge, succ = empty, empty, empty
+        if self.teacher is not None:
+            edge_head, edge = self.teacher.edges_of(heads)
+            succ = self.teacher.dst[edge]
+        groups = [inputs.flatten(), targets, cand_ids, succ]
+        flat = torch.cat(groups)
+        real = flat != pad
+        rows, inverse = flat[real].unique(return_inverse=True)  # [U], sorted
+        index = torch.full_like(flat, rows.numel())
+        index[real] = inverse
+        inputs_row, targets_row, cand_row, succ_row = index.split([g.numel() for g in groups])
+        return StepBatch(
+            inputs=inputs,
+            positions=positions,
+            targets=targets,
+            counts=torch.tensor([float(positions.numel())], dtype=torch.float64),
+            rows=rows,
+            inputs_row=inputs_row.view_as(inputs),
+            targets_row=targets_row,
+            cand_row=cand_row,
+            cand_log_q=cand_log_q,
+            cand_ids=cand_ids,
+            edge_head=edge_head,
+            edge=edge,
+            succ_row=succ_row,
+            host_rows=rows,
+        )

@@ -1,0 +1,99 @@
+"""Builds a training run: every component, each placed on the run's device when it is built.
+
+    run = build_run(cfg, env)     # users, table, teacher, batches, objective, engine, ...
+    Trainer(run).fit()            # the trainer only loops
+
+``build_components`` stops before the DeepSpeed engine (it is what the meta-device step test
+builds: DeepSpeed itself moves models to its accelerator).
+
+Where each part lives:
+
+- the user source (``trainer.user_source``) and the batch builder (``trainer.batches``: the
+  teacher's graph, the negative sampler) are data-side: host tensors, prefetched;
+- the item table, the encoder, the teacher's probabilities and the objective live on
+  ``env.device`` (``cuda:<local rank>`` under NCCL, the host under gloo).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from core.config import Config
+from embeddings.base import ItemTable
+from embeddings.factory import build_item_table
+from trainer.batches import BatchBuilder
+from trainer.checkpoint import Checkpointer
+from trainer.data import load_transitions
+from trainer.distributed import DistEnv
+from trainer.engine import DivergenceGuard, build_engine
+from trainer.model import MQSAEncoder
+from trainer.objectives import Objective, build_objective
+from trainer.samplers import NegativeSampler
+from trainer.teacher import SparseTeacher
+from trainer.user_source import UserSource, build_user_source
+
+
+@dataclass
+class Run:
+    """One training run's parts (``engine`` and what follows are None until ``build_run``)."""
+
+    cfg: Config
+    env: DistEnv
+    users: UserSource
+    table: ItemTable
+    batches: BatchBuilder
+    objective: Objective
+    engine: object | None = None  # deepspeed.DeepSpeedEngine around ``objective``
+    guard: DivergenceGuard | None = None
+    checkpointer: Checkpointer | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+
+def set_threads(cfg: Config, env: DistEnv) -> None:
+    """Split this machine's cores between the local processes unless ``train.threads`` is set."""
+    threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // env.local_world)
+    torch.set_num_threads(threads)
+
+
+def load_teacher(cfg: Config, num_items: int) -> SparseTeacher | None:
+    """The sparse TED teacher from ``transitions/`` (host), or None when TED is off."""
+    if cfg.model.lambda_kd <= 0:
+        return None
+    src, dst, count = load_transitions(cfg.data.dir)
+    return SparseTeacher.from_edges(src, dst, count, num_items, cfg.model.tau)
+
+
+def build_components(cfg: Config, env: DistEnv) -> Run:
+    """Everything but the engine, on ``env.device``."""
+    set_threads(cfg, env)
+    users = build_user_source(cfg, env.rank, env.world)
+    num_items = users.num_items
+    teacher = load_teacher(cfg, num_items)
+    sampler = (
+        NegativeSampler.from_config(cfg, num_items) if cfg.loss.candidates == "sampled" else None
+    )
+    table = build_item_table(cfg, num_items, env.device)
+    torch.manual_seed(cfg.train.seed)  # the same encoder weights on every rank, world and device
+    encoder = MQSAEncoder(cfg.model, cfg.data.max_len).to(env.device)
+    device_teacher = teacher.to(env.device) if teacher is not None else None
+    objective = build_objective(cfg, encoder, table, device_teacher)
+    batches = BatchBuilder(num_items, teacher, sampler)
+    return Run(cfg, env, users, table, batches, objective)
+
+
+def build_run(cfg: Config, env: DistEnv) -> Run:
+    """The whole run: components, the DeepSpeed engine and its guard, the checkpointer."""
+    run = build_components(cfg, env)
+    run.engine, optimizer = build_engine(run.objective, cfg, env)
+    run.guard = DivergenceGuard(optimizer, env.device)
+    if run.table.has_fused_optimizer:
+        run.table.grad_gate = run.guard.gate  # a skipped step leaves the fused update out too
+    torch.manual_seed(cfg.train.seed + 7919 * env.rank)  # dropout differs per rank
+    run.checkpointer = Checkpointer(cfg, env, run.users.num_items)
+    return run

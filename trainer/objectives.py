@@ -1,0 +1,136 @@
+"""One training step's forward pass in each mode: what the DeepSpeed engine wraps.
+
+- :class:`PaperObjective` (``loss.candidates: all``): the full softmax over the catalogue and the
+  paper's TED (METHOD.md "Losses"), exactly.
+- :class:`CatalogObjective` (``loss.candidates: sampled``): the same two losses against the
+  batch's shared sampled candidates, with the sparse TED teacher (METHOD.md "Catalog mode").
+
+Both read the table once per step (``table.rows``: one exchange for a sharded table), encode,
+and compute their losses from device tensors of known shapes: the batch
+(``trainer.batches.StepBatch``) carries every data-dependent index, so nothing here waits on the
+device. The dense table is a submodule (the engine trains it); a sharded table is held outside
+the module tree (it trains itself in the backward pass, fused).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from core.collectives import all_reduce_sum, world
+from core.config import Config
+from embeddings.base import ItemTable
+from trainer.batches import StepBatch
+from trainer.losses import (
+    LossTerms,
+    TeacherRows,
+    full_softmax_rec_loss,
+    sampled_rec_loss,
+    sampled_ted_loss,
+    ted_loss,
+)
+from trainer.model import MQSAEncoder, dropout
+from trainer.teacher import SparseTeacher
+
+
+class Objective(nn.Module):
+    """What both modes share: the encoder, the table, the teacher and the step's first half
+    (read the rows, encode, pick the real positions)."""
+
+    def __init__(
+        self, encoder: MQSAEncoder, table: ItemTable, teacher: SparseTeacher | None, cfg: Config
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        if table.has_fused_optimizer:
+            self.__dict__["table"] = table  # not a submodule: the engine must not train it
+        else:
+            self.table = table
+        self.teacher = teacher
+        self.model_cfg, self.train_cfg = cfg.model, cfg.train
+        self.use_kd = cfg.model.lambda_kd > 0 and teacher is not None
+
+    def encode(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows [U + 1, D], queries [P, D], student [P, D])``: the batch's table rows (row U
+        is the zero padding row), the mixed query at each real position and the TED student of
+        each head (``dropout(E[head] * sqrt(d))``)."""
+        rows = self.table.rows(batch.rows, batch.host_rows)  # [U, D]
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # [U + 1, D]
+        emb = rows[batch.inputs_row]  # [B, T, D]
+        hidden = self.encoder(emb, batch.mask)  # [B, T, D]
+        queries = hidden.flatten(0, 1).index_select(0, batch.positions)  # [P, D]
+        heads_emb = emb.flatten(0, 1).index_select(0, batch.positions)  # [P, D]
+        scale = math.sqrt(self.model_cfg.dim)
+        student = dropout(heads_emb * scale, self.model_cfg.dropout, self.training)
+        return rows, queries, student
+
+    def teacher_rows(self, batch: StepBatch, rows: torch.Tensor) -> TeacherRows:
+        """The teacher rows of the batch's heads, gathered on the device."""
+        heads = batch.inputs.flatten().index_select(0, batch.positions)  # [P]
+        return TeacherRows(
+            base=self.teacher.base[heads],
+            head_index=batch.edge_head,
+            excess=self.teacher.excess[batch.edge],
+            succ_emb=rows[batch.succ_row],
+        )
+
+    @staticmethod
+    def normaliser(batch: StepBatch) -> torch.Tensor:
+        """The global number of real positions (= heads) divided by the world size, on the
+        device: DeepSpeed and TorchRec average gradients over ranks."""
+        return (all_reduce_sum(batch.counts) / world()[1]).float().squeeze(0)
+
+    def total(self, rec: torch.Tensor, kd: torch.Tensor | None) -> LossTerms:
+        if kd is None:
+            return LossTerms(total=rec, rec=rec.detach(), kd=torch.zeros_like(rec).detach())
+        return LossTerms(
+            total=rec + self.model_cfg.lambda_kd * kd, rec=rec.detach(), kd=kd.detach()
+        )
+
+
+class PaperObjective(Objective):
+    """Paper mode: full softmax and TED over all N items (no ``positions x N`` matrix kept)."""
+
+    def forward(self, batch: StepBatch) -> LossTerms:
+        norm = self.normaliser(batch)
+        rows, queries, student = self.encode(batch)
+        items = self.table.all_items()  # [N, D]
+        chunk, bf16 = self.train_cfg.score_chunk, self.train_cfg.bf16
+        rec = full_softmax_rec_loss(queries, rows[batch.targets_row], items, norm, chunk, bf16)
+        if not self.use_kd:
+            return self.total(rec, None)
+        teacher = self.teacher_rows(batch, rows)
+        kd = ted_loss(student, items, teacher, self.model_cfg.tau, norm, chunk, bf16)
+        return self.total(rec, kd)
+
+
+class CatalogObjective(Objective):
+    """Catalogue mode: both losses against the batch's shared candidates (log-Q corrected,
+    accidental hits masked) and the sparse TED teacher; never an ``N``-wide row."""
+
+    def forward(self, batch: StepBatch) -> LossTerms:
+        norm = self.normaliser(batch)
+        rows, queries, student = self.encode(batch)
+        cand_emb = rows[batch.cand_row]  # [K, D]
+        rec = sampled_rec_loss(
+            queries, batch.targets, rows[batch.targets_row], batch.cand_ids, batch.cand_log_q,
+            cand_emb, norm,
+        )  # fmt: skip
+        if not self.use_kd:
+            return self.total(rec, None)
+        teacher = self.teacher_rows(batch, rows)
+        kd = sampled_ted_loss(
+            student, teacher, batch.cand_log_q, cand_emb, self.table.item_sum(),
+            self.model_cfg.tau, norm,
+        )  # fmt: skip
+        return self.total(rec, kd)
+
+
+def build_objective(
+    cfg: Config, encoder: MQSAEncoder, table: ItemTable, teacher: SparseTeacher | None
+) -> Objective:
+    """The objective ``loss.candidates`` asks for."""
+    kind = CatalogObjective if cfg.loss.candidates == "sampled" else PaperObjective
+    return kind(encoder, table, teacher, cfg)
