@@ -39,7 +39,7 @@ SYNC_OPS = {
     "masked_select", "is_nonzero", "equal", "allclose",
 }  # fmt: skip
 SYNC_METHODS = {"tolist", "numpy"}
-HOST_SIDE = {"_track"}  # functions whose tensors are host lists by design
+HOST_SIDE = {"_track"}  # our functions whose tensors are host lists by design
 CASES = {
     "paper, dense": ["loss.candidates=all"],
     "catalogue, dense": ["loss.candidates=sampled", "loss.sampler=mixed"],
@@ -48,21 +48,31 @@ CASES = {
 }  # fmt: skip
 
 
+LIBRARIES = ("torchrec", "fbgemm_gpu", "deepspeed")
+
+
 def where(stack: list[traceback.FrameSummary]) -> str:
-    """The first frame of this repository (outside this bench), or the library the op ran in."""
+    """Where an op comes from: ``host-side`` when one of our host-bookkeeping functions
+    (``HOST_SIDE``) is on the stack; else the innermost frame that is ours (``file:function``)
+    or a library's (``<torchrec>``...), torch's own frames skipped."""
+    ours = [
+        f
+        for f in stack
+        if ROOT in Path(f.filename).parents
+        and "site-packages" not in f.filename
+        and Path(f.filename).name != Path(__file__).name
+    ]
+    if any(f.name in HOST_SIDE for f in ours):
+        return "host-side"
     for frame in reversed(stack):
-        path = Path(frame.filename)
-        if (
-            ROOT in path.parents
-            and "site-packages" not in path.parts
-            and path.name != Path(__file__).name
-        ):
-            return f"{path.relative_to(ROOT)}:{frame.name}"
-    for frame in reversed(stack):
-        for library in ("torchrec", "fbgemm_gpu", "deepspeed", "torch"):
-            if f"site-packages/{library}/" in frame.filename:
-                return f"<{library}>"
-    return "<unknown>"
+        library = next(
+            (lib for lib in LIBRARIES if f"site-packages/{lib}/" in frame.filename), None
+        )
+        if library:
+            return f"<{library}>"
+        if frame in ours:
+            return f"{Path(frame.filename).relative_to(ROOT)}:{frame.name}"
+    return "<torch>"
 
 
 class SyncCounter(TorchDispatchMode):
@@ -134,11 +144,11 @@ def main() -> None:
     data = write_prepared(Path(tempfile.mkdtemp(prefix="syncs-")) / "data")
     for case, overrides in CASES.items():
         counts = count_case(str(data), overrides, args.steps)
-        host = sum(n for k, n in counts.items() if k.split(":")[-1] in HOST_SIDE)
-        ours = sum(n for k, n in counts.items() if not k.startswith("<")) - host
+        host = counts.pop("host-side", 0)
+        ours = sum(n for k, n in counts.items() if not k.startswith("<"))
         libs = {k: n / args.steps for k, n in counts.items() if k.startswith("<")}
         print(f"{case}: {ours / args.steps:g} host syncs per step in our code; library "
-              f"internals {libs or 0}; host-side bookkeeping (no device read) "
+              f"internals {libs or 0}; host-side bookkeeping on host tensors (no device read) "
               f"{host / args.steps:g}")  # fmt: skip
         for place, n in sorted(counts.items()):
             print(f"    {n / args.steps:6.1f}  {place}")

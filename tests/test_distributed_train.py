@@ -1,7 +1,10 @@
 """2-process torchrun jobs match 1-process runs on the same global batches, for both item-table
 backends and catalogue mode; the TorchRec table with SGD matches the dense table with SGD; ranks
-streaming uneven parts of sequences/ train a whole epoch together and evaluate exactly."""
+streaming uneven parts of sequences/ train a whole epoch together and evaluate exactly; every
+evaluation equals a brute-force reference written here (METHOD.md "Evaluation": the whole train
+history masked, a target inside it a miss; or nothing masked under the repeat-aware protocol)."""
 
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.config import load_config
+from tests.dist_worker import BASE
 from tests.synthetic import write_prepared
+from trainer.batches import trim
+from trainer.data import load_sequences
+from trainer.model import MQSAEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "dist_worker.py")
@@ -23,6 +31,7 @@ CASES = {
     "dense_sgd": SGD,
     "catalog_uniform": "embeddings.backend=torchrec,loss.candidates=sampled,"
     "loss.sampler=uniform,loss.num_negatives=16",
+    "dense_repeat_aware": "train.eval_protocol=repeat_aware",
 }
 # 4 steps = the whole epoch; the ranks stream 64 and 56 users (row groups of 16, 16, 8 per file)
 STREAM = "embeddings.backend=torchrec,data.stream=true,data.shuffle_buffer=20"
@@ -48,7 +57,8 @@ def results(tmp_path_factory) -> dict:
     run([sys.executable, WORKER, str(data), str(one), STEPS, *cases])
     run(torchrun(2) + [WORKER, str(data), str(two), STEPS, *cases])
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    return {name: (a[case], b[case]) for name, case in {**CASES, "stream": STREAM}.items()}
+    out = {name: (a[case], b[case]) for name, case in {**CASES, "stream": STREAM}.items()}
+    return {**out, "data_dir": data}
 
 
 # The key bias adds the same constant to every score of a query, which the softmax ignores: its
@@ -97,3 +107,64 @@ def test_torchrec_sgd_matches_dense_sgd(results):
         dense, torchrec = results["dense_sgd"][world], results["torchrec_sgd"][world]
         assert_same_params(dense["initial"], torchrec["initial"], rtol=0, atol=0)
         assert_same_params(dense["params"], torchrec["params"])
+
+
+def brute_force_metrics(params: dict, data_dir: Path, protocol: str) -> dict:
+    """The reference evaluation, one user at a time: score every item, mask the user's whole
+    train history (plus the validation item for the test split) under ``paper``, rank the
+    target by strictly higher scores among the unmasked items; a masked target is a miss."""
+    cfg = load_config(None, [f"data.dir={data_dir}", *BASE])
+    seqs = load_sequences(cfg)
+    n, offsets = seqs.num_items, seqs.history_offsets
+    encoder = MQSAEncoder(cfg.model, cfg.data.max_len).eval()
+    encoder.load_state_dict({k: v for k, v in params.items() if k != "item_table"})
+    items = params["item_table"]  # [N, D]
+    padded = torch.cat([items, torch.zeros(1, items.shape[1])])
+    result = {}
+    for split in ("valid", "test"):
+        inputs = trim(seqs.train if split == "valid" else seqs.test_inputs(), n)
+        targets = seqs.valid if split == "valid" else seqs.test
+        with torch.no_grad():
+            queries = encoder(padded[inputs], inputs != n, last_only=True)[:, -1]
+        scores = queries @ items.T  # [U, N]
+        sums = {f"{m}@{k}": 0.0 for k in (5, 10, 20) for m in ("HR", "NDCG")}
+        for u in range(seqs.num_users):
+            history = set(seqs.history_items[offsets[u] : offsets[u + 1]].tolist())
+            if split == "test":
+                history.add(int(seqs.valid[u]))
+            mask = history if protocol == "paper" else set()
+            target = int(targets[u])
+            if target in mask:
+                continue  # a miss
+            higher = [j for j in range(n) if j not in mask and j != target
+                      and scores[u, j] > scores[u, target]]  # fmt: skip
+            rank = len(higher) + 1
+            for k in (5, 10, 20):
+                if rank <= k:
+                    sums[f"HR@{k}"] += 1.0
+                    sums[f"NDCG@{k}"] += 1.0 / math.log2(rank + 1)
+        result[split] = {key: value / seqs.num_users for key, value in sums.items()}
+    return result
+
+
+def test_the_data_exercises_the_protocol(results):
+    """Some targets repeat a history item and some histories are longer than max_len."""
+    cfg = load_config(None, [f"data.dir={results['data_dir']}", *BASE])
+    seqs = load_sequences(cfg)
+    lengths = seqs.history_offsets[1:] - seqs.history_offsets[:-1]
+    assert int((lengths > cfg.data.max_len).sum()) >= 10
+    repeats = sum(
+        int(seqs.test[u]) in set(seqs.history_items[seqs.history_offsets[u] :
+                                                    seqs.history_offsets[u + 1]].tolist())
+        for u in range(seqs.num_users)
+    )  # fmt: skip
+    assert repeats >= 5
+
+
+@pytest.mark.parametrize("case", [*CASES, "stream"])
+def test_every_evaluation_equals_the_brute_force_reference(results, case):
+    protocol = "repeat_aware" if "repeat_aware" in (CASES.get(case) or "") else "paper"
+    for world in (0, 1):
+        run = results[case][world]
+        want = brute_force_metrics(run["params"], results["data_dir"], protocol)
+        assert_same_metrics(want, run["metrics"])
