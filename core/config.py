@@ -84,6 +84,10 @@ class TrainConfig:
     seed: int = 2023
     eval_every: int = 1
     patience: int = 0  # stop after this many evaluations without a better valid NDCG@20; 0 = off
+    # train at least this many optimizer steps: the epochs grow to ceil(min_steps / steps per
+    # epoch) on small data (early stopping still applies); 0 = exactly train.epochs (the paper)
+    min_steps: int = 0
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps; 0 = off (paper)
     run_dir: str = "runs/default"
     bf16: bool = False  # bf16 autocast for the catalogue-wide score products
     threads: int = 0  # torch intra-op threads per process; 0 = cores / local processes

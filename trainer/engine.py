@@ -51,7 +51,15 @@ def build_engine(model: nn.Module, cfg: Config, env: DistEnv):
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    warmup = cfg.train.warmup_steps
+    scheduler = None
+    if warmup:  # linear warm-up to train.lr, then constant
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup)
+        )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler
+    )
     return engine, optimizer
 
 

@@ -152,13 +152,23 @@ class Trainer:
         self.log(f"resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch}")
         return state
 
+    def planned_epochs(self) -> int:
+        """``train.epochs``, raised so that at least ``train.min_steps`` steps run."""
+        steps = self.users.steps_per_epoch()
+        epochs = max(self.cfg.train.epochs, -(-self.cfg.train.min_steps // steps))
+        if epochs > self.cfg.train.epochs:
+            self.log(f"train.min_steps={self.cfg.train.min_steps}: {steps} steps per epoch, "
+                     f"training up to {epochs} epochs, not {self.cfg.train.epochs}")  # fmt: skip
+        return epochs
+
     def fit(self) -> dict:
         """Train, evaluate every ``eval_every`` epochs, keep the best-validation weights."""
         cfg = self.cfg.train
         state = self.start_state()
         if self.env.is_main:
             self.run_dir.write_config(self.cfg)
-        while state.epoch <= cfg.epochs and not (cfg.patience and state.stale >= cfg.patience):
+        epochs = self.planned_epochs()
+        while state.epoch <= epochs and not (cfg.patience and state.stale >= cfg.patience):
             try:
                 record = self.train_epoch(state)
             except TrainingDiverged as e:
@@ -168,7 +178,7 @@ class Trainer:
                     f"step touched them) are in {self.run_dir.path('last_good.pt')} "
                     "(lower train.lr?)"
                 ) from e
-            if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
+            if state.epoch % cfg.eval_every == 0 or state.epoch == epochs:
                 record.update(self.evaluate())
                 if record["valid"]["NDCG@20"] > state.best["valid"].get("NDCG@20", -1.0):
                     state.best = {
@@ -182,12 +192,30 @@ class Trainer:
                     state.stale += 1
             state.history.append(record)
             self.log(format_epoch(record))
-            if self.env.is_main:
-                self.run_dir.write_metrics(
-                    {"protocol": cfg.eval_protocol, **state.best, "epochs": state.history}
-                )
+            self.write_metrics(state, [])
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             self.checkpointer.save(self.engine, self.table, state, self.loss_sums)
         if cfg.patience and state.stale >= cfg.patience:
             self.log(f"early stop: no better valid NDCG@20 in {state.stale} evaluations")
-        return {**state.best, "epochs": state.history}
+        warnings = self.final_warnings(state)
+        for warning in warnings:
+            self.log(f"warning: {warning}")
+        return self.write_metrics(state, warnings)
+
+    def final_warnings(self, state: TrainerState) -> list[str]:
+        """What the user should know about how training ended (kept in metrics.json)."""
+        evaluated = [r["epoch"] for r in state.history if "valid" in r]
+        if evaluated and state.best["best_epoch"] == evaluated[-1] and len(evaluated) > 1:
+            return [
+                f"valid NDCG@20 was still improving at the last epoch ({evaluated[-1]}): the "
+                "model may be under-trained; raise train.epochs or train.min_steps"
+            ]
+        return []
+
+    def write_metrics(self, state: TrainerState, warnings: list[str]) -> dict:
+        """``metrics.json``: the protocol, the best epoch's metrics, every epoch, warnings."""
+        metrics = {"protocol": self.cfg.train.eval_protocol, **state.best,
+                   "epochs": state.history, "warnings": warnings}  # fmt: skip
+        if self.env.is_main:
+            self.run_dir.write_metrics(metrics)
+        return metrics
