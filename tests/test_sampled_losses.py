@@ -10,7 +10,7 @@ import torch
 
 from core.config import load_config
 from embeddings.dense import DenseItemTable
-from trainer.batches import BatchBuilder
+from trainer.batches import BatchBuilder, accidental_hits
 from trainer.losses import (
     TeacherRows,
     full_softmax_rec_loss,
@@ -51,10 +51,11 @@ def test_all_items_candidates_equal_paper_losses_value_and_gradients():
 
     cands = NegativeSampler("all", N, 0).sample(targets)
     cand_emb = items[cands.ids]
+    hits = accidental_hits(head_index, succ, cands.ids)
     got_rec = sampled_rec_loss(queries, targets, items[targets], cands.ids, cands.log_q, cand_emb,
                                25.0)  # fmt: skip
     got_kd = sampled_ted_loss(
-        student, rows, cands.log_q, cand_emb, items.sum(0).detach(), TAU, 20.0
+        student, rows, cands.log_q, cand_emb, hits, items.sum(0).detach(), TAU, 20.0
     )
     got_grads = torch.autograd.grad(got_rec + 0.1 * got_kd, [queries, items])
     torch.testing.assert_close(got_rec, rec, rtol=1e-5, atol=1e-5)
@@ -148,27 +149,43 @@ def test_corrected_sum_is_unbiased(kind):
     assert abs(total / trials - want) / want < 0.03
 
 
-def test_sampled_ted_uses_exact_item_sum_and_its_estimated_gradient():
+def test_sampled_ted_partition_and_item_sum():
+    """The partition holds each head's successors exactly plus the candidates that are not its
+    successors (log-Q corrected); the item sum's value is exact, its gradient the estimate."""
     torch.manual_seed(0)
     teacher = _teacher()
     items = torch.randn(N, D).requires_grad_()
     heads = torch.tensor([0, 1, 2])
     student = torch.randn(3, D)
-    cands = Candidates(torch.tensor([5, 6]), torch.log(torch.tensor([0.5, 0.25])))
-    edges = teacher.rows(heads)
-    rows = TeacherRows(teacher.base[heads], edges[0], edges[2], items[edges[1]])
+    head_index, succ_ids, excess = teacher.rows(heads)
+    # candidate 0 is a successor of head 0 (an accidental hit), candidate 1 of nobody here
+    others = [j for j in range(N) if j not in succ_ids.tolist()]
+    cand_ids = torch.tensor([int(succ_ids[head_index == 0][0]), others[0]])
+    cands = Candidates(cand_ids, torch.log(torch.tensor([0.5, 0.25])))
+    rows = TeacherRows(teacher.base[heads], head_index, excess, items[succ_ids])
     exact = items.sum(0).detach()
-    loss = sampled_ted_loss(student, rows, cands.log_q, items[cands.ids], exact, TAU, 1.0)
+    hits = accidental_hits(head_index, succ_ids, cand_ids)
+    assert len(hits[0]) >= 1
+    loss = sampled_ted_loss(student, rows, cands.log_q, items[cand_ids], hits, exact, TAU, 1.0)
+
     scaled = student / TAU
-    lse = torch.logsumexp(scaled @ items[cands.ids].T - cands.log_q, 1).sum()
+    lse = 0.0
+    for h in range(3):
+        mine = succ_ids[head_index == h]
+        terms = [scaled[h] @ items[j] for j in mine.tolist()] + [
+            scaled[h] @ items[c] - q
+            for c, q in zip(cand_ids.tolist(), cands.log_q, strict=True)
+            if c not in mine.tolist()
+        ]
+        lse = lse + torch.logsumexp(torch.stack(terms), 0)
     base = teacher.base[heads]
-    succ = (edges[2] * (scaled[edges[0]] * items[edges[1]]).sum(-1)).sum()
+    succ = (excess * (scaled[head_index] * items[succ_ids]).sum(-1)).sum()
     torch.testing.assert_close(loss, lse - (base * (scaled @ exact)).sum() - succ)
-    # gradient: sum_j E_j replaced by its estimate 2 E_5 + 4 E_6 (weights 1 / expected count)
-    estimate = 2.0 * items[5] + 4.0 * items[6]
+    # gradient: sum_j E_j replaced by its estimate 2 E_c0 + 4 E_c1 (weights 1 / expected count)
+    estimate = 2.0 * items[cand_ids[0]] + 4.0 * items[cand_ids[1]]
     (grad,) = torch.autograd.grad(loss, items, retain_graph=True)
     (want,) = torch.autograd.grad(lse - (base * (scaled @ estimate)).sum() - succ, items)
-    torch.testing.assert_close(grad, want)
+    torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-4)
 
 
 def test_popularity_sampler_from_config_reads_vocab_counts(tmp_path):

@@ -45,6 +45,8 @@ class StepBatch:
             empty).
         edge: ``[E]`` int64 index into the teacher's edge arrays.
         succ_row: ``[E]`` index into ``rows`` of each edge's successor.
+        hit_head, hit_cand: ``[A]`` int64: candidate ``hit_cand`` is a successor of head
+            ``hit_head`` (catalogue TED counts it exactly, not as a sample).
         host_rows: ``rows`` kept on the host (a sharded table's bookkeeping reads it there);
             not moved by ``to``.
     """
@@ -62,6 +64,8 @@ class StepBatch:
     edge_head: torch.Tensor
     edge: torch.Tensor
     succ_row: torch.Tensor
+    hit_head: torch.Tensor
+    hit_cand: torch.Tensor
     host_rows: torch.Tensor
 
     def _map(self, fn) -> StepBatch:
@@ -83,6 +87,20 @@ class StepBatch:
     def mask(self) -> torch.Tensor:
         """``[B, T]`` bool, True at real input items (derived on the batch's device)."""
         return self.inputs_row != self.rows.shape[0]
+
+
+def accidental_hits(
+    edge_head: torch.Tensor, succ: torch.Tensor, cand_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host-side: every ``(head, candidate position)`` where candidate ``cand_ids[k]`` is a
+    successor ``succ[e]`` of head ``edge_head[e]``: ``(head [A], candidate [A])``."""
+    order = cand_ids.argsort()
+    ordered = cand_ids[order]
+    start = torch.searchsorted(ordered, succ)
+    count = torch.searchsorted(ordered, succ, right=True) - start  # [E]
+    edge = torch.repeat_interleave(torch.arange(succ.numel()), count)
+    within = torch.arange(edge.numel()) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    return edge_head[edge], order[start[edge] + within]
 
 
 def trim(seqs: torch.Tensor, pad: int) -> torch.Tensor:
@@ -131,6 +149,7 @@ class BatchBuilder:
         if self.teacher is not None:
             edge_head, edge = self.teacher.edges_of(heads)
             succ = self.teacher.dst[edge]
+        hit_head, hit_cand = accidental_hits(edge_head, succ, cand_ids)
         groups = [inputs.flatten(), targets, cand_ids, succ]
         flat = torch.cat(groups)
         real = flat != pad
@@ -152,5 +171,7 @@ class BatchBuilder:
             edge_head=edge_head,
             edge=edge,
             succ_row=succ_row,
+            hit_head=hit_head,
+            hit_cand=hit_cand,
             host_rows=rows,
         )

@@ -12,8 +12,10 @@ logit is the zero padding row that the paper's softmax holds (known exactly, nev
 TED for head h (student ``s_h``, teacher ``p_hj = base_h + excess_hj``): ``CE_h = lse_h -
 sum_j p_hj s_h.E_j / tau``. The cross term is exact in both forms (``teacher_cross_term``:
 ``base_h`` times ``s_h . sum_j E_j`` plus the successor edges). In the catalogue form ``lse_h``
-is estimated by ``logsumexp_k(s_h . E_ck / tau - logQ_k)`` and the gradient of ``sum_j E_j`` (a
-dense update of every row) by ``sum_k E_ck exp(-logQ_k)``, which only touches candidate rows.
+keeps the successors' terms exactly and estimates the rest of the partition from the candidates
+that are not successors of h, ``logsumexp(s_h . E_succ / tau, s_h . E_ck / tau - logQ_k)``; the
+gradient of ``sum_j E_j`` (a dense update of every row) is estimated by
+``sum_k E_ck exp(-logQ_k)``, which only touches candidate rows.
 With every item as a candidate once (``log_q = 0``) the catalogue form equals the paper form.
 
 Every normaliser may be a float or a device scalar tensor (the global count of positions,
@@ -83,24 +85,39 @@ def full_softmax_rec_loss(
     return lse - (queries * target_emb).sum() / norm
 
 
+def edge_scores(scaled: torch.Tensor, teacher: TeacherRows) -> torch.Tensor:
+    """``[E]`` the student's logit of each successor edge: ``scaled_h(e) . E_succ(e)``."""
+    return (scaled.index_select(0, teacher.head_index) * teacher.succ_emb).sum(-1)
+
+
 def teacher_cross_term(
-    scaled: torch.Tensor, item_sum: torch.Tensor, teacher: TeacherRows
+    scaled: torch.Tensor, item_sum: torch.Tensor, teacher: TeacherRows, succ: torch.Tensor
 ) -> torch.Tensor:
     """``sum_h sum_j p_hj * (scaled_h . E_j)`` for the sparse teacher, without an ``[H, N]`` term.
 
     ``p_hj = base_h + excess_hj`` (``excess`` on successors only), so the sum is
-    ``sum_h base_h * (scaled_h . sum_j E_j) + sum_edges excess_e * (scaled_h(e) . E_succ(e))``.
+    ``sum_h base_h * (scaled_h . sum_j E_j) + sum_edges excess_e * succ_e``.
 
     Args:
         scaled: ``[H, D]`` student vectors divided by tau.
         item_sum: ``[D]`` ``sum_j E_j`` over all N items.
+        succ: ``[E]`` the edges' student logits (``edge_scores``).
     Returns:
         A scalar.
     """
-    uniform_part = teacher.base * (scaled @ item_sum)  # [H]
-    edge_scaled = scaled.index_select(0, teacher.head_index)  # [E, D]
-    succ_part = teacher.excess * (edge_scaled * teacher.succ_emb).sum(-1)  # [E]
-    return uniform_part.sum() + succ_part.sum()
+    return (teacher.base * (scaled @ item_sum)).sum() + (teacher.excess * succ).sum()
+
+
+def logsumexp_with_edges(
+    row_logits: torch.Tensor, edge_logits: torch.Tensor, edge_row: torch.Tensor
+) -> torch.Tensor:
+    """``[H]`` logsumexp of each row's logits ``[H, K]`` together with the extra logits of the
+    edges that belong to it (``edge_logits [E]``, row ``edge_row [E]``)."""
+    top = row_logits.detach().amax(1).scatter_reduce(0, edge_row, edge_logits.detach(), "amax")
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # [H]
+    total = (row_logits - top.unsqueeze(1)).exp().sum(1)
+    total = total.index_add(0, edge_row, (edge_logits - top.index_select(0, edge_row)).exp())
+    return total.log() + top
 
 
 def ted_loss(
@@ -125,7 +142,8 @@ def ted_loss(
     scaled = student / tau  # [H, D]
     weights = torch.ones_like(student[:, 0]) / norm  # [H]
     lse = weighted_log_partition(scaled, items, weights, chunk, bf16)
-    return lse - teacher_cross_term(scaled, items.sum(0), teacher) / norm
+    cross = teacher_cross_term(scaled, items.sum(0), teacher, edge_scores(scaled, teacher))
+    return lse - cross / norm
 
 
 def sampled_rec_loss(
@@ -158,19 +176,28 @@ def sampled_ted_loss(
     teacher: TeacherRows,
     cand_log_q: torch.Tensor,
     cand_emb: torch.Tensor,
+    hits: tuple[torch.Tensor, torch.Tensor],
     item_sum: torch.Tensor,
     tau: float,
     norm: float | torch.Tensor,
 ) -> torch.Tensor:
     """TED cross-entropy with an estimated student log-partition, summed over heads / ``norm``.
 
+    The partition of head h is its successors' terms, exactly (where the teacher puts its mass
+    and where the student's mass concentrates), plus the candidates' estimate of every other
+    item: ``Z_h = sum_{j in S_h} exp(s_hj) + sum_k exp(s_hk - logQ_k)`` over the candidates
+    that are not successors of h (those are masked: ``hits``), unbiased for the rest.
+
     Args:
         student: ``[H, D]`` student vectors (dropout(E[head] * sqrt(d))).
         cand_log_q: ``[K]`` the candidates' log-Q; ``cand_emb``: ``[K, D]`` their rows.
+        hits: ``(head [A], candidate [A])``: candidate k is a successor of head h.
         item_sum: ``[D]`` exact ``sum_j E_j`` (its own gradient, if any, is not used).
     """
     scaled = student / tau  # [H, D]
-    lse = torch.logsumexp(scaled @ cand_emb.T - cand_log_q, dim=1)  # [H]
+    cand = (scaled @ cand_emb.T - cand_log_q).index_put(hits, scaled.new_tensor(float("-inf")))
+    succ = edge_scores(scaled, teacher)  # [E]
+    lse = logsumexp_with_edges(cand, succ, teacher.head_index)  # [H]
     estimate = torch.exp(-cand_log_q) @ cand_emb  # [D]
     item_sum = item_sum.detach() + (estimate - estimate.detach())  # exact value, sampled grad
-    return (lse.sum() - teacher_cross_term(scaled, item_sum, teacher)) / norm
+    return (lse.sum() - teacher_cross_term(scaled, item_sum, teacher, succ)) / norm

@@ -122,8 +122,8 @@ class CatalogObjective(Objective):
             return self.total(rec, None)
         teacher = self.teacher_rows(batch, rows)
         kd = sampled_ted_loss(
-            student, teacher, batch.cand_log_q, cand_emb, self.table.item_sum(),
-            self.model_cfg.tau, norm,
+            student, teacher, batch.cand_log_q, cand_emb, (batch.hit_head, batch.hit_cand),
+            self.table.item_sum(), self.model_cfg.tau, norm,
         )  # fmt: skip
         return self.total(rec, kd)
 

@@ -76,7 +76,8 @@ class SparseTeacher:
     def from_edges(
         cls, src: np.ndarray, dst: np.ndarray, count: np.ndarray, num_items: int, tau: float
     ) -> SparseTeacher:
-        """Build from edge lists ``src``, ``dst``, ``count`` (``[E]``; counts summed over spans)."""
+        """Build from edge lists ``src``, ``dst``, ``count`` (``[E]``; counts summed over spans;
+        a pair listed twice counts once with the summed count)."""
         src = np.asarray(src, dtype=np.int64)
         dst = np.asarray(dst, dtype=np.int64)
         count = np.asarray(count, dtype=np.float64)
@@ -87,8 +88,9 @@ class SparseTeacher:
                 f"transitions hold item indices outside 0..{num_items - 1}: the graph does not "
                 "match the vocabulary (re-run spark_jobs.prepare?)"
             )
-        order = np.lexsort((dst, src))
-        src, dst, count = src[order], dst[order], count[order]
+        pairs, where = np.unique(np.stack([src, dst], axis=1), axis=0, return_inverse=True)
+        src, dst = pairs[:, 0].copy(), pairs[:, 1].copy()  # sorted by (src, dst), distinct
+        count = np.bincount(where.reshape(-1), weights=count, minlength=len(pairs))
         row_max = np.zeros(num_items)
         np.maximum.at(row_max, src, count)
         logits = count / row_max[src] / tau  # [E], in (0, 1 / tau]
