@@ -99,6 +99,9 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 100  # steps between logged losses (the only host reads of a step); 0 = epochs
     resume: str = ""  # "" = start fresh | auto = newest complete checkpoint | a checkpoint URL
+    # warm start (day two): a previous run whose data this run's data extends (data.base_dir);
+    # its encoder and item rows seed this run (trainer/warm_start.py); "" = off
+    init_from: str = ""
 
 
 @dataclass

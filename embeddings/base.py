@@ -95,6 +95,14 @@ class ItemTable(nn.Module):
         bounds = [self.num_items * r // world for r in range(world + 1)]
         return bounds[rank], items[bounds[rank] : bounds[rank + 1]]
 
+    def held_ids(self) -> torch.Tensor:
+        """Host ids of the rows this rank holds and may write (:meth:`assign_rows`)."""
+        raise NotImplementedError
+
+    def assign_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the held rows ``ids [R]`` (host) with ``values [R, D]`` (no gradient)."""
+        raise NotImplementedError
+
     def export_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(global ids [R], vectors [R, D])`` this rank writes in an export, ON THE HOST."""
         first_id, rows = self.local_rows()

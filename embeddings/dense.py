@@ -46,3 +46,10 @@ class DenseItemTable(ItemTable):
 
     def all_items(self) -> torch.Tensor:
         return self.weight[: self.num_items]
+
+    def held_ids(self) -> torch.Tensor:
+        return torch.arange(self.num_items)  # every rank holds (a replica of) every row
+
+    @torch.no_grad()
+    def assign_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        self.weight[ids.to(self.device)] = values.to(self.weight)

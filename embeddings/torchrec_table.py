@@ -340,6 +340,23 @@ class TorchRecItemTable(ItemTable):
             parts += [self.rows(to_device(part, self.device), part) for part in ids.split(chunk)]
         return ids, torch.cat(parts)
 
+    def held_ids(self) -> torch.Tensor:
+        """Host ids of the whole rows in this rank's shards (row- and table-wise sharding)."""
+        if any(w.shape[1] != self.dim for w, _, _ in self._shards):
+            raise ValueError("column-wise shards hold no whole rows: held_ids is row/table-wise")
+        ranges = [
+            torch.arange(r0, min(r0 + w.shape[0], self.num_items)) for w, r0, _ in self._shards
+        ]
+        return torch.cat(ranges or [torch.zeros(0, dtype=torch.int64)])
+
+    @torch.no_grad()
+    def assign_rows(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Write rows this rank holds (``held_ids``) into its shards; the item sum is recounted."""
+        for weight, row0, _ in self._shards:
+            inside = (ids >= row0) & (ids < row0 + weight.shape[0])
+            weight[to_device(ids[inside] - row0, self.device)] = values[inside].to(weight)
+        self._partial, self._pending = None, None
+
     def export_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(global row ids [R], vectors [R, D])`` held by this rank, moved to the host."""
         ids, vectors = self._held_rows()

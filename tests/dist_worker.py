@@ -26,7 +26,12 @@ BASE = ["data.max_len=12", "model.dim=16", "model.dropout=0.0", "train.batch_siz
 
 def item_table(trainer: Trainer) -> torch.Tensor:
     """The whole ``[N, D]`` table on every rank (gathered from the shards)."""
-    first_id, rows = trainer.table.local_rows()
+    return gathered_table(trainer.table)
+
+
+def gathered_table(table) -> torch.Tensor:
+    """The whole ``[N, D]`` table of an item table on every rank (collective)."""
+    first_id, rows = table.local_rows()
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, (first_id, rows.detach().cpu()))
     return torch.cat([r for _, r in sorted(parts, key=lambda p: p[0]) if r.numel()])

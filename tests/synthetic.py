@@ -23,9 +23,12 @@ def write_prepared(
     seed: int = 0,
     num_files: int = 2,
     row_group_size: int | None = None,
+    version: str = "v1",
+    base: dict | None = None,
 ) -> Path:
     """Users walk a planted item->item chain with noise; ``sequences/`` is ``num_files`` files
-    of row groups of ``row_group_size`` users (None: one per file); returns ``root``."""
+    of row groups of ``row_group_size`` users (None: one per file); ``stats.json`` carries
+    ``version`` and, for data prepared against an earlier version, ``base``; returns ``root``."""
     rng = np.random.default_rng(seed)
     successor = rng.permutation(num_items)
     users = []
@@ -86,7 +89,10 @@ def write_prepared(
         "max_len": max_len,
         "time_span": 1,
         "paper_mode": True,
+        "version": version,
     }
+    if base is not None:
+        stats["base"] = base  # prepared against an earlier version (data.base_dir)
     (root / "stats.json").write_text(json.dumps(stats))
     (root / "_COMPLETE").write_text("")  # the commit marker of a finished prepare output
     return root

@@ -83,6 +83,7 @@ HOST_MODULES = {
     "trainer/baselines.py": "non-learned baselines: a host tool",
     "trainer/checkpoint.py": "checkpoint I/O: host state read from files",
     "trainer/train.py": "command line",
+    "trainer/warm_start.py": "seeds the tables from a previous run at build time, on the host",
 }
 # Host-side functions inside device-side modules: (path, function) -> reason.
 HOST_FUNCTIONS = {
@@ -92,6 +93,8 @@ HOST_FUNCTIONS = {
     ("embeddings/torchrec_table.py", "_held_rows"): "row ids of the shards, a host list",
     ("embeddings/base.py", "export_rows"): "an export's rows are written from the host",
     ("embeddings/torchrec_table.py", "local_rows"): "checks the host list of row ids",
+    ("embeddings/torchrec_table.py", "held_ids"): "the host list of held row ids",
+    ("embeddings/dense.py", "held_ids"): "the host list of held row ids",
     ("trainer/model.py", "__init__"): "seeded parameter init on the host, moved by the builder",
     ("trainer/evaluate.py", "eval_split"): "builds the evaluation masks on the host",
     ("trainer/evaluate.py", "excluded"): "builds the evaluation masks on the host",

@@ -34,6 +34,7 @@ from trainer.objectives import Objective, build_objective
 from trainer.samplers import NegativeSampler
 from trainer.teacher import SparseTeacher
 from trainer.user_source import UserSource, build_user_source
+from trainer.warm_start import warm_start
 
 
 @dataclass
@@ -81,6 +82,10 @@ def build_components(cfg: Config, env: DistEnv) -> Run:
     table = build_item_table(cfg, num_items, env.device)
     torch.manual_seed(cfg.train.seed)  # the same encoder weights on every rank, world and device
     encoder = MQSAEncoder(cfg.model, cfg.data.max_len).to(env.device)
+    if cfg.train.init_from:
+        message = warm_start(cfg, encoder, table)
+        if env.is_main:
+            print(message, flush=True)
     device_teacher = teacher.to(env.device) if teacher is not None else None
     objective = build_objective(cfg, encoder, table, device_teacher)
     batches = BatchBuilder(num_items, teacher, sampler)

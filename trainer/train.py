@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.config import ConfigError, load_config
-from core.prepared import DataError
+from core.config import load_config
+from core.errors import UserError
 from trainer.builder import build_run
-from trainer.checkpoint import CheckpointError
 from trainer.distributed import init_distributed, shutdown
 from trainer.trainer import Trainer, TrainingDiverged
 
@@ -22,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         env = init_distributed()
         result = Trainer(build_run(cfg, env)).fit()
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+    except (UserError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shutdown()

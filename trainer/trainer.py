@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from core.collectives import all_reduce_sum
+from core.prepared import read_stats
 from core.storage import save_state
 from trainer.batches import StepBatch
 from trainer.builder import Run
@@ -53,6 +54,9 @@ class Trainer:
         self.users, self.table, self.model = run.users, run.table, run.objective
         self.engine, self.guard, self.checkpointer = run.engine, run.guard, run.checkpointer
         self.run_dir = RunDir(self.cfg.train.run_dir)
+        stats = read_stats(self.cfg.data.dir)  # what a warm start from this run checks
+        self.data_info = {"dir": self.cfg.data.dir, "version": stats.get("version"),
+                          "items": self.users.num_items}  # fmt: skip
         # [rec, kd] summed over this epoch's steps on this rank, on the device
         self.loss_sums = torch.zeros(2, dtype=torch.float64, device=run.device)
         self.log(
@@ -214,7 +218,7 @@ class Trainer:
 
     def write_metrics(self, state: TrainerState, warnings: list[str]) -> dict:
         """``metrics.json``: the protocol, the best epoch's metrics, every epoch, warnings."""
-        metrics = {"protocol": self.cfg.train.eval_protocol, **state.best,
+        metrics = {"protocol": self.cfg.train.eval_protocol, "data": self.data_info, **state.best,
                    "epochs": state.history, "warnings": warnings}  # fmt: skip
         if self.env.is_main:
             self.run_dir.write_metrics(metrics)

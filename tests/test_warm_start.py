@@ -1,0 +1,123 @@
+"""Warm start (``train.init_from``): the encoder and the old item rows come from the previous
+run, new rows are the mean of their old neighbours' rows; TorchRec tables move between world
+sizes; a changed model shape or unrelated data is refused before anything is written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import load_config
+from tests.synthetic import write_prepared
+from trainer.data import load_transitions
+from trainer.warm_start import WarmStartError, previous_items
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+WORKER = str(ROOT / "tests" / "warm_start_worker.py")
+OLD, NEW = 40, 48
+BASE = ["data.max_len=12", "model.dim=16", "train.batch_size=32", "train.epochs=1",
+        "train.progress=false", "train.eval_every=1"]  # fmt: skip
+
+
+def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, f"{cmd}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+            "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", *args]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def days(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("days")
+    one = write_prepared(root / "day1", num_items=OLD, version="day1")
+    base = {"dir": str(one), "version": "day1", "items": OLD}
+    two = write_prepared(root / "day2", num_items=NEW, seed=1, version="day2", base=base)
+    return {"root": root, "day1": one, "day2": two}
+
+
+def trained(days, backend: str, world: int) -> Path:
+    run_dir = days["root"] / f"run-{backend}-{world}"
+    if not (run_dir / "metrics.json").exists():
+        args = ["-m", "trainer.train", "/dev/null", f"data.dir={days['day1']}", *BASE,
+                f"embeddings.backend={backend}", f"train.run_dir={run_dir}"]  # fmt: skip
+        run(torchrun(*args) if world == 2 else [sys.executable, *args])
+    return run_dir
+
+
+def started(days, previous: Path, out: Path, world: int, *extra: str) -> dict:
+    args = [WORKER, str(out), f"data.dir={days['day2']}", *BASE, f"train.init_from={previous}",
+            *extra]  # fmt: skip
+    run(torchrun(*args) if world == 2 else [sys.executable, *args])
+    return torch.load(out, weights_only=True)
+
+
+def expected_new_rows(days, old_table: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Rows OLD..NEW-1: count-weighted mean of old neighbours (both directions), else ``start``."""
+    src, dst, count = load_transitions(str(days["day2"]))
+    rows = start.clone()
+    for item in range(OLD, NEW):
+        pairs = [(d, c) for s, d, c in zip(src, dst, count, strict=True) if s == item and d < OLD]
+        pairs += [(s, c) for s, d, c in zip(src, dst, count, strict=True) if d == item and s < OLD]
+        if pairs:
+            weights = np.array([c for _, c in pairs], dtype=np.float64)
+            vectors = old_table[[n for n, _ in pairs]].double()
+            rows[item - OLD] = (torch.from_numpy(weights / weights.sum())[:, None] * vectors).sum(0)
+    return rows
+
+
+@pytest.mark.parametrize(("backend", "trained_world", "world"),
+                         [("dense", 1, 1), ("torchrec", 2, 1), ("torchrec", 1, 2)])  # fmt: skip
+def test_warm_start_seeds_encoder_old_rows_and_new_rows(days, tmp_path, backend, trained_world,
+                                                        world):  # fmt: skip
+    previous = trained(days, backend, trained_world)
+    state = torch.load(previous / "model.pt", weights_only=True)
+    if backend == "dense":
+        old_table = state["table.weight"][:OLD]
+    else:  # the previous run's best table, as a 1-process export reads it
+        export = tmp_path / "old"
+        run([sys.executable, "-m", "mqsa_ted.export", str(previous), "--out", str(export),
+             "--faiss", "none"])  # fmt: skip
+        from mqsa_ted.export import read_vectors
+
+        old_table = torch.from_numpy(read_vectors(str(export / "items"), 16).copy())
+    got = started(days, previous, tmp_path / "start.pt", world, f"embeddings.backend={backend}")
+    for name, value in got["encoder"].items():
+        torch.testing.assert_close(value, state[f"encoder.{name}"], rtol=0, atol=0, msg=name)
+    assert got["table"].shape == (NEW, 16)
+    torch.testing.assert_close(got["table"][:OLD], old_table, rtol=0, atol=0)
+    fresh = started(days, previous, tmp_path / "fresh.pt", world, f"embeddings.backend={backend}",
+                    "train.init_from=")  # fmt: skip
+    want = expected_new_rows(days, old_table, fresh["table"][OLD:])
+    torch.testing.assert_close(got["table"][OLD:], want.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(got["table"][OLD:], fresh["table"][OLD:])  # neighbours were used
+
+
+def test_changed_model_dim_is_refused_and_nothing_is_written(days, tmp_path):
+    previous = trained(days, "dense", 1)
+    run_dir = tmp_path / "day2-run"
+    proc = run([sys.executable, "-m", "trainer.train", "/dev/null", f"data.dir={days['day2']}",
+                *BASE, "model.dim=8", f"train.init_from={previous}", f"train.run_dir={run_dir}"],
+               check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert "model.dim was 16 there and is 8 here" in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_data_that_does_not_extend_the_previous_run_is_refused(days, tmp_path):
+    previous = trained(days, "dense", 1)
+    unrelated = write_prepared(tmp_path / "other", num_items=NEW, version="other")
+    cfg = load_config(None, [f"data.dir={unrelated}", *BASE, f"train.init_from={previous}"])
+    with pytest.raises(WarmStartError, match="was not prepared against the data"):
+        previous_items(cfg, str(previous))
