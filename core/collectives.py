@@ -71,6 +71,21 @@ def host_group() -> dist.ProcessGroup | None:
     return _HOST_GROUP
 
 
+_LOADER_GROUP: dist.ProcessGroup | None = None
+
+
+def loader_group() -> dist.ProcessGroup | None:
+    """A gloo group used only by the prefetching reader thread (e.g. to share the global
+    batch's targets), so its exchanges never interleave with the main thread's collectives.
+    Created once, collectively (``init_distributed`` makes it)."""
+    global _LOADER_GROUP
+    if not distributed():
+        return None
+    if _LOADER_GROUP is None:
+        _LOADER_GROUP = dist.new_group(backend="gloo")
+    return _LOADER_GROUP
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` (on the host) on ``device``; to a GPU through pinned memory, asynchronously."""
     if device.type == "cuda" and tensor.device.type == "cpu":

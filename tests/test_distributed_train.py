@@ -32,6 +32,8 @@ CASES = {
     "catalog_uniform": "embeddings.backend=torchrec,loss.candidates=sampled,"
     "loss.sampler=uniform,loss.num_negatives=16",
     "dense_repeat_aware": "train.eval_protocol=repeat_aware",
+    # in-batch negatives from the whole global batch: the same candidates on every rank
+    "catalog_mixed_shared": "loss.candidates=sampled,loss.sampler=mixed,loss.num_negatives=16",
 }
 # 4 steps = the whole epoch; the ranks stream 64 and 56 users (row groups of 16, 16, 8 per file)
 STREAM = "embeddings.backend=torchrec,data.stream=true,data.shuffle_buffer=20"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.collectives import all_gather_rows, distributed, loader_group
 from trainer.samplers import NegativeSampler
 from trainer.teacher import SparseTeacher
 
@@ -143,7 +144,10 @@ class BatchBuilder:
         empty = torch.zeros(0, dtype=torch.int64)
         cand_ids, cand_log_q = empty, torch.zeros(0)
         if self.sampler is not None:
-            cands = self.sampler.sample(targets, self.sampler.generator(epoch, step))
+            # the same candidates on every rank: in-batch draws come from the GLOBAL batch
+            in_batch = self.sampler.uses_targets and distributed()
+            pool = all_gather_rows(targets, loader_group())[0] if in_batch else targets
+            cands = self.sampler.sample(pool, self.sampler.generator(epoch, step))
             cand_ids, cand_log_q = cands.ids, cands.log_q
         edge_head, edge, succ = empty, empty, empty
         if self.teacher is not None:

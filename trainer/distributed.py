@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from core.collectives import host_group
+from core.collectives import host_group, loader_group
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,8 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     deepspeed.init_distributed(  # adopts an existing default group
         dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), verbose=False
     )
-    host_group()  # collective: every rank creates the host-side group at the same point
+    host_group()  # collective: every rank creates the host-side groups at the same point
+    loader_group()
     return DistEnv(
         rank=dist.get_rank(),
         world=dist.get_world_size(),

@@ -7,8 +7,8 @@ position and every distillation head. ``log_q[k]`` is the log of the EXPECTED nu
 
 - ``uniform``: K draws from ``0..N-1``: ``log(K / N)``.
 - ``popularity``: K draws with probability ``p_j = count_j / sum(count)``: ``log(K p_j)``.
-- ``in_batch``: K draws of this rank's real targets (positions picked uniformly), i.e. item j
-  with its in-batch frequency ``c_j / P``: ``log(K c_j / P)``.
+- ``in_batch``: K draws of the global batch's real targets (positions picked uniformly), i.e.
+  item j with its in-batch frequency ``c_j / P``: ``log(K c_j / P)``.
 - ``mixed``: K/2 popularity draws plus K - K/2 in-batch draws; every candidate gets the
   mixture's expected count ``log(K1 p_j + K2 c_j / P)`` (balance-heuristic importance sampling),
   so the union still estimates the sum once, not twice.
@@ -17,8 +17,10 @@ position and every distillation head. ``log_q[k]`` is the log of the EXPECTED nu
 The sampler is data-side: the batch builder draws on the host, in the prefetching loader, and
 the candidates travel to the device with the batch (so the step never waits on a draw, and a
 CPU and a GPU run of the same seed see the same candidates). Each step's draws come from a
-generator seeded by ``(seed, epoch, step)``: a resumed run draws the same candidates, and all
-ranks draw the same uniform and popularity negatives (in-batch draws take each rank's targets).
+generator seeded by ``(seed, epoch, step)`` and in-batch draws from the targets of the whole
+global batch (gathered by the reader thread over its own gloo group): every rank scores the same
+candidates, shared across ranks, the same whatever the world size, and a resumed run draws the
+same ones.
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ class NegativeSampler:
         )
         return cls(kind, num_items, cfg.loss.num_negatives, counts, seed=cfg.train.seed)
 
+    @property
+    def uses_targets(self) -> bool:
+        """Whether the draws depend on the batch's targets (in-batch kinds)."""
+        return self.kind in ("in_batch", "mixed")
+
     def generator(self, *stream: int) -> torch.Generator:
         """The generator of one step: seeded by ``(seed, *stream)`` (e.g. epoch, step)."""
         value = self.seed
@@ -125,7 +132,7 @@ class NegativeSampler:
         """The candidate set of one step (host tensors).
 
         Args:
-            targets: ``[P]`` this rank's real next-item targets (used by in-batch kinds).
+            targets: ``[P]`` the real next-item targets of the global batch (in-batch kinds).
             gen: this step's generator (default: ``generator()``, the base seed).
         """
         gen = gen if gen is not None else self.generator()
