@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from core.collectives import barrier, distributed, host_group, world
+from core.collectives import distributed, host_group, world
 from core.config import Config, ConfigError, ModelConfig, config_hash, load_config
 from core.errors import UserError
 from core.prepared import VOCAB, read_dataset, read_stats
@@ -150,7 +150,8 @@ def write_item_rows(
 ) -> dict:
     """One Parquet part of rows ``first_id ..`` (``vectors [R, D]``): ``item_id`` and ``count``
     from ``<data_dir>/vocab``, ``index``, ``vector`` (list<float32>[D]), written ``chunk`` rows
-    at a time (memory stays at one chunk beyond ``vectors``). The part lives in a version
+    at a time (memory stays at one chunk beyond ``vectors``; no dictionary encoding: ids and
+    vectors are distinct values). The part lives in a version
     directory no reader sees before the commit, so it is written in place. Returns its manifest
     record (``rows``, ``sha256``, ``bytes``)."""
     fs, path = url_to_fs(url)
@@ -170,7 +171,7 @@ def write_item_rows(
                     ),
                 }
             )
-            writer = writer or pq.ParquetWriter(f, table.schema)
+            writer = writer or pq.ParquetWriter(f, table.schema, use_dictionary=False)
             writer.write_table(table)
         writer.close()
     return {"rows": len(vectors), **file_entry(url)}
@@ -253,6 +254,9 @@ def commit(out: str, version_url: str, manifest: Manifest) -> None:
         name = old.rstrip("/").rsplit("/", 1)[1]
         if name < version and fs.exists(f"{old}/{OWNER_MARKER}"):  # later ones: a concurrent export
             fs.rm(old, recursive=True)
+    if fs.exists(f"{versions.rsplit('/', 1)[0]}/{MANIFEST}"):
+        print(f"note: {root} also holds an export in the old unversioned layout (manifest.json, "
+              "items/, user_encoder.pt2 at its top): it is never read, delete it")  # fmt: skip
 
 
 def write_version(
@@ -378,8 +382,7 @@ def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | N
     first_id = int(ids[0]) if ids.numel() else 0
     name = f"items/part-{env.rank:05d}.parquet"
     record = write_item_rows(f"{version_url}/{name}", cfg.data.dir, first_id, rows.numpy())
-    parts = gather_parts(name, record)
-    barrier()
+    parts = gather_parts(name, record)  # also the barrier: every part is written
     if not env.is_main:
         return None
     source = run_source(run_dir, cfg, digest, mtime)

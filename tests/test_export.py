@@ -130,14 +130,20 @@ def test_missing_run_is_a_clear_error(tmp_path):
         export_run(str(cfg_dir), str(tmp_path / "out"))
 
 
-def test_report_compares_model_and_baselines(trained_run, tmp_path, capsys):
-    from mqsa_ted.report import write_report
-
+def test_report_before_export_is_a_clear_error(trained_run, tmp_path, capsys):
     out = tmp_path / "export"
     assert mqsa_ted.report.main([str(trained_run), "--export", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: no export at {out} yet: run `python -m ")
-    assert "mqsa_ted.export" in err[0]
+    assert err == [
+        f"error: no export at {out} yet: run `python -m mqsa_ted.export {trained_run} --out {out}`"
+        " first"
+    ]
+
+
+def test_report_compares_model_and_baselines(trained_run, tmp_path):
+    from mqsa_ted.report import write_report
+
+    out = tmp_path / "export"
     export_run(str(trained_run), str(out), faiss_kind="none")
     report = write_report(str(trained_run), str(out), num_users=3)
     assert "| MQSA-TED (epoch" in report and "| most popular |" in report
