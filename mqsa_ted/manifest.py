@@ -25,6 +25,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from core.config import EVAL_PROTOCOLS
 from core.errors import UserError
 from core.storage import read_json, url_to_fs
 
@@ -95,6 +96,10 @@ class Manifest:
         sizes = (manifest.dim, manifest.count, manifest.max_len)
         if not all(isinstance(n, int) and n >= 0 for n in sizes) or manifest.dim == 0:
             raise ExportError(f"{url}: dim, count and max_len must be integers, dim > 0")
+        if manifest.eval_protocol not in EVAL_PROTOCOLS or not all(
+            isinstance(getattr(manifest.source, key), str) for key in ("run", "model_sha256")
+        ):
+            raise ExportError(f"{url}: unknown eval_protocol or a malformed source")
         if not (
             isinstance(manifest.parts, list)
             and all(isinstance(n, str) for n in manifest.parts)
