@@ -1,64 +1,84 @@
-"""Export a trained run for retrieval: item vectors, the user encoder, a FAISS index.
+"""Export a trained run for retrieval: item vectors, the user encoder's weights, a FAISS index.
 
     python -m mqsa_ted.export RUN_DIR [--out URL] [--faiss auto|flat|ivf|hnsw|none]
     torchrun --nproc_per_node=2 -m mqsa_ted.export RUN_DIR ...   # TorchRec runs: per rank
 
-Writes under ``--out`` (default ``<RUN_DIR>/export``):
+Reads ``RUN_DIR/config.yaml``, ``RUN_DIR/model.pt`` (the best-validation weights; a TorchRec
+run's table from its ``best_table-e*/`` snapshot) and ``<data.dir>/vocab/`` (raw ids, counts).
+Writes a new version of the export at ``--out`` (default ``export.out``, else
+``RUN_DIR/export``; layout in :mod:`mqsa_ted.manifest`):
 
-- ``items/part-RRRRR.parquet``: ``item_id`` (raw id), ``index`` (row), ``vector``
-  (list<float32>[D]); each rank writes the rows it holds (its shard of a TorchRec table):
-  the table is never gathered onto one rank;
-- ``user_encoder.pt2``: a ``torch.export`` program mapping the history's item vectors
-  ``[B, M, D]`` (right-aligned, zeros at padding) and mask ``[B, M]`` to ``[B, D]`` query
-  vectors. torch.export was chosen over TorchScript
-  (deprecated) and ONNX (an extra runtime and opset pinning): it loads with plain torch,
-  keeps the batch dimension dynamic, and reproduces the trainer's numbers exactly;
+- ``items/part-RRRRR.parquet``: ``item_id`` (raw), ``index`` (row), ``count`` (occurrences in
+  the prepared data, for ``recommend --popular-fallback``), ``vector`` (list<float32>[D]); each
+  rank writes the rows it holds (its shard of a TorchRec table): the table is never gathered;
+- ``user_encoder.pt``: the encoder's tensors (``core.storage.save_state``); the manifest holds
+  the ``model`` config and ``max_len`` from which ``recommend`` rebuilds
+  ``trainer.model.MQSAEncoder``. Tensors, not a program: ``torch.export.load`` is not
+  weights-only (it falls back to unpickling), so a tampered ``.pt2`` could run code when
+  loaded, while ``torch.load(weights_only=True)`` cannot;
 - ``faiss.index`` (optional) with its recall@10 against exact search printed;
-- ``manifest.json`` last: the commit marker. A directory without it is an unfinished export,
-  and ``recommend`` refuses it.
+- ``manifest.json``: shapes, model config, evaluation protocol, the source run (``model.pt``'s
+  sha256 and mtime, best epoch, config hash) and every file's sha256;
+- then ``CURRENT`` is switched to the new version, and older versions that carry this
+  command's ownership marker are deleted. Readers see the old export or the new one, never a
+  mix; an export that fails midway leaves the previous one in place (the next export removes
+  its unfinished directory).
+
+Trust: ``RUN_DIR`` is a trusted artifact of your own training (a TorchRec snapshot's metadata is
+unpickled by torch.distributed.checkpoint); what this command writes is loaded weights-only by
+``recommend`` and ``report``.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import dataclasses
+import datetime
+import hashlib
+import json
 import os
 import sys
 import time
 import uuid
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torch import nn
+import torch.distributed as dist
 
-from core.collectives import barrier
-from core.config import Config, config_hash, load_config
+from core.collectives import distributed, host_group, world
+from core.config import Config, ConfigError, ModelConfig, config_hash, load_config
+from core.errors import UserError
 from core.prepared import VOCAB, read_dataset, read_stats
-from core.storage import atomic_write_bytes, load_state, read_parquet, write_json
+from core.storage import (
+    atomic_write_bytes,
+    load_state,
+    read_json,
+    read_parquet,
+    save_state,
+    url_to_fs,
+    write_json,
+)
 from embeddings.base import ItemTable
 from embeddings.factory import build_item_table
-from mqsa_ted.manifest import MANIFEST, ExportError, Manifest
+from mqsa_ted.manifest import (
+    CURRENT,
+    ENCODER,
+    FAISS_INDEX,
+    MANIFEST,
+    OWNER_MARKER,
+    VERSIONS,
+    ExportError,
+    Manifest,
+    Source,
+    sha256_of,
+)
 from trainer.checkpoint import CheckpointError, load_best_table
 from trainer.distributed import init_distributed, shutdown
 from trainer.model import MQSAEncoder
 from trainer.run_dir import RunDir
-
-
-class UserEncoder(nn.Module):
-    """History vectors ``[B, M, D]`` (right-aligned, zero rows at padding) and their mask
-    ``[B, M]`` -> query vectors ``[B, D]``. The serving side looks the history's item vectors up
-    in the exported table, so the program stays small whatever the catalogue size."""
-
-    def __init__(self, encoder: MQSAEncoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(history, mask, last_only=True)[:, -1]
 
 
 def load_trained(
@@ -96,56 +116,65 @@ def load_trained(
     return cfg, encoder.eval(), table
 
 
-def raw_item_ids(data_dir: str, first: int, count: int) -> list:
-    """Raw ids of rows ``first .. first + count - 1`` from ``<data_dir>/vocab`` (only those
-    rows are read: a rank never holds the whole vocabulary)."""
+def vocab_rows(data_dir: str, first: int, count: int) -> pa.Table:
+    """``item_id`` (raw) and ``count`` of rows ``first .. first + count - 1`` of
+    ``<data_dir>/vocab``, in row order (only those rows are read: a rank never holds the whole
+    vocabulary)."""
     index = pc.field("index")
     table = read_dataset(
-        data_dir, VOCAB, ["item_id", "index"], filter=(index >= first) & (index < first + count)
+        data_dir,
+        VOCAB,
+        ["item_id", "index", "count"],
+        filter=(index >= first) & (index < first + count),
     ).sort_by("index")
     if table.num_rows != count:
         raise ExportError(f"{data_dir}/vocab lacks rows {first}..{first + count - 1}: wrong vocab?")
-    return table.column("item_id").to_pylist()
-
-
-def read_vocab(data_dir: str) -> list:
-    """All raw item ids in row order (small catalogues: reports and tests)."""
-    return raw_item_ids(data_dir, 0, int(read_stats(data_dir)["items"]))
+    return table
 
 
 def read_vectors(items_url: str, dim: int) -> np.ndarray:
-    """All vectors of an export's ``items/`` in row order: ``[N, D]`` float32."""
+    """All vectors of an ``items/`` directory in row order: ``[N, D]`` float32."""
     table = read_parquet(items_url, ["index", "vector"]).sort_by("index")
-    flat = table.column("vector").combine_chunks().values.to_numpy()
+    flat = table.column("vector").combine_chunks().flatten().to_numpy()
     return flat.reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def file_entry(url: str) -> dict:
+    """The manifest's record of one written file: ``{"sha256", "bytes"}``."""
+    digest, size = sha256_of(url)
+    return {"sha256": digest, "bytes": size}
 
 
 def write_item_rows(
     url: str, data_dir: str, first_id: int, vectors: np.ndarray, chunk: int = 1 << 20
-) -> None:
-    """One Parquet part of rows ``first_id ..``: ``item_id`` (raw, from ``<data_dir>/vocab``),
-    ``index``, ``vector`` (list<float32>[D]). Written ``chunk`` rows at a time into a temporary
-    file that is renamed into place, so memory stays at one chunk beyond ``vectors``."""
-    fs, path = fsspec.core.url_to_fs(url)
+) -> dict:
+    """One Parquet part of rows ``first_id ..`` (``vectors [R, D]``): ``item_id`` and ``count``
+    from ``<data_dir>/vocab``, ``index``, ``vector`` (list<float32>[D]), written ``chunk`` rows
+    at a time (memory stays at one chunk beyond ``vectors``; no dictionary encoding: ids and
+    vectors are distinct values). The part lives in a version
+    directory no reader sees before the commit, so it is written in place. Returns its manifest
+    record (``rows``, ``sha256``, ``bytes``)."""
+    fs, path = url_to_fs(url)
     fs.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     writer = None
-    with fs.open(tmp, "wb") as f:
+    with fs.open(path, "wb") as f:
         for start in range(0, max(len(vectors), 1), chunk):
             part = vectors[start : start + chunk]
+            vocab = vocab_rows(data_dir, first_id + start, len(part))
             table = pa.table(
                 {
-                    "item_id": raw_item_ids(data_dir, first_id + start, len(part)),
+                    "item_id": vocab.column("item_id"),
                     "index": pa.array(np.arange(first_id + start, first_id + start + len(part))),
+                    "count": vocab.column("count").cast(pa.int64()),
                     "vector": pa.FixedSizeListArray.from_arrays(
-                        pa.array(part.ravel()), part.shape[1]
+                        pa.array(part.ravel(), pa.float32()), vectors.shape[1]
                     ),
                 }
             )
-            writer = writer or pq.ParquetWriter(f, table.schema)
+            writer = writer or pq.ParquetWriter(f, table.schema, use_dictionary=False)
             writer.write_table(table)
         writer.close()
-    fs.mv(tmp, path)
+    return {"rows": len(vectors), **file_entry(url)}
 
 
 def build_faiss(vectors: np.ndarray, kind: str):
@@ -184,67 +213,189 @@ def faiss_recall_at_10(index, vectors: np.ndarray, queries: np.ndarray) -> float
     return hits / exact.size
 
 
-def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | None:
-    """Write the export of ``run_dir`` to ``out`` (see the module docstring); every rank writes
-    the item rows it holds. Returns the manifest on rank 0, None elsewhere."""
-    env = init_distributed()
-    cfg, encoder, table = load_trained(run_dir, env.device)
-    encoder = encoder.cpu()  # the exported program runs on the host
-    fs, path = fsspec.core.url_to_fs(out)
-    if env.is_main and fs.exists(f"{path}/{MANIFEST}"):
-        fs.rm(f"{path}/{MANIFEST}")  # the old export stops looking complete before we overwrite
-    barrier()
-    ids, rows = table.export_rows()  # [C], [C, D] on the host
-    first_id = int(ids[0]) if ids.numel() else 0
-    part = f"{out}/items/part-{env.rank:05d}.parquet"
-    write_item_rows(part, cfg.data.dir, first_id, rows.numpy())
-    barrier()
-    if not env.is_main:
-        return None
-    num_items = table.num_items
-    history = torch.zeros(2, cfg.data.max_len, cfg.model.dim)
-    mask = torch.ones(2, cfg.data.max_len, dtype=torch.bool)
-    batch = torch.export.Dim("batch", min=1, max=1 << 24)
-    program = torch.export.export(
-        UserEncoder(encoder),
-        (history, mask),
-        dynamic_shapes={"history": {0: batch}, "mask": {0: batch}},
-    )
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    atomic_write_bytes(f"{out}/user_encoder.pt2", buffer.getvalue())
+def write_faiss(version_url: str, vectors: np.ndarray, kind: str) -> tuple[dict, dict]:
+    """Build and write ``faiss.index`` over ``vectors [N, D]``; returns its file record and
+    ``{"kind", "build_seconds", "recall@10"}``."""
+    import faiss
+
+    start = time.perf_counter()
+    index, kind = build_faiss(vectors, kind)
+    build_s = time.perf_counter() - start
+    n = len(vectors)
+    sample = vectors[np.random.default_rng(0).choice(n, min(n, 1000), replace=False)]
+    recall = faiss_recall_at_10(index, vectors, sample)
+    url = f"{version_url}/{FAISS_INDEX}"
+    atomic_write_bytes(url, faiss.serialize_index(index).tobytes())
+    print(f"faiss {kind}: built in {build_s:.2f} s, recall@10 vs exact {recall:.4f}")
+    return file_entry(url), {"kind": kind, "build_seconds": build_s, "recall@10": recall}
+
+
+def new_version(out: str) -> str:
+    """A fresh version directory ``<out>/versions/<UTC time, microseconds>-<token>`` (names sort
+    by creation) holding our ownership marker (written first: only directories with it are ever
+    deleted); returns its URL."""
+    now = datetime.datetime.now(datetime.UTC)
+    version = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}"
+    url = f"{out.rstrip('/')}/{VERSIONS}/{version}"
+    atomic_write_bytes(f"{url}/{OWNER_MARKER}", b"written by mqsa_ted.export\n")
+    return url
+
+
+def commit(out: str, version_url: str, manifest: Manifest) -> None:
+    """Write the version's manifest, switch ``CURRENT`` to it (the one atomic step readers
+    depend on), then delete the older versions that carry our ownership marker."""
+    payload = json.dumps(manifest.to_dict(), indent=2).encode()
+    atomic_write_bytes(f"{version_url}/{MANIFEST}", payload)
+    root, version = out.rstrip("/"), version_url.rsplit("/", 1)[1]
+    pointer = {"version": version, "manifest_sha256": hashlib.sha256(payload).hexdigest()}
+    write_json(f"{root}/{CURRENT}", pointer)
+    fs, versions = url_to_fs(f"{root}/{VERSIONS}")
+    for old in fs.ls(versions, detail=False):
+        name = old.rstrip("/").rsplit("/", 1)[1]
+        if name < version and fs.exists(f"{old}/{OWNER_MARKER}"):  # later ones: a concurrent export
+            fs.rm(old, recursive=True)
+    if fs.exists(f"{versions.rsplit('/', 1)[0]}/{MANIFEST}"):
+        print(f"note: {root} also holds an export in the old unversioned layout (manifest.json, "
+              "items/, user_encoder.pt2 at its top): it is never read, delete it")  # fmt: skip
+
+
+def write_version(
+    out: str,
+    version_url: str,
+    parts: dict[str, dict],
+    encoder: MQSAEncoder,
+    model: ModelConfig,
+    max_len: int,
+    eval_protocol: str,
+    source: Source,
+    faiss_kind: str,
+) -> Manifest:
+    """Finish a version whose item ``parts`` (name -> record from :func:`write_item_rows`) are
+    written: the encoder's tensors, the FAISS index, the manifest, then the commit (rank 0)."""
+    names = sorted(parts)  # part-RRRRR: rank order is row order
+    files = {name: {k: parts[name][k] for k in ("sha256", "bytes")} for name in names}
+    encoder_url = f"{version_url}/{ENCODER}"
+    save_state(encoder_url, {k: v.detach().cpu() for k, v in encoder.state_dict().items()})
+    files[ENCODER] = file_entry(encoder_url)
     faiss_info = None
     if faiss_kind != "none":
-        import faiss
-
-        vectors = read_vectors(f"{out}/items", cfg.model.dim)
-        start = time.perf_counter()
-        index, kind = build_faiss(vectors, faiss_kind)
-        build_s = time.perf_counter() - start
-        sample = vectors[
-            np.random.default_rng(0).choice(num_items, min(num_items, 1000), replace=False)
-        ]
-        recall = faiss_recall_at_10(index, vectors, sample)
-        atomic_write_bytes(f"{out}/faiss.index", faiss.serialize_index(index).tobytes())
-        faiss_info = {"kind": kind, "build_seconds": build_s, "recall@10": recall}
-        print(f"faiss {kind}: built in {build_s:.2f} s, recall@10 vs exact {recall:.4f}")
+        vectors = read_vectors(f"{version_url}/items", model.dim)
+        files[FAISS_INDEX], faiss_info = write_faiss(version_url, vectors, faiss_kind)
     manifest = Manifest(
-        dim=cfg.model.dim,
-        count=num_items,
+        dim=model.dim,
+        count=sum(parts[name]["rows"] for name in names),
         dtype="float32",
         metric="inner_product",
-        max_len=cfg.data.max_len,
-        source_run=run_dir,
-        checkpoint=RunDir(run_dir).path("model.pt"),
-        config_hash=config_hash(cfg),
+        max_len=max_len,
+        model=dataclasses.asdict(model),
+        eval_protocol=eval_protocol,
+        source=source,
+        parts=names,
+        files=files,
         faiss=faiss_info,
+        version=version_url.rsplit("/", 1)[1],
     )
-    write_json(f"{out}/{MANIFEST}", manifest.to_dict())
+    commit(out, version_url, manifest)
     return manifest
 
 
+def export_vectors(
+    out: str,
+    data_dir: str,
+    vectors: np.ndarray,
+    encoder: MQSAEncoder,
+    model: ModelConfig,
+    eval_protocol: str = "paper",
+    faiss_kind: str = "auto",
+    source: Source | None = None,
+) -> Manifest:
+    """A whole export written by one process: ``vectors [N, D]`` are rows ``0..N-1`` of
+    ``<data_dir>/vocab``, ``encoder`` was built from ``model``; ``source`` None records an
+    unknown run (recommend then skips the staleness check)."""
+    version_url = new_version(out)
+    name = "items/part-00000.parquet"
+    part = write_item_rows(f"{version_url}/{name}", data_dir, 0, vectors)
+    source = source or Source("", "", "", 0.0, None, "")
+    return write_version(
+        out, version_url, {name: part}, encoder, model, encoder.max_len, eval_protocol, source,
+        faiss_kind,
+    )  # fmt: skip
+
+
+def modified(url: str) -> float:
+    """Modification time of ``url`` (seconds since the epoch; 0 where the store has none)."""
+    fs, path = url_to_fs(url)
+    try:
+        return fs.modified(path).timestamp()
+    except (NotImplementedError, AttributeError):
+        return 0.0
+
+
+def fingerprint(checkpoint: str) -> tuple[str, float]:
+    """``(sha256, mtime)`` of the run's ``model.pt``."""
+    try:
+        mtime = modified(checkpoint)
+        return sha256_of(checkpoint)[0], mtime
+    except FileNotFoundError as e:
+        raise ExportError(f"{checkpoint} not found: has the run finished?") from e
+
+
+def run_source(run_dir: str, cfg: Config, digest: str, mtime: float) -> Source:
+    """Where an export comes from (a local run as an absolute path, for later checks)."""
+    run = RunDir(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+    try:
+        best_epoch = read_json(run.path("metrics.json")).get("best_epoch")
+    except FileNotFoundError:
+        best_epoch = None
+    return Source(run.url, run.path("model.pt"), digest, mtime, best_epoch, config_hash(cfg))
+
+
+def shared_version(out: str, is_main: bool) -> str:
+    """The new version's URL on every rank (rank 0 creates it)."""
+    box = [new_version(out) if is_main else None]
+    if distributed():
+        dist.broadcast_object_list(box, src=0, group=host_group())
+    return box[0]
+
+
+def gather_parts(name: str, record: dict) -> dict[str, dict]:
+    """Every rank's ``{part name: record}`` (the parts' checksums reach rank 0's manifest)."""
+    everyone = [(name, record)]
+    if distributed():
+        everyone = [None] * world()[1]
+        dist.all_gather_object(everyone, (name, record), group=host_group())
+    return dict(everyone)
+
+
+def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | None:
+    """Write a new version of the export of ``run_dir`` at ``out`` and commit it (see the module
+    docstring); every rank writes the item rows it holds. Returns the manifest on rank 0, None
+    elsewhere."""
+    env = init_distributed()
+    checkpoint = RunDir(run_dir).path("model.pt")
+    digest, mtime = fingerprint(checkpoint) if env.is_main else ("", 0.0)
+    cfg, encoder, table = load_trained(run_dir, env.device)
+    if env.is_main and modified(checkpoint) != mtime:
+        raise ExportError(f"{checkpoint} changed while it was read: is the run still training?")
+    version_url = shared_version(out, env.is_main)
+    ids, rows = table.export_rows()  # [C], [C, D] on the host
+    first_id = int(ids[0]) if ids.numel() else 0
+    name = f"items/part-{env.rank:05d}.parquet"
+    record = write_item_rows(f"{version_url}/{name}", cfg.data.dir, first_id, rows.numpy())
+    parts = gather_parts(name, record)  # also the barrier: every part is written
+    if not env.is_main:
+        return None
+    source = run_source(run_dir, cfg, digest, mtime)
+    return write_version(
+        out, version_url, parts, encoder.cpu(), cfg.model, cfg.data.max_len,
+        cfg.train.eval_protocol, source, faiss_kind,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir")
     parser.add_argument("--out", help="export URL (default: export.out, else <RUN_DIR>/export)")
     parser.add_argument("--faiss", choices=["auto", "flat", "ivf", "hnsw", "none"],
@@ -254,12 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         run_cfg = load_config(RunDir(args.run_dir).path("config.yaml")).export
         out = args.out or run_cfg.out or RunDir(args.run_dir).path("export")
         manifest = export_run(args.run_dir, out, args.faiss or run_cfg.faiss)
-        shutdown()  # every rank waits here for rank 0's FAISS build and manifest
-    except (ExportError, CheckpointError) as e:
+        shutdown()  # every rank waits here for rank 0's FAISS build and the commit
+    except (UserError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if manifest is not None:
-        print(f"exported {manifest.count} items x {manifest.dim} to {out}")
+        print(f"exported {manifest.count} items x {manifest.dim} to {out} "
+              f"(version {manifest.version})")  # fmt: skip
     return 0
 
 

@@ -1,18 +1,62 @@
-"""``manifest.json`` of an export: what the vectors are and where they came from."""
+"""The export layout, its ``manifest.json`` and the checks every reader makes.
+
+An export directory ``OUT`` holds versions; ``OUT/CURRENT`` names the one readers use::
+
+    OUT/CURRENT                         {"version": ID, "manifest_sha256": ...}, written last
+    OUT/versions/ID/_MQSA_EXPORT        ownership marker, written first
+    OUT/versions/ID/items/part-RRRRR.parquet, user_encoder.pt, faiss.index (optional)
+    OUT/versions/ID/manifest.json       shapes, model config, source run, every file's sha256
+
+A version is written whole into its own directory, then ``CURRENT`` is replaced atomically (one
+small object: a rename on local disks and HDFS, a single PUT on object stores; no directory
+rename is needed), so a reader sees the old export or the new one, never a mix. Every file a
+reader opens is named by the manifest with its sha256, and the manifest's sha256 is in
+``CURRENT``: a stale or damaged file is refused, never served.
+
+Nothing read here executes code: JSON, Parquet, a FAISS index (its own binary format) and the
+user encoder's tensors through ``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 
-import fsspec
+from core.config import EVAL_PROTOCOLS
+from core.errors import UserError
+from core.storage import read_json, url_to_fs
 
+FORMAT = 2  # 1: one unversioned directory with a torch.export ``user_encoder.pt2`` (refused)
+CURRENT = "CURRENT"
+VERSIONS = "versions"
 MANIFEST = "manifest.json"
+OWNER_MARKER = "_MQSA_EXPORT"
+ENCODER = "user_encoder.pt"
+FAISS_INDEX = "faiss.index"
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export cannot be written or read (missing run, unfinished export, mismatch)."""
+
+
+class MissingExportError(ExportError):
+    """No committed export at the URL (``CURRENT`` is absent)."""
+
+
+@dataclass
+class Source:
+    """The training an export comes from: ``model_sha256`` identifies the weights."""
+
+    run: str  # the run directory ("" when unknown: the staleness check is skipped)
+    checkpoint: str  # <run>/model.pt
+    model_sha256: str
+    model_mtime: float
+    best_epoch: int | None
+    config_hash: str
 
 
 @dataclass
@@ -22,22 +66,133 @@ class Manifest:
     dtype: str
     metric: str
     max_len: int
-    source_run: str
-    checkpoint: str
-    config_hash: str
-    faiss: dict | None = None
+    model: dict  # the run's ``model`` config section: rebuilds trainer.model.MQSAEncoder
+    eval_protocol: str  # paper: recommend excludes the history | repeat_aware: it does not
+    source: Source
+    parts: list[str]  # item parts in row order, relative to the version directory
+    files: dict[str, dict]  # relative name -> {"sha256", "bytes"} of every file readers open
+    faiss: dict | None = None  # {"kind", "build_seconds", "recall@10"}; None: no index file
+    version: str = ""
+    format: int = FORMAT
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def read(cls, export_dir: str) -> Manifest:
-        url = f"{export_dir.rstrip('/')}/{MANIFEST}"
-        try:
-            with fsspec.open(url, "r") as f:
-                return cls(**json.load(f))
-        except FileNotFoundError as e:
+    def from_dict(cls, raw: object, url: str) -> Manifest:
+        """Check the keys and the names of ``raw`` (parsed JSON) and build the manifest."""
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise ExportError(
-                f"{url} not found: {export_dir} is not a finished export "
-                "(run `python -m mqsa_ted.export RUN_DIR`)"
-            ) from e
+                f"{url} is not a format-{FORMAT} export manifest (exports written before "
+                "versioning held a torch.export user_encoder.pt2, which is never loaded: "
+                "torch.export.load can unpickle code); re-run `python -m mqsa_ted.export RUN_DIR`"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        source_fields = {f.name for f in dataclasses.fields(Source)}
+        source = raw.get("source")
+        if set(raw) != fields or not isinstance(source, dict) or set(source) != source_fields:
+            raise ExportError(f"{url}: unexpected manifest keys {sorted(set(raw) ^ fields)}")
+        manifest = cls(**{**raw, "source": Source(**source)})
+        sizes = (manifest.dim, manifest.count, manifest.max_len)
+        if not all(isinstance(n, int) and n >= 0 for n in sizes) or manifest.dim == 0:
+            raise ExportError(f"{url}: dim, count and max_len must be integers, dim > 0")
+        if manifest.eval_protocol not in EVAL_PROTOCOLS or not all(
+            isinstance(getattr(manifest.source, key), str) for key in ("run", "model_sha256")
+        ):
+            raise ExportError(f"{url}: unknown eval_protocol or a malformed source")
+        if not (
+            isinstance(manifest.parts, list)
+            and all(isinstance(n, str) for n in manifest.parts)
+            and isinstance(manifest.files, dict)
+            and set(manifest.parts) <= set(manifest.files)
+            and all(isinstance(n, str) and SAFE_NAME.fullmatch(n) for n in manifest.files)
+            and all(isinstance(e, dict) and "sha256" in e for e in manifest.files.values())
+        ):
+            raise ExportError(f"{url}: files outside the version directory, unlisted or unhashed")
+        return manifest
+
+
+def sha256_of(url: str, block: int = 1 << 23) -> tuple[str, int]:
+    """``(hex sha256, size in bytes)`` of the file at ``url``, read ``block`` bytes at a time."""
+    fs, path = url_to_fs(url)
+    digest, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def read_checked(version_url: str, name: str, manifest: Manifest) -> bytes:
+    """The bytes of ``name`` in a version, refused unless they match the manifest's sha256."""
+    url = f"{version_url}/{name}"
+    fs, path = url_to_fs(url)
+    payload = fs.cat_file(path)
+    want = manifest.files.get(name, {}).get("sha256")
+    if hashlib.sha256(payload).hexdigest() != want:
+        raise ExportError(f"{url} does not match the sha256 in its manifest (damaged or replaced)")
+    return payload
+
+
+def resolve_version(export_url: str) -> tuple[str, str]:
+    """``(version URL, manifest sha256)`` that ``<export_url>/CURRENT`` names."""
+    root = export_url.rstrip("/")
+    fs, path = url_to_fs(f"{root}/{CURRENT}")
+    if not fs.exists(path):
+        old = fs.exists(path.rsplit("/", 1)[0] + f"/{MANIFEST}")
+        raise MissingExportError(
+            f"{root} holds no committed export (no {CURRENT}"
+            + ("; its manifest.json is from an older export format" if old else "")
+            + "): run `python -m mqsa_ted.export RUN_DIR --out "
+            + f"{root}` first"
+        )
+    pointer = read_json(f"{root}/{CURRENT}")
+    version = pointer.get("version") if isinstance(pointer, dict) else None
+    if not isinstance(version, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", version):
+        raise ExportError(f"{root}/{CURRENT} does not name a version: damaged, re-run export")
+    return f"{root}/{VERSIONS}/{version}", str(pointer.get("manifest_sha256"))
+
+
+def read_manifest(export_url: str) -> tuple[str, Manifest]:
+    """``(version URL, manifest)`` of the committed export at ``export_url``, checked against
+    the sha256 that ``CURRENT`` records."""
+    version_url, digest = resolve_version(export_url)
+    url = f"{version_url}/{MANIFEST}"
+    fs, path = url_to_fs(url)
+    try:
+        payload = fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise ExportError(f"{url} not found: {CURRENT} names a missing version") from e
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise ExportError(f"{url} does not match the sha256 in {CURRENT} (damaged or replaced)")
+    try:
+        raw = json.loads(payload)
+    except ValueError as e:
+        raise ExportError(f"{url} is not JSON: {e}") from e
+    return version_url, Manifest.from_dict(raw, url)
+
+
+def check_fresh(manifest: Manifest, run_dir: str | None, export_url: str) -> None:
+    """Refuse an export whose weights are not the run's current ``model.pt``.
+
+    ``run_dir``: the run to compare with; None = the manifest's source run, and then the check
+    is skipped when that run is not readable here (an export copied elsewhere).
+    """
+    known = run_dir is not None
+    run = (run_dir if known else manifest.source.run).rstrip("/")
+    if not run:
+        return
+    checkpoint = f"{run}/model.pt"
+    fs, path = url_to_fs(checkpoint)
+    if not fs.exists(path):
+        if known:
+            raise ExportError(f"{checkpoint} not found: has the run finished?")
+        return
+    digest, _ = sha256_of(checkpoint)
+    if digest != manifest.source.model_sha256:
+        raise ExportError(
+            f"{export_url} was exported from an older {checkpoint} (sha256 "
+            f"{manifest.source.model_sha256[:12]}, epoch {manifest.source.best_epoch}; now "
+            f"{digest[:12]}): re-run `python -m mqsa_ted.export {run} --out {export_url}`, "
+            "or pass --allow-stale to use the old export"
+        )

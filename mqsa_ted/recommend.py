@@ -3,108 +3,358 @@
     python -m mqsa_ted.recommend EXPORT_DIR --history id1,id2,... [--k 10]
     python -m mqsa_ted.recommend EXPORT_DIR --batch histories.parquet --out recs.parquet
 
-The history is given oldest first, as raw item ids. Unknown ids are reported and skipped; the
-history's own items are never recommended.
+Reads the committed version of EXPORT_DIR (``CURRENT`` -> ``versions/ID/``: manifest, item
+parts, the user encoder's tensors, the FAISS index) and, when the manifest's source run is
+readable here, that run's ``model.pt``: an export older than the run's weights is refused
+(``--allow-stale`` serves it anyway). Writes nothing but the ``--out`` Parquet of ``--batch``
+(``user_id``, ``items``, ``scores``); without ``--out`` the results are printed.
+
+A history is raw item ids, oldest first. Unknown ids are named on stderr and skipped; a history
+with no known item is an error unless ``--popular-fallback`` (then the items most frequent in
+the prepared data). The encoder reads the last ``max_len`` known items; which items are never
+recommended follows the run's evaluation protocol (``train.eval_protocol``, in the manifest):
+``paper`` excludes the WHOLE history, ``repeat_aware`` excludes nothing
+(``--exclude-history`` / ``--no-exclude-history`` override it).
+
+Queries go through the export's FAISS index (exact flat up to 200k items, IVF or HNSW when the
+export built one); an export written with ``--faiss none`` gets an exact flat index built at
+load. The search fetches ``k`` plus the number of excluded items and drops the excluded ones, so
+a flat index returns exactly the top ``k`` of the items left (fewer when fewer are left).
+
+Trust boundary: an export is data, loaded weights-only (JSON, Parquet, FAISS's binary format and
+``torch.load(weights_only=True)``): a tampered export cannot run code, and every file must match
+the sha256 its manifest records.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch import nn
 
-from core.storage import read_parquet
-from mqsa_ted.manifest import ExportError, Manifest
+from core.config import ModelConfig
+from core.errors import UserError
+from core.storage import load_state, url_to_fs
+from embeddings.factory import table_from_rows
+from mqsa_ted.manifest import (
+    ENCODER,
+    FAISS_INDEX,
+    ExportError,
+    Manifest,
+    check_fresh,
+    read_checked,
+    read_manifest,
+    resolve_version,
+)
+from trainer.model import MQSAEncoder
+
+QUERY_BATCH = 1024  # histories encoded and searched together
+ITEM_COLUMNS = {"item_id", "index", "count", "vector"}
+# up to this many histories are encoded on one thread: on a few sequences intra-op threads only
+# wait for each other (on a busy 2-core machine one query took ~100 ms on 2 threads, <1 ms on 1)
+SMALL_BATCH = 16
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (the previous number is restored)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class QueryError(UserError):
+    """A query that cannot be answered as asked (``k`` below 1, no known item in a history)."""
 
 
 @dataclass
 class Recommendations:
     items: list  # raw ids, best first
-    scores: list[float]
+    scores: list[float]  # inner products (item counts for a popular fallback)
     unknown: list[str]  # history ids not in the catalogue (skipped)
+    popular: bool = False  # the history had no known item: the most popular items
+
+
+class UserEncoder(nn.Module):
+    """History vectors ``[B, M, D]`` (right-aligned, zero rows at padding) and their mask
+    ``[B, M]`` -> query vectors ``[B, D]``."""
+
+    def __init__(self, encoder: MQSAEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(history, mask, last_only=True)[:, -1]
+
+
+def read_items(version_url: str, m: Manifest) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """``(raw ids [N], counts [N], vectors [N, D] float32)`` in row order from a version's
+    item parts (each checked against its sha256), vectorised: linear in N."""
+    parts = [pq.read_table(pa.BufferReader(read_checked(version_url, name, m)))
+             for name in m.parts]  # fmt: skip
+    items = pa.concat_tables(parts) if parts else pa.table({})
+    if items.num_rows != m.count or not ITEM_COLUMNS <= set(items.column_names):
+        raise ExportError(f"{version_url}: items/ do not hold the manifest's {m.count} rows "
+                          f"of {', '.join(sorted(ITEM_COLUMNS))}")  # fmt: skip
+    index = items.column("index").to_numpy()
+    order = None
+    if not np.array_equal(index, np.arange(m.count)):
+        order = np.argsort(index, kind="stable")
+        if not np.array_equal(index[order], np.arange(m.count)):
+            raise ExportError(f"{version_url}: item rows are not 0..{m.count - 1} once each")
+    vector = items.column("vector").combine_chunks()
+    kind = vector.type
+    if not (pa.types.is_fixed_size_list(kind) and kind.list_size == m.dim
+            and kind.value_type == pa.float32()):  # fmt: skip
+        raise ExportError(f"{version_url}: vectors are {kind}, not float32[{m.dim}]")
+    vectors = vector.flatten().to_numpy().reshape(m.count, m.dim)
+    ids, counts = items.column("item_id").combine_chunks(), items.column("count").to_numpy()
+    if order is None:  # a writable copy (Arrow's buffers are read-only)
+        return ids, counts, vectors.copy()
+    return ids.take(order), counts[order], vectors[order]
 
 
 class Recommender:
-    """Loads an export once and answers top-K queries."""
+    """Loads an export once (time linear in the catalogue) and answers top-K queries.
 
-    def __init__(self, export_dir: str) -> None:
-        self.manifest = Manifest.read(export_dir)
-        table = read_parquet(f"{export_dir.rstrip('/')}/items", ["item_id", "index", "vector"])
-        rows = table.column("index").to_numpy()
-        order = np.argsort(rows)
-        self.raw_ids = [table.column("item_id").to_pylist()[i] for i in order]
-        flat = table.column("vector").combine_chunks().values.to_numpy()
-        self.vectors = torch.from_numpy(flat.reshape(-1, self.manifest.dim)[order].copy())
-        self.row_of = {str(raw): row for row, raw in enumerate(self.raw_ids)}
-        with fsspec.open(f"{export_dir.rstrip('/')}/user_encoder.pt2", "rb") as f:
-            self.encoder = torch.export.load(io.BytesIO(f.read())).module()
+    Args:
+        export_dir: the export URL (its ``CURRENT`` names the version read).
+        allow_stale: skip the check that the export's weights are the run's ``model.pt``.
+        run_dir: the run to check against (None: the manifest's source run, if readable).
+        exclude_history: never recommend history items (None: from the evaluation protocol).
+    """
+
+    def __init__(
+        self,
+        export_dir: str,
+        allow_stale: bool = False,
+        run_dir: str | None = None,
+        exclude_history: bool | None = None,
+    ) -> None:
+        for attempt in range(3):
+            self.version_url, self.manifest = read_manifest(export_dir)
+            if not allow_stale:
+                check_fresh(self.manifest, run_dir, export_dir)
+            try:
+                self._load()
+                break
+            except FileNotFoundError as e:  # a newer commit deleted this version while we read
+                if attempt == 2 or resolve_version(export_dir)[0] == self.version_url:
+                    raise ExportError(f"{self.version_url}: a file is missing ({e})") from e
+        if exclude_history is None:
+            exclude_history = self.manifest.eval_protocol == "paper"
+        self.exclude_history = exclude_history
+        self._popular: np.ndarray | None = None
+
+    def _load(self) -> None:
+        """Items, encoder and index of ``self.version_url``, each file checked against the
+        manifest's sha256; vectorised throughout (no Python loop over the catalogue)."""
+        self.item_ids, self.counts, vectors = read_items(self.version_url, self.manifest)
+        self.keys = pd.Index(self.item_ids.cast(pa.string()).to_numpy(zero_copy_only=False))
+        if not self.keys.is_unique:  # also builds the hash table the lookups use
+            raise ExportError(f"{self.version_url}: item_id holds duplicates")
+        self.table = table_from_rows(torch.from_numpy(vectors))  # + the zero padding row
+        self.vectors = self.table.all_items().detach().numpy()  # [N, D], shares the table
+        self.encoder = self._load_encoder()
+        self.index, self.exact = self._load_index()
+
+    def _load_encoder(self) -> UserEncoder:
+        """``trainer.model.MQSAEncoder`` rebuilt from the manifest's config, weights loaded
+        with ``torch.load(weights_only=True)`` (nothing in the file can run code)."""
+        m, url = self.manifest, f"{self.version_url}/{ENCODER}"
+        read_checked(self.version_url, ENCODER, m)
+        try:
+            state = load_state(url)
+        except FileNotFoundError:
+            raise  # a newer commit deleted this version: the caller reads the new one
+        except Exception as e:  # anything torch.load(weights_only=True) refuses
+            raise ExportError(
+                f"{url} is not a weights-only tensor file (torch.load(weights_only=True) "
+                f"refused it: {type(e).__name__}); it is never loaded otherwise: re-run export"
+            ) from e
+        try:
+            encoder = MQSAEncoder(ModelConfig(**m.model), m.max_len)
+            encoder.load_state_dict(state)
+        except (TypeError, RuntimeError, AttributeError) as e:
+            raise ExportError(f"{url} does not match the manifest's model config: {e}") from e
+        return UserEncoder(encoder).eval()
+
+    def _load_index(self):
+        """``(FAISS index, exact)``: the export's index, or an exact flat one built here."""
+        import faiss
+
+        m = self.manifest
+        if m.faiss is None:
+            index = faiss.IndexFlatIP(m.dim)
+            index.add(self.vectors)
+            return index, True
+        payload = read_checked(self.version_url, FAISS_INDEX, m)
+        try:
+            index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+        except RuntimeError as e:
+            raise ExportError(f"{self.version_url}/{FAISS_INDEX} is not a FAISS index") from e
+        if (index.ntotal, index.d, index.metric_type) != (
+            m.count, m.dim, faiss.METRIC_INNER_PRODUCT
+        ):  # fmt: skip
+            raise ExportError(f"{self.version_url}/{FAISS_INDEX} does not match its items")
+        return index, isinstance(index, faiss.IndexFlat)
 
     @property
-    def padding(self) -> int:
-        return len(self.raw_ids)
+    def count(self) -> int:
+        return self.manifest.count
 
-    def encode(self, histories: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Raw-id histories -> (right-aligned rows ``[B, M]``, queries ``[B, D]``, unknown ids)."""
-        m = self.manifest.max_len
-        rows = torch.full((len(histories), m), self.padding, dtype=torch.int64)
-        unknown = []
-        for b, history in enumerate(histories):
-            known = [self.row_of[str(i)] for i in history if str(i) in self.row_of]
-            unknown.append([str(i) for i in history if str(i) not in self.row_of])
-            if known:
-                rows[b, -len(known[-m:]) :] = torch.tensor(known[-m:])
-        vectors = torch.cat([self.vectors, self.vectors.new_zeros(1, self.vectors.shape[1])])
-        with torch.no_grad():
-            return rows, self.encoder(vectors[rows], rows != self.padding), unknown
+    def rows_of(self, histories: list[list]) -> tuple[list[np.ndarray], list[list[str]]]:
+        """Per history: the rows of its known items (history order) and its unknown ids."""
+        raw = np.array([str(i) for h in histories for i in h], dtype=object)
+        rows = self.keys.get_indexer(raw) if raw.size else np.empty(0, np.int64)
+        cuts = np.cumsum([len(h) for h in histories])[:-1]
+        pairs = zip(np.split(rows, cuts), np.split(raw, cuts), strict=True)
+        known, unknown = zip(*((r[r >= 0], list(ids[r < 0])) for r, ids in pairs), strict=True)
+        return list(known), list(unknown)
 
-    def recommend(self, histories: list[list[str]], k: int = 10) -> list[Recommendations]:
-        rows, queries, unknown = self.encode(histories)
-        scores = queries @ self.vectors.T  # [B, N]
-        scores = torch.cat([scores, scores.new_zeros(len(histories), 1)], dim=1)
-        scores.scatter_(1, rows, float("-inf"))  # the history (and the padding column)
-        top = scores[:, : self.padding].topk(min(k, self.padding), dim=1)
-        return [
-            Recommendations([self.raw_ids[i] for i in idx.tolist()], val.tolist(), unk)
-            for idx, val, unk in zip(top.indices, top.values, unknown, strict=True)
-        ]
+    def encode(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Query vectors ``[B, D]`` of histories given as rows: the last ``max_len`` rows of
+        each, right-aligned (padding elsewhere)."""
+        m, pad = self.manifest.max_len, self.table.padding_id
+        batch = torch.full((len(rows), m), pad, dtype=torch.int64)
+        for b, r in enumerate(rows):
+            tail = r[-m:]
+            batch[b, m - len(tail) :] = torch.from_numpy(tail)
+        threads = 1 if len(rows) <= SMALL_BATCH else torch.get_num_threads()
+        with torch.no_grad(), torch_threads(threads):
+            return self.encoder(self.table.lookup(batch), batch != pad).numpy()
+
+    def search(
+        self, queries: np.ndarray, excluded: list[np.ndarray], k: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, scores)`` per query: its best ``min(k, N - excluded)`` items outside its
+        ``excluded`` rows (distinct). The index is asked for ``k + max excluded`` so the
+        excluded ones can be dropped; an approximate index that still returns too few is
+        completed by an exact scan of that query."""
+        fetch = min(self.count, k + max(len(e) for e in excluded))
+        scores, found = self.index.search(np.ascontiguousarray(queries, np.float32), fetch)
+        out = []
+        for q, e, s, f in zip(queries, excluded, scores, found, strict=True):
+            want = min(k, self.count - len(e))
+            keep = (f >= 0) & ~np.isin(f, e)
+            rows, vals = f[keep][:want], s[keep][:want]
+            if len(rows) < want and not self.exact:
+                rows, vals = self.exact_top(q, e, want)
+            out.append((rows, vals))
+        return out
+
+    def exact_top(self, query: np.ndarray, excluded: np.ndarray, want: int):
+        """``(rows, scores)`` of the best ``want`` items outside ``excluded`` by a full scan."""
+        scores = self.vectors @ query
+        scores[excluded] = -np.inf
+        top = np.argpartition(-scores, want - 1)[:want]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return top, scores[top]
+
+    def popular(self, k: int, unknown: list[str]) -> Recommendations:
+        """The ``k`` items most frequent in the prepared data."""
+        if self._popular is None:
+            self._popular = np.argsort(-self.counts, kind="stable")
+        top = self._popular[:k]
+        return Recommendations(self.raw(top), self.counts[top].astype(float).tolist(), unknown,
+                               popular=True)  # fmt: skip
+
+    def raw(self, rows: np.ndarray) -> list:
+        return self.item_ids.take(pa.array(rows, pa.int64())).to_pylist()
+
+    def recommend(
+        self, histories: list[list], k: int = 10, popular_fallback: bool = False
+    ) -> list[Recommendations]:
+        """Top-``k`` per history (raw ids, oldest first). Raises :class:`QueryError` for
+        ``k < 1`` and for a history without a known item unless ``popular_fallback``."""
+        if k < 1:
+            raise QueryError(f"k must be at least 1, got {k}")
+        if not histories:
+            return []
+        rows, unknown = self.rows_of(histories)
+        empty = [b for b, r in enumerate(rows) if r.size == 0]
+        if empty and not popular_fallback:
+            raise QueryError(
+                f"{len(empty)} of {len(histories)} histories hold no known item (history "
+                f"{empty[0]}: {', '.join(map(str, histories[empty[0]][:5])) or 'empty'}); pass "
+                "--popular-fallback to answer them with the most popular items"
+            )
+        results: list[Recommendations | None] = [None] * len(histories)
+        for b in empty:
+            results[b] = self.popular(k, unknown[b])
+        known = [b for b, r in enumerate(rows) if r.size]
+        for start in range(0, len(known), QUERY_BATCH):
+            chunk = known[start : start + QUERY_BATCH]
+            queries = self.encode([rows[b] for b in chunk])
+            excluded = [np.unique(rows[b]) if self.exclude_history else rows[b][:0] for b in chunk]
+            for b, (top, scores) in zip(chunk, self.search(queries, excluded, k), strict=True):
+                results[b] = Recommendations(self.raw(top), scores.tolist(), unknown[b])
+        return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mqsa_ted.recommend",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("export_dir")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--history", help="comma-separated raw item ids, oldest first")
     source.add_argument("--batch", help="Parquet with columns user_id, history (list of raw ids)")
     parser.add_argument("--out", help="output Parquet for --batch (default: print)")
-    parser.add_argument("--k", type=int, default=10)
-    args = parser.parse_args(argv)
-    try:
-        rec = Recommender(args.export_dir)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    parser.add_argument("--k", type=int, default=10, help="items per history (at least 1)")
+    parser.add_argument(
+        "--popular-fallback",
+        action="store_true",
+        help="answer a history without known items with the most popular ones",
+    )
+    parser.add_argument(
+        "--exclude-history",
+        action=argparse.BooleanOptionalAction,
+        help="never recommend history items (default: the run's protocol, "
+        "paper: yes, repeat_aware: no)",
+    )
+    parser.add_argument("--allow-stale", action="store_true",
+                        help="serve an export older than its run's current model.pt")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The command's work (raises :class:`UserError` for anything the user can fix)."""
+    if args.k < 1:
+        raise QueryError(f"--k must be at least 1, got {args.k}")
+    rec = Recommender(args.export_dir, args.allow_stale, exclude_history=args.exclude_history)
     if args.history is not None:
-        (result,) = rec.recommend(
-            [[s.strip() for s in args.history.split(",") if s.strip()]], args.k
-        )
+        history = [s.strip() for s in args.history.split(",") if s.strip()]
+        (result,) = rec.recommend([history], args.k, args.popular_fallback)
         if result.unknown:
             print(f"skipped unknown item ids: {', '.join(result.unknown)}", file=sys.stderr)
+        if result.popular:
+            print("no known item in the history: the most popular items", file=sys.stderr)
         for rank, (item, score) in enumerate(zip(result.items, result.scores, strict=True), 1):
             print(f"{rank:3d}  {item}  {score:.4f}")
-        return 0
-    with fsspec.open(args.batch, "rb") as f:
+        return
+    fs, path = url_to_fs(args.batch)
+    with fs.open(path, "rb") as f:
         histories = pq.read_table(f, columns=["user_id", "history"])
-    results = rec.recommend(histories.column("history").to_pylist(), args.k)
-    skipped = sum(len(r.unknown) for r in results)
-    if skipped:
-        print(f"skipped {skipped} unknown item ids", file=sys.stderr)
+    results = rec.recommend(histories.column("history").to_pylist(), args.k, args.popular_fallback)
+    unknown = sorted({i for r in results for i in r.unknown})
+    if unknown:
+        print(f"skipped {len(unknown)} unknown item ids: {', '.join(unknown[:20])}"
+              + (" ..." if len(unknown) > 20 else ""), file=sys.stderr)  # fmt: skip
     out = pa.table(
         {
             "user_id": histories.column("user_id"),
@@ -113,11 +363,21 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     if args.out:
-        with fsspec.open(args.out, "wb") as f:
+        fs, path = url_to_fs(args.out)
+        with fs.open(path, "wb") as f:
             pq.write_table(out, f)
         print(f"wrote {out.num_rows} rows to {args.out}")
     else:
         print(out.to_pandas().to_string())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

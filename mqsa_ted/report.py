@@ -2,8 +2,15 @@
 
     python -m mqsa_ted.report RUN_DIR [--export EXPORT_DIR] [--users 3]
 
-Prints a metrics table (model, most-popular, last-item transitions) and top-10 lists for a few
-users, and writes ``curves.png`` and ``report.md`` into the run directory.
+Reads ``RUN_DIR/config.yaml``, ``metrics.json`` and ``model.pt``, the prepared data of the run,
+and the run's export (default ``RUN_DIR/export``: run ``python -m mqsa_ted.export RUN_DIR``
+first). Prints a metrics table (model, most-popular, last-item transitions) with the evaluation
+protocol the metrics were measured under, and top-10 lists for a few users; writes
+``curves.png`` and ``report.md`` into the run directory. An export whose weights are not the
+run's current ``model.pt`` (the run was retrained since) is refused unless ``--allow-stale``.
+
+Trust boundary: the export is loaded weights-only (safe whatever its origin); the run directory
+is a trusted artifact of your own training.
 """
 
 from __future__ import annotations
@@ -14,18 +21,30 @@ import sys
 
 import fsspec
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from core.config import load_config  # noqa: E402
+from core.config import ConfigError, load_config  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from core.storage import atomic_write_bytes  # noqa: E402
-from mqsa_ted.export import read_vocab  # noqa: E402
+from mqsa_ted.manifest import MissingExportError  # noqa: E402
 from mqsa_ted.recommend import Recommender  # noqa: E402
 from trainer.baselines import baseline_metrics  # noqa: E402
 from trainer.data import load_sequences  # noqa: E402
 from trainer.metrics import METRIC_NAMES  # noqa: E402
 from trainer.run_dir import RunDir  # noqa: E402
+
+PROTOCOLS = {
+    "paper": "paper (the whole train history is excluded from the ranking; a target inside it "
+    "counts as a miss)",
+    "repeat_aware": "repeat_aware (nothing is excluded; repeated targets are ranked)",
+}
+
+
+class ReportError(UserError):
+    """The run or its export is not ready for a report (the message names the command to run)."""
 
 
 def metrics_table(rows: dict[str, dict[str, float]]) -> str:
@@ -58,26 +77,48 @@ def plot_curves(epochs: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def sample_recommendations(cfg, export_dir: str, num_users: int) -> list[tuple[list, list]]:
+def sample_recommendations(cfg, rec: Recommender, num_users: int) -> list[tuple[list, list]]:
     """``(history raw ids, top-10 raw ids)`` for the first ``num_users`` users (test input)."""
     seqs = load_sequences(cfg)
-    raw_ids = read_vocab(cfg.data.dir)
-    rec = Recommender(export_dir)
     histories = []
     for user in range(min(num_users, seqs.num_users)):
         rows = [i for i in seqs.train[user].tolist() if i != seqs.num_items] + [
             int(seqs.valid[user])
         ]
-        histories.append([raw_ids[i] for i in rows])
+        histories.append(rec.raw(np.array(rows)))
     results = rec.recommend(histories, k=10)
     return [(h, r.items) for h, r in zip(histories, results, strict=True)]
 
 
-def write_report(run_dir: str, export_dir: str, num_users: int = 3) -> str:
+def open_export(run_dir: str, export_dir: str, allow_stale: bool) -> Recommender:
+    """The run's export, refused when missing or older than the run's ``model.pt``."""
+    try:
+        return Recommender(export_dir, allow_stale, run_dir=run_dir)
+    except MissingExportError as e:
+        raise ReportError(
+            f"no export at {export_dir} yet: run `python -m mqsa_ted.export {run_dir}"
+            + (f" --out {export_dir}" if export_dir != RunDir(run_dir).path("export") else "")
+            + "` first"
+        ) from e
+
+
+def read_metrics(run_dir: str) -> dict:
+    path = RunDir(run_dir).path("metrics.json")
+    try:
+        with fsspec.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise ReportError(f"{path} not found: train first (`python -m trainer.train`)") from e
+
+
+def write_report(
+    run_dir: str, export_dir: str, num_users: int = 3, allow_stale: bool = False
+) -> str:
     run = RunDir(run_dir)
     cfg = load_config(run.path("config.yaml"))
-    with fsspec.open(run.path("metrics.json"), "r") as f:
-        metrics = json.load(f)
+    metrics = read_metrics(run_dir)
+    rec = open_export(run_dir, export_dir, allow_stale)
+    protocol = metrics.get("protocol")
     baselines = baseline_metrics(cfg)
     table = metrics_table(
         {
@@ -87,11 +128,14 @@ def write_report(run_dir: str, export_dir: str, num_users: int = 3) -> str:
         }
     )
     plot_curves(metrics["epochs"], run.path("curves.png"))
-    samples = sample_recommendations(cfg, export_dir, num_users)
+    samples = sample_recommendations(cfg, rec, num_users)
     lines = [
         f"# Run report: {run_dir}",
         "",
         "## Test metrics (best validation NDCG@20)",
+        "",
+        "Evaluation protocol: "
+        + PROTOCOLS.get(protocol, f"{protocol or 'not recorded in metrics.json'}"),
         "",
         table,
         "",
@@ -113,13 +157,24 @@ def write_report(run_dir: str, export_dir: str, num_users: int = 3) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mqsa_ted.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run_dir")
     parser.add_argument("--export", default="", help="export dir (default <RUN_DIR>/export)")
     parser.add_argument("--users", type=int, default=3)
+    parser.add_argument(
+        "--allow-stale", action="store_true", help="use an export older than the run's model.pt"
+    )
     args = parser.parse_args(argv)
     export_dir = args.export or RunDir(args.run_dir).path("export")
-    print(write_report(args.run_dir, export_dir, args.users))
+    try:
+        print(write_report(args.run_dir, export_dir, args.users, args.allow_stale))
+    except (UserError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,5 +1,8 @@
-"""Export round trip: vectors, user encoder and recommendations agree with the trainer."""
+"""Export round trip on a trained run: vectors, user encoder and recommendations agree with the
+trainer; versions replace each other whole; a stale export is refused; the report."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import mqsa_ted.export
+import mqsa_ted.recommend
+import mqsa_ted.report
 from core.config import load_config
 from mqsa_ted.export import export_run, load_trained
-from mqsa_ted.manifest import ExportError
+from mqsa_ted.manifest import CURRENT, ExportError, MissingExportError, read_manifest
 from mqsa_ted.recommend import Recommender
 from tests.synthetic import write_prepared
 from trainer.batches import trim
@@ -21,19 +27,29 @@ from trainer.evaluate import EvalSplit, target_ranks
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def train(data: Path, run_dir: Path, *overrides: str) -> Path:
+    """Train a tiny run into ``run_dir`` with ``python -m trainer.train``."""
+    config = run_dir.parent / f"{run_dir.name}.yaml"
+    config.write_text(
+        f"data:\n  dir: {data}\n  max_len: 12\nmodel:\n  dim: 16\n"
+        f"train:\n  epochs: 2\n  batch_size: 32\n  run_dir: {run_dir}\n  progress: false\n"
+    )
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", str(config), *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
-    data = write_prepared(root / "data")
-    config = root / "tiny.yaml"
-    config.write_text(
-        f"data:\n  dir: {data}\n  max_len: 12\nmodel:\n  dim: 16\n"
-        f"train:\n  epochs: 2\n  batch_size: 32\n  run_dir: {root / 'run'}\n  progress: false\n"
-    )
-    proc = subprocess.run([sys.executable, "-m", "trainer.train", str(config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "run"
+    return train(write_prepared(root / "data"), root / "run")
+
+
+def current_items(out: Path):
+    """The item rows of the export version that CURRENT names, by row."""
+    version, manifest = read_manifest(str(out))
+    return pq.read_table(f"{version}/items").sort_by("index"), manifest
 
 
 def test_export_round_trip(trained_run, tmp_path):
@@ -41,7 +57,7 @@ def test_export_round_trip(trained_run, tmp_path):
     manifest = export_run(str(trained_run), str(out), faiss_kind="flat")
     assert manifest.count == 40 and manifest.dim == 16 and manifest.faiss["recall@10"] == 1.0
     cfg, encoder, table = load_trained(str(trained_run))
-    items = pq.read_table(out / "items").sort_by("index")
+    items, _ = current_items(out)
     vectors = np.stack(items.column("vector").to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(vectors, table.all_items().detach().numpy())
     assert items.column("item_id").to_pylist() == [f"i{k}" for k in range(40)]
@@ -76,11 +92,33 @@ def test_export_round_trip(trained_run, tmp_path):
     assert result.items == top10
 
 
-def test_unfinished_export_is_refused(trained_run, tmp_path):
+def test_failed_export_leaves_the_previous_one_whole(trained_run, tmp_path, monkeypatch):
     out = tmp_path / "export"
-    export_run(str(trained_run), str(out), faiss_kind="none")
-    (out / "manifest.json").unlink()  # as if the export died before its commit marker
-    with pytest.raises(ExportError, match="not a finished export"):
+    first = export_run(str(trained_run), str(out), faiss_kind="flat")
+    want = Recommender(str(out)).recommend([["i1", "i2"]], k=10)[0].items
+
+    def dies(*args, **kwargs):
+        raise OSError("injected: the disk filled up while the index was written")
+
+    monkeypatch.setattr(mqsa_ted.export, "write_faiss", dies)  # after the item parts and encoder
+    with pytest.raises(OSError, match="injected"):
+        export_run(str(trained_run), str(out), faiss_kind="flat")
+    versions = sorted(p.name for p in (out / "versions").iterdir())
+    assert len(versions) == 2 and versions[0] == first.version  # the new one is unfinished
+    assert (out / "versions" / versions[1] / "items" / "part-00000.parquet").exists()
+    rec = Recommender(str(out))
+    assert rec.manifest.version == first.version
+    assert rec.recommend([["i1", "i2"]], k=10)[0].items == want
+
+    monkeypatch.undo()
+    foreign = out / "versions" / "0-not-ours"  # no ownership marker: never deleted
+    foreign.mkdir()
+    third = export_run(str(trained_run), str(out), faiss_kind="none")
+    assert sorted(p.name for p in (out / "versions").iterdir()) == [foreign.name, third.version]
+    items, manifest = current_items(out)
+    assert items.num_rows == 40 and manifest.faiss is None
+    (out / CURRENT).unlink()  # as if the very first export had died before its commit
+    with pytest.raises(MissingExportError, match="run `python -m mqsa_ted.export"):
         Recommender(str(out))
 
 
@@ -92,6 +130,16 @@ def test_missing_run_is_a_clear_error(tmp_path):
         export_run(str(cfg_dir), str(tmp_path / "out"))
 
 
+def test_report_before_export_is_a_clear_error(trained_run, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert mqsa_ted.report.main([str(trained_run), "--export", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: no export at {out} yet: run `python -m mqsa_ted.export {trained_run} --out {out}`"
+        " first"
+    ]
+
+
 def test_report_compares_model_and_baselines(trained_run, tmp_path):
     from mqsa_ted.report import write_report
 
@@ -100,10 +148,32 @@ def test_report_compares_model_and_baselines(trained_run, tmp_path):
     report = write_report(str(trained_run), str(out), num_users=3)
     assert "| MQSA-TED (epoch" in report and "| most popular |" in report
     assert "| last item -> most frequent next |" in report
+    assert "Evaluation protocol: paper (the whole train history is excluded" in report
     assert report.count("- history (last 5)") == 3
     png = (trained_run / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     assert (trained_run / "report.md").read_text() == report
+
+
+def test_stale_export_is_refused_after_retraining(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    out = tmp_path / "export"
+    export_run(str(run), str(out), faiss_kind="none")
+    query = [str(out), "--history", "i1,i2", "--k", "3"]
+    assert mqsa_ted.recommend.main(query) == 0
+    capsys.readouterr()
+    train(Path(load_config(str(run / "config.yaml")).data.dir), run, "train.seed=7")
+
+    assert mqsa_ted.recommend.main(query) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"re-run `python -m mqsa_ted.export {run} --out {out}`" in err[0]
+    assert mqsa_ted.report.main([str(run), "--export", str(out)]) == 2
+    assert "--allow-stale" in capsys.readouterr().err
+    assert mqsa_ted.recommend.main([*query, "--allow-stale"]) == 0
+    export_run(str(run), str(out), faiss_kind="none")
+    assert mqsa_ted.recommend.main(query) == 0
+    assert json.loads((out / CURRENT).read_text())["version"] in str(read_manifest(str(out))[0])
 
 
 def test_torchrec_run_exports_per_rank(tmp_path):
@@ -116,21 +186,24 @@ def test_torchrec_run_exports_per_rank(tmp_path):
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0"]  # fmt: skip
-    export = ["-m", "mqsa_ted.export", str(tmp_path / "run"), "--out"]
-    for cmd in (
-        [*torchrun, "-m", "trainer.train", str(config)],
-        [*torchrun, *export, str(tmp_path / "two")],
-        [sys.executable, *export, str(tmp_path / "one")],
-    ):
+    out = tmp_path / "export"
+    export = ["-m", "mqsa_ted.export", str(tmp_path / "run"), "--out", str(out)]
+    proc = subprocess.run([*torchrun, "-m", "trainer.train", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exports = []
+    for cmd in ([*torchrun, *export], [sys.executable, *export]):  # 2 ranks, then 1 in the same out
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
-    parts = sorted(p.name for p in (tmp_path / "two" / "items").iterdir())
-    assert parts == ["part-00000.parquet", "part-00001.parquet"]  # each rank wrote its rows
-    halves = [pq.read_table(tmp_path / "two" / "items" / p).num_rows for p in parts]
-    assert sum(halves) == 40 and min(halves) > 0
-    two = pq.read_table(tmp_path / "two" / "items").sort_by("index")
-    one = pq.read_table(tmp_path / "one" / "items").sort_by("index")
+        exports.append(current_items(out))
+    (two, two_manifest), (one, one_manifest) = exports
+    assert two_manifest.parts == ["items/part-00000.parquet", "items/part-00001.parquet"]
+    assert one_manifest.parts == ["items/part-00000.parquet"]  # no stale part of rank 1
+    assert [p.name for p in (out / "versions").iterdir()] == [one_manifest.version]
+    assert two.num_rows == one.num_rows == 40
     assert two.column("item_id").to_pylist() == [f"i{k}" for k in range(40)]
     assert two.column("vector").to_pylist() == one.column("vector").to_pylist()
-    (result,) = Recommender(str(tmp_path / "two")).recommend([["i1", "i2"]], k=5)
-    assert len(result.items) == 5 and not {"i1", "i2"} & set(result.items)
+    rec = Recommender(str(out))
+    assert rec.index.ntotal == 40
+    (result,) = rec.recommend([["i1", "i2"]], k=50)
+    assert len(result.items) == 38 and not {"i1", "i2"} & set(result.items)
