@@ -90,8 +90,10 @@ def test_warm_start_seeds_encoder_old_rows_and_new_rows(days, tmp_path, backend,
         run([sys.executable, "-m", "mqsa_ted.export", str(previous), "--out", str(export),
              "--faiss", "none"])  # fmt: skip
         from mqsa_ted.export import read_vectors
+        from mqsa_ted.manifest import resolve_version
 
-        old_table = torch.from_numpy(read_vectors(str(export / "items"), 16).copy())
+        version, _ = resolve_version(str(export))
+        old_table = torch.from_numpy(read_vectors(f"{version}/items", 16).copy())
     got = started(days, previous, tmp_path / "start.pt", world, f"embeddings.backend={backend}")
     for name, value in got["encoder"].items():
         torch.testing.assert_close(value, state[f"encoder.{name}"], rtol=0, atol=0, msg=name)
