@@ -30,6 +30,9 @@ class DataConfig:
     user_col: str = "user_id"
     item_col: str = "item_id"
     time_col: str = "timestamp"
+    # unit of numeric timestamps: auto (refuse a log whose values look like different units)
+    # | s | ms | us | ns (ISO/timestamp values converted to it) | order (sequence numbers, no check)
+    time_unit: str = "auto"
     dir: str = "data/demo"  # output URL of the prepared data (vocab/, sequences/, transitions/)
     max_len: int = 50
     time_span: int = 1
@@ -143,6 +146,7 @@ class Config:
 
 # The one list of every enumerated setting; modules that switch on a value import it from here.
 FORMATS = ("auto", "parquet", "csv", "json")
+TIME_UNITS = ("auto", "s", "ms", "us", "ns", "order")
 BACKENDS = ("dense", "torchrec")
 SHARDINGS = ("row_wise", "table_wise", "column_wise")
 TABLE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
@@ -153,6 +157,7 @@ FAISS_KINDS = ("auto", "flat", "ivf", "hnsw", "none")
 EVAL_PROTOCOLS = ("paper", "repeat_aware")
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": FORMATS,
+    "data.time_unit": TIME_UNITS,
     "embeddings.backend": BACKENDS,
     "embeddings.sharding": SHARDINGS,
     "embeddings.optimizer": TABLE_OPTIMIZERS,

@@ -5,10 +5,12 @@ Spark reads and writes local paths, ``file://`` and the Hadoop schemes (``hdfs:/
 other fsspec URL (``memory://`` in the tests, ``http(s)://``, ...) is copied to a local temporary
 directory for reading, and outputs are written locally and uploaded through fsspec.
 
-Commit protocol of an output directory ``D``: everything is written into a hidden sibling
-``.D.staging-<token>``; the marker file ``_COMPLETE`` is written there last; then the sibling is
-renamed to ``D`` (a previous ``D`` is first renamed aside and deleted afterwards). On a local
-disk or HDFS the rename is atomic; on object stores a rename is a copy, so readers must check
+Commit protocol of an output directory ``D``: the leftovers of dead runs on ``D`` are swept and
+the run takes a lock (:mod:`spark_jobs.ownership`); everything is written into a hidden sibling
+``.D.staging-<token>`` that first gets our ownership marker; the marker file ``_COMPLETE`` is
+written there last; then the sibling is renamed to ``D`` (a previous ``D``, only if it carries
+our marker of the same kind, is first renamed aside and deleted afterwards). On a local disk or
+HDFS the rename is atomic; on object stores a rename is a copy, so readers must check
 ``_COMPLETE`` (the readers of :mod:`core.prepared` do).
 """
 
@@ -26,9 +28,10 @@ from typing import Any
 
 from fsspec.utils import get_protocol
 
-from core.prepared import COMPLETE_MARKER, STATS_FILE, is_data_file
+from core.prepared import COMPLETE_MARKER, is_data_file
 from core.storage import StorageError, full_url, url_to_fs
 from spark_jobs.errors import PrepareError
+from spark_jobs.ownership import OWNER_MARKER, RunLock, mark_owned, owned_kind, sweep
 
 SPARK_SCHEMES = {"file", "hdfs", "viewfs", "s3a", "gs", "abfs", "abfss", "wasb", "wasbs"}
 SPARK_ALIASES = {"s3": "s3a", "s3n": "s3a", "gcs": "gs"}
@@ -90,34 +93,61 @@ def staged_input(url: str) -> Iterator[str]:
 
 
 class OutputStaging:
-    """A hidden sibling of an output directory that is renamed over it on :meth:`commit`."""
+    """A hidden sibling of an output directory that is renamed over it on :meth:`commit`.
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    ``kind`` names what the directory holds (``prepared-data``, ``synthetic-events``): the
+    staging directory carries the ownership marker of that kind, and an existing directory is
+    only replaced when it carries the same marker (or is empty).
+    """
+
+    def __init__(self, url: str, kind: str) -> None:
+        self.url, self.kind = url, kind
         self.fs, self.path = url_to_fs(url)
         self.path = self.path.rstrip("/")
-        parent, _, name = self.path.rpartition("/")
-        if not name:
+        self.parent, _, self.name = self.path.rpartition("/")
+        if not self.name:
             raise PrepareError(f"output URL {url!r} names no directory")
         token = uuid.uuid4().hex[:12]
-        self.staging = f"{parent}/.{name}.staging-{token}"
-        self.aside = f"{parent}/.{name}.old-{token}"
-        self.local = None if spark_readable(url) else tempfile.mkdtemp(prefix="mqsa-output-")
+        self.staging = f"{self.parent}/.{self.name}.staging-{token}"
+        self.aside = f"{self.parent}/.{self.name}.old-{token}"
+        self.lock = RunLock(self.fs, f"{self.parent}/.{self.name}.lock-{token}")
+        self.local: str | None = None
+        self.swept: dict[str, int] = {}
+
+    def start(self) -> None:
+        """Sweep the leftovers of dead runs, check the target, lock, create the staging
+        directory and mark it as ours."""
+        self.swept = sweep(self.fs, self.parent, self.name, self.kind)
         self._check_target()
+        self.lock.acquire()
         self.fs.makedirs(self.staging, exist_ok=True)
+        mark_owned(full_url(self.fs, self.staging), self.kind)
+        if not spark_readable(self.url):
+            self.local = tempfile.mkdtemp(prefix="mqsa-output-")
 
     def _check_target(self) -> None:
-        """Refuse to replace a directory that is not an earlier output of this job."""
+        """Refuse to replace anything but an empty directory or one we wrote (our marker)."""
         if not self.fs.exists(self.path):
             return
         if not self.fs.isdir(self.path):
-            raise PrepareError(f"output {self.url} exists and is a file")
+            raise PrepareError(f"output {self.url} exists and is a file; refusing to replace it")
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)}
-        if names and not names & {COMPLETE_MARKER, STATS_FILE}:
-            raise PrepareError(
-                f"output {self.url} exists and is not a prepared-data directory "
-                f"(no {COMPLETE_MARKER}); refusing to replace it"
+        kind = owned_kind(full_url(self.fs, self.path))
+        if kind == self.kind or not names:
+            return
+        if kind is not None:
+            why = f"it holds {kind} written by this project, not {self.kind}"
+        elif COMPLETE_MARKER in names:
+            why = (
+                f"it has {COMPLETE_MARKER} but no {OWNER_MARKER} marker: an output of an earlier "
+                "version, which cannot be told apart from a folder of yours"
             )
+        else:
+            why = f"it was not written by this job (no {OWNER_MARKER} marker)"
+        raise PrepareError(
+            f"refusing to replace the existing directory {self.url}: {why}; delete it yourself "
+            "if nothing in it is needed, or choose another output path (data.dir)"
+        )
 
     def spark_target(self, name: str) -> str:
         """Where Spark writes the dataset ``name`` (a local directory for fsspec-only URLs)."""
@@ -136,11 +166,13 @@ class OutputStaging:
             f.write("\n")
 
     def commit(self) -> None:
-        """Upload local parts, write ``_COMPLETE`` last, then rename the staging directory."""
+        """Upload local parts, write ``_COMPLETE`` last, check the target once more (it may
+        have changed since the start), then rename the staging directory over it."""
         if self.local is not None:
             for entry in sorted(os.listdir(self.local)):
                 self.fs.put(f"{self.local}/{entry}", f"{self.staging}/{entry}", recursive=True)
         self.write_json(COMPLETE_MARKER, {"committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ")})
+        self._check_target()
         replaced = self.fs.exists(self.path)
         if replaced:
             self.fs.mv(self.path, self.aside, recursive=True)
@@ -149,18 +181,21 @@ class OutputStaging:
             self.fs.rm(self.aside, recursive=True)
 
     def cleanup(self) -> None:
-        """Remove what is left of the staging directory and the local temporary directory."""
+        """Remove what is left of this run's staging directory and local temporary directory,
+        then release the lock."""
         if self.local is not None:
             shutil.rmtree(self.local, ignore_errors=True)
         if self.fs.exists(self.staging):
             self.fs.rm(self.staging, recursive=True)
+        self.lock.release()
 
 
 @contextmanager
-def staged_output(url: str) -> Iterator[OutputStaging]:
-    """Yield an :class:`OutputStaging` for ``url``; commit it if the block succeeds."""
-    staging = OutputStaging(url)
+def staged_output(url: str, kind: str) -> Iterator[OutputStaging]:
+    """Yield a started :class:`OutputStaging` for ``url``; commit it if the block succeeds."""
+    staging = OutputStaging(url, kind)
     try:
+        staging.start()
         yield staging
         staging.commit()
     finally:

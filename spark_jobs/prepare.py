@@ -18,6 +18,7 @@ from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 
 from core.config import ConfigError, DataConfig, load_config
+from core.errors import UserError
 from core.prepared import STATS_FILE
 from spark_jobs.clean import (
     ROW_REASONS,
@@ -25,10 +26,11 @@ from spark_jobs.clean import (
     deduplicate,
     item_tally,
     kept_rows,
-    reason_totals,
+    tally_totals,
+    unit_ranges,
     without_keys,
 )
-from spark_jobs.errors import PrepareError, first_line
+from spark_jobs.errors import PrepareError, root_cause
 from spark_jobs.filters import kcore
 from spark_jobs.io import OutputStaging, staged_input, staged_output, total_size
 from spark_jobs.progress import Progress
@@ -42,10 +44,12 @@ from spark_jobs.sequences import (
     user_sequences,
 )
 from spark_jobs.session import build_session, set_shuffle_partitions
+from spark_jobs.timestamps import check_units
 from spark_jobs.transitions import count_transitions, top_successors
 from spark_jobs.vocab import build_vocab, item_counts
 
 TIE_BREAK = "timestamp, then input row order"
+PREPARED_DATA = "prepared-data"  # the ownership marker's kind of a prepare output
 
 
 def check_config(cfg: DataConfig) -> None:
@@ -89,21 +93,28 @@ class Job:
             short_users=0, short_user_events=0,
         )  # fmt: skip
         self.rows = 0
+        self.time_units: dict[str, int] = {}
+        self.time_unit: str | None = None
 
     def read(self, spark_url: str, fmt: str) -> tuple[DataFrame, DataFrame]:
         """The clean events (lazy) and their item counts, after one pass over the input that
-        counts the rows, the row drops and the rows per item."""
+        counts the rows, the row drops, the rows per item and the timestamps per unit (mixed
+        units are refused, see :mod:`spark_jobs.timestamps`)."""
         cfg = self.cfg
         columns = {"user_col": cfg.user_col, "item_col": cfg.item_col, "time_col": cfg.time_col}
         with self.progress.stage("read") as info:
             raw = read_events(self.spark, cfg.events, spark_url, fmt, columns)
-            annotated = annotate(raw, cfg.user_col, cfg.item_col, cfg.time_col)
+            annotated = annotate(raw, cfg.user_col, cfg.item_col, cfg.time_col, cfg.time_unit)
             tally = persisted(item_tally(annotated))
-            self.rows, reasons = reason_totals(tally)
+            self.rows, reasons, self.time_units = tally_totals(tally)
             if self.rows == 0:
                 raise PrepareError(f"input is empty: no rows in {cfg.events}")
+            self.time_unit = check_units(
+                self.time_units, cfg.time_unit, cfg.time_col, lambda: unit_ranges(annotated)
+            )
             self.dropped.update(reasons)
             info.update(format=fmt, rows=self.rows, dropped=sum(reasons.values()))
+            info.update(time_unit=self.time_unit)
         return kept_rows(annotated), tally.select("item_id", "count")
 
     def filter_events(self, events: DataFrame) -> DataFrame:
@@ -209,6 +220,9 @@ class Job:
             "max_time_gap": cfg.max_time_gap,
             "kcore": cfg.kcore,
             "dedup": cfg.dedup,
+            "time_unit": cfg.time_unit,
+            "time_unit_seen": self.time_unit,
+            "timestamps_per_unit": self.time_units,
             "tie_break": TIE_BREAK,
             "source": cfg.events,
             "format": fmt,
@@ -228,7 +242,8 @@ def prepare(
     """Run the whole job for ``cfg``; returns the stats written to ``stats.json``.
 
     Raises :class:`ConfigError` for impossible settings and :class:`PrepareError` for bad
-    input or a failed Spark job.
+    input, an output path that is not ours to replace, or a failed Spark job (its root cause
+    in one line).
 
     Uses ``spark`` if given (its cached data is cleared at the end), else builds a session
     on ``cfg.spark_master``.
@@ -237,10 +252,11 @@ def prepare(
     progress = progress or Progress()
     files = list_input(cfg.events)
     fmt = detect_format(cfg.events, cfg.format, files)
-    spark = spark or build_session(cfg.spark_master)
-    set_shuffle_partitions(spark, total_size(cfg.events, files) if files else None)
-    job = Job(cfg, spark, progress)
-    with staged_input(cfg.events) as spark_url, staged_output(cfg.dir) as out:
+    with staged_output(cfg.dir, PREPARED_DATA) as out, staged_input(cfg.events) as spark_url:
+        progress.note("output", dir=cfg.dir, **out.swept)
+        spark = spark or build_session(cfg.spark_master)
+        set_shuffle_partitions(spark, total_size(cfg.events, files) if files else None)
+        job = Job(cfg, spark, progress)
         try:
             events, counts = job.read(spark_url, fmt)
             if cfg.dedup or cfg.kcore > 0:
@@ -249,7 +265,7 @@ def prepare(
             vocab, num_items, seqs, sizes = job.sequences(events, counts)
             stats = job.stats(job.write(vocab, num_items, seqs, sizes, out), fmt)
         except (PySparkException, Py4JError) as e:
-            raise PrepareError(f"the Spark job failed on {cfg.events}: {first_line(e)}") from e
+            raise PrepareError(f"the Spark job failed on {cfg.events}: {root_cause(e)}") from e
         finally:
             spark.catalog.clearCache()
         out.write_json(STATS_FILE, stats)
@@ -267,12 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         with progress.stage("total") as info:
             stats = prepare(cfg.data, progress=progress)
             info.update(users=stats["users"], items=stats["items"], out=cfg.data.dir)
-    except ConfigError as e:
+    except (ConfigError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -16,6 +16,10 @@ class Progress:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.timings: dict[str, float] = {}
 
+    def note(self, name: str, **details: object) -> None:
+        """Print one untimed line ``[<tag>] <name>: <details>``."""
+        self.log(f"[{self.tag}] {name}: " + ", ".join(f"{k}={v}" for k, v in details.items()))
+
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, object]]:
         """Time a stage; the caller fills the yielded dict with details to print."""

@@ -6,7 +6,7 @@ from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
-from spark_jobs.errors import PrepareError, first_line
+from spark_jobs.errors import PrepareError, root_cause
 from spark_jobs.io import data_files, has_backend, spark_readable
 
 EXTENSIONS = {
@@ -60,10 +60,16 @@ def list_input(url: str) -> list[str] | None:
 
 
 def load(spark: SparkSession, spark_url: str, fmt: str) -> DataFrame:
-    """Spark's reader for ``fmt`` on ``spark_url`` (CSV with a header and inferred types)."""
+    """Spark's reader for ``fmt`` on ``spark_url``.
+
+    CSV is read as RFC 4180 (a header, inferred types, fields quoted with ``"`` may hold
+    commas and newlines, ``""`` inside them is one quote): ``multiLine`` reads each file
+    whole in one task, so a big CSV log should be split into several files (or be Parquet).
+    """
     reader = spark.read
     if fmt == "csv":
-        return reader.option("header", True).option("inferSchema", True).csv(spark_url)
+        options = {"header": True, "inferSchema": True, "multiLine": True, "quote": '"'}
+        return reader.options(**options, escape='"').csv(spark_url)
     if fmt == "json":
         return reader.option("mode", "PERMISSIVE").json(spark_url)
     return reader.parquet(spark_url)
@@ -104,7 +110,7 @@ def read_events(
         df = load(spark, spark_url, fmt)
         check_columns(df, url, columns)
     except PySparkException as e:
-        raise PrepareError(f"cannot read {url} as {fmt}: {first_line(e)}") from e
+        raise PrepareError(f"cannot read {url} as {fmt}: {root_cause(e)}") from e
     keep = list(dict.fromkeys(columns.values()))
     if CORRUPT_COLUMN in df.columns:
         keep.append(CORRUPT_COLUMN)

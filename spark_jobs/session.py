@@ -2,8 +2,10 @@
 
 Driver memory comes from ``MQSA_SPARK_DRIVER_MEMORY`` (or Spark's own ``SPARK_DRIVER_MEMORY``),
 default 4g; it only applies when this process starts the JVM (under ``spark-submit`` use
-``--driver-memory``). Spark's log level is set to ERROR so the jobs' own one-line progress is
-what the user sees.
+``--driver-memory``). Spark's log level is ``MQSA_SPARK_LOG_LEVEL``, default FATAL, so the
+jobs' own one-line progress is what the user sees, and a failed task's JVM trace is not printed:
+the job reports the failure's root cause in one line (:func:`spark_jobs.errors.root_cause`).
+Set it to ERROR (or WARN, INFO) to see Spark's own log.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from pyspark.sql import SparkSession
 
 DEFAULT_DRIVER_MEMORY = "4g"
+DEFAULT_LOG_LEVEL = "FATAL"
 
 
 def driver_memory() -> str:
@@ -55,7 +58,7 @@ def build_session(master: str = "local[*]", app_name: str = "mqsa-ted-prepare") 
             .config("spark.ui.showConsoleProgress", "false")
         )
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
+    spark.sparkContext.setLogLevel(os.environ.get("MQSA_SPARK_LOG_LEVEL") or DEFAULT_LOG_LEVEL)
     return spark
 
 

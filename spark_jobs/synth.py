@@ -247,7 +247,7 @@ def write_log(url: str, spec: SynthSpec, fmt: str = "parquet") -> int:
     """Generate the log for ``spec`` into the directory ``url``; returns the events written."""
     spec = spec.resolved()
     written = 0
-    with staged_output(url) as out:
+    with staged_output(url, "synthetic-events") as out:
         for index, table in enumerate(chunks(spec)):
             write_chunk(out, index, table, fmt)
             written += table.num_rows

@@ -41,9 +41,10 @@ def assert_accounted(stats: dict) -> None:
 
 def test_nulls_are_counted(tmp_path, run_prepare):
     rows = GOOD + [(None, "a", 4), ("u1", None, 5), ("u2", "a", None), (None, None, None)]
+    rows += [("", "a", 6), (" \t", "b", 7), ("u1", "", 8)]  # empty or blank ids are missing
     stats = run_prepare(rows_table(tmp_path / "e.parquet", rows))
-    assert stats["dropped"]["null_user"] == 2  # a row is counted under its first reason
-    assert stats["dropped"]["null_item"] == 1
+    assert stats["dropped"]["null_user"] == 4  # a row is counted under its first reason
+    assert stats["dropped"]["null_item"] == 2
     assert stats["dropped"]["null_timestamp"] == 1
     assert stats["events"] == 6
     assert_accounted(stats)
@@ -113,6 +114,8 @@ def test_mixed_type_ids_become_strings(tmp_path, run_prepare):
         {"user_id": "x", "item_id": "10", "timestamp": 1},
         {"user_id": "x", "item_id": 7, "timestamp": 2},
         {"user_id": "x", "item_id": "b", "timestamp": 3},
+        {"user_id": "", "item_id": "b", "timestamp": 4},
+        {"user_id": "x", "item_id": " ", "timestamp": 5},
     ]
     path = tmp_path / "events.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n")
@@ -121,6 +124,7 @@ def test_mixed_type_ids_become_strings(tmp_path, run_prepare):
     assert vocab.schema.field("item_id").type == pa.string()
     assert sorted(vocab.to_pydict()["item_id"]) == ["10", "7", "b"]  # 10 and "10" are one item
     assert stats["users"] == 2 and stats["dropped"]["malformed_row"] == 1
+    assert stats["dropped"]["null_user"] == 1 and stats["dropped"]["null_item"] == 1
     assert_accounted(stats)
 
 
@@ -133,6 +137,63 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert main([str(config)]) == 2
     assert "data.time_span must be >= 1" in capsys.readouterr().err
     config.write_text(f"data:\n  events: {tmp_path / 'missing.parquet'}\n")
-    assert main([str(config), f"data.dir={tmp_path / 'out'}"]) == 1
+    assert main([str(config), f"data.dir={tmp_path / 'out'}"]) == 2  # every UserError: 2
     err = capsys.readouterr().err
     assert err.startswith("error: input not found") and "Traceback" not in err
+
+
+def test_csv_is_read_as_rfc_4180(tmp_path, run_prepare):
+    """Quoted fields may hold newlines, commas and doubled quotes; blank ids are missing."""
+    path = tmp_path / "events.csv"
+    path.write_text(
+        'user_id,item_id,timestamp\n"u\nnl",a,1\n"u\nnl",b,2\n"u\nnl",c,3\n'
+        'v,a,1\nv,"b ""x"", y",2\nv,c,3\n"",a,4\n" ",b,5\nv,"",6\n'
+    )
+    stats = run_prepare(str(path))
+    users = sorted(read_output(str(tmp_path / "out"), "sequences").to_pydict()["user_id"])
+    assert users == ["u\nnl", "v"]
+    items = sorted(read_output(str(tmp_path / "out"), "vocab").to_pydict()["item_id"])
+    assert items == ["a", "b", 'b "x", y', "c"]
+    assert stats["events_read"] == 9 and stats["events"] == 6
+    assert stats["dropped"]["null_user"] == 2 and stats["dropped"]["null_item"] == 1
+
+
+def test_mixed_timestamp_units_are_refused(tmp_path, run_prepare):
+    """Epoch seconds mixed with milliseconds: refused, naming the column and both ranges,
+    unless declared; a declared unit converts ISO strings to it."""
+    seconds = [("u1", "a", 1_600_000_000), ("u1", "b", 1_600_000_100)]
+    millis = [("u1", "c", 1_600_000_050_000), ("u2", "a", 1_600_000_000_000),
+              ("u2", "b", 1_600_000_100_000), ("u2", "c", 1_600_000_200_000)]  # fmt: skip
+    path = rows_table(tmp_path / "e.parquet", seconds + millis)
+    with pytest.raises(PrepareError) as err:
+        run_prepare(path)
+    message = str(err.value)
+    assert "timestamp column 'timestamp' mixes units" in message
+    assert "2 numbers that look like seconds since the epoch (1600000000..1600000100" in message
+    assert "4 numbers that look like milliseconds" in message and "data.time_unit" in message
+    with pytest.raises(PrepareError, match="data.time_unit is ms .* look like seconds"):
+        run_prepare(path, time_unit="ms")
+    # the ISO event is u1's latest (12:28:00 = 1600000080000 ms): its test item once converted
+    iso = [("u1", "a", "2020-09-13T12:28:00Z")] + [(u, i, str(t)) for u, i, t in millis]
+    iso.append(("u1", "b", "1600000020000"))
+    path = rows_table(tmp_path / "iso.parquet", iso, pa.string())
+    with pytest.raises(PrepareError, match="set data.time_unit: ms"):
+        run_prepare(path)
+    stats = run_prepare(path, time_unit="ms")
+    assert stats["time_unit_seen"] == "ms" and stats["timestamps_per_unit"]["parsed"] == 1
+    out = str(tmp_path / "out")
+    index = {v["item_id"]: v["index"] for v in read_output(out, "vocab").to_pylist()}
+    seqs = {r["user_id"]: r for r in read_output(out, "sequences").to_pylist()}
+    assert (seqs["u1"]["valid_item"], seqs["u1"]["test_item"]) == (index["c"], index["a"])
+
+
+def test_not_a_parquet_file_names_the_file(tmp_path, capsys):
+    """A CSV named .parquet: the root cause (not the JVM's wrapper) in one line, exit 2."""
+    path = tmp_path / "events.parquet"
+    path.write_text("user_id,item_id,timestamp\nu,a,1\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  events: {path}\n  dir: {tmp_path / 'out'}\n")
+    assert main([str(config), "data.spark_master=local[2]"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
+    assert len(err) == 1 and "is not a Parquet file" in err[0] and str(path) in err[0]
+    assert err[0].startswith("error: ") and "awaitResult" not in err[0]

@@ -57,5 +57,6 @@ def test_sizes_ids_and_structure(tmp_path):
 def test_other_formats(tmp_path):
     write_log(str(tmp_path / "csv"), SynthSpec(events=300, users=20, items=10), "csv")
     write_log(str(tmp_path / "json"), SynthSpec(events=300, users=20, items=10), "json")
-    assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["_COMPLETE", "part-00000.csv"]
+    names = sorted(p.name for p in (tmp_path / "csv").iterdir())
+    assert names == [".mqsa-ted-owned", "_COMPLETE", "part-00000.csv"]
     assert (tmp_path / "json" / "part-00000.jsonl").read_text().count("\n") == 300
