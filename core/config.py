@@ -34,6 +34,9 @@ class DataConfig:
     # | s | ms | us | ns (ISO/timestamp values converted to it) | order (sequence numbers, no check)
     time_unit: str = "auto"
     dir: str = "data/demo"  # output URL of the prepared data (vocab/, sequences/, transitions/)
+    # incremental prepare: a previous prepare output to extend with data.events ("" = off)
+    base_dir: str = ""
+    transition_decay: float = 1.0  # previous transition counts are multiplied by this (0..1)
     max_len: int = 50
     time_span: int = 1
     paper_mode: bool = True  # transitions from the train sequence cut to max_len (METHOD.md)

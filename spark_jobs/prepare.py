@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from typing import Any
 
 from py4j.protocol import Py4JError
 from pyspark import StorageLevel
 from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from core.config import ConfigError, DataConfig, load_config
 from core.errors import UserError
@@ -32,6 +34,17 @@ from spark_jobs.clean import (
 )
 from spark_jobs.errors import PrepareError, root_cause
 from spark_jobs.filters import kcore
+from spark_jobs.incremental import (
+    Base,
+    add_decayed,
+    base_stats,
+    check_incremental,
+    combine,
+    drop_short_new_users,
+    extend_vocab,
+    match_ids,
+    read_base,
+)
 from spark_jobs.io import OutputStaging, staged_input, staged_output, total_size
 from spark_jobs.progress import Progress
 from spark_jobs.read import detect_format, list_input, read_events
@@ -95,6 +108,7 @@ class Job:
         self.rows = 0
         self.time_units: dict[str, int] = {}
         self.time_unit: str | None = None
+        self.incremental: dict[str, Any] = {}  # what stats.json records about the base
 
     def read(self, spark_url: str, fmt: str) -> tuple[DataFrame, DataFrame]:
         """The clean events (lazy) and their item counts, after one pass over the input that
@@ -174,6 +188,32 @@ class Job:
             raise PrepareError(f"no events left in {self.cfg.events} after drops: {self.dropped}")
         return vocab, num_items, seqs, sizes
 
+    def extend(self, events: DataFrame, base: Base) -> tuple[DataFrame, int, DataFrame, dict]:
+        """Like :meth:`sequences` for an incremental run: the base's vocab with the new items
+        appended, and the per-user combined histories (persisted) with their ``pos`` arrays
+        (:mod:`spark_jobs.incremental`); new users with fewer than 3 events dropped."""
+        partitions = user_partitions(self.spark, self.cfg.num_files)
+        with self.progress.stage("vocab") as info:
+            events, short = drop_short_new_users(match_ids(events, base), base)
+            self.dropped.update(short)
+            vocab, num_items, new_items = extend_vocab(base, item_counts(events))
+            info.update(base=base.url, items=num_items, new_items=new_items)
+        with self.progress.stage("sequences") as info:
+            indexed = index_events(events, vocab, num_items)
+            seqs = persisted(combine(base, user_sequences(indexed, partitions, False), partitions))
+            sizes = sequence_counts(seqs)
+            new_users = seqs.filter(F.col("new_user")).count()
+            info.update(users=sizes["users"], events=sizes["events"], new_users=new_users)
+            info.update(short_users=self.dropped["short_users"], partitions=partitions)
+        self.incremental = {
+            "new_users": new_users,
+            "new_items": new_items,
+            "new_events": sizes["events"] - int(base.stats["events"]),
+            "transition_decay": self.cfg.transition_decay,
+            "base": base.summary(),
+        }
+        return vocab, num_items, seqs, sizes
+
     def write(
         self,
         vocab: DataFrame,
@@ -181,8 +221,10 @@ class Job:
         seqs: DataFrame,
         sizes: dict[str, int],
         out: OutputStaging,
+        base: Base | None,
     ) -> dict[str, Any]:
-        """Write vocab/, sequences/ and transitions/; returns the counts for stats.json."""
+        """Write vocab/, sequences/ and transitions/ (in an incremental run, the base's graph
+        decayed plus the new pairs); returns the counts for stats.json."""
         cfg = self.cfg
         with self.progress.stage("write") as info:
             write_parquet(vocab, out.spark_target("vocab"))
@@ -192,6 +234,8 @@ class Job:
         with self.progress.stage("transitions") as info:
             train = train_part(seqs, cfg.max_len if cfg.paper_mode else None)
             edges = count_transitions(train, cfg.time_span, cfg.max_time_gap)
+            if base is not None:
+                edges = add_decayed(base, edges, cfg.transition_decay)
             if cfg.top_k_successors > 0:
                 edges = top_successors(edges, cfg.top_k_successors)
             target = out.spark_target("transitions")
@@ -226,6 +270,7 @@ class Job:
             "tie_break": TIE_BREAK,
             "source": cfg.events,
             "format": fmt,
+            **self.incremental,
         }
 
 
@@ -249,10 +294,17 @@ def prepare(
     on ``cfg.spark_master``.
     """
     check_config(cfg)
+    check_incremental(cfg)
     progress = progress or Progress()
     files = list_input(cfg.events)
     fmt = detect_format(cfg.events, cfg.format, files)
-    with staged_output(cfg.dir, PREPARED_DATA) as out, staged_input(cfg.events) as spark_url:
+    base = base_stats(cfg) if cfg.base_dir else None
+    base_input = staged_input(cfg.base_dir) if base is not None else nullcontext(None)
+    with (
+        staged_output(cfg.dir, PREPARED_DATA) as out,
+        staged_input(cfg.events) as spark_url,
+        base_input as base_url,
+    ):
         progress.note("output", dir=cfg.dir, **out.swept)
         spark = spark or build_session(cfg.spark_master)
         set_shuffle_partitions(spark, total_size(cfg.events, files) if files else None)
@@ -262,8 +314,12 @@ def prepare(
             if cfg.dedup or cfg.kcore > 0:
                 events = job.filter_events(events)
                 counts = item_counts(events)
-            vocab, num_items, seqs, sizes = job.sequences(events, counts)
-            stats = job.stats(job.write(vocab, num_items, seqs, sizes, out), fmt)
+            previous = None if base is None else read_base(spark, cfg.base_dir, base, base_url)
+            if previous is None:
+                vocab, num_items, seqs, sizes = job.sequences(events, counts)
+            else:
+                vocab, num_items, seqs, sizes = job.extend(events, previous)
+            stats = job.stats(job.write(vocab, num_items, seqs, sizes, out, previous), fmt)
         except (PySparkException, Py4JError) as e:
             raise PrepareError(f"the Spark job failed on {cfg.events}: {root_cause(e)}") from e
         finally:

@@ -72,10 +72,10 @@ def leave_one_out(seqs: DataFrame) -> DataFrame:
 
 
 def train_part(seqs: DataFrame, max_len: int | None) -> DataFrame:
-    """``items`` (and ``times`` if present): each user's train part, cut to the last
-    ``max_len`` events if given."""
+    """``items`` (and ``times`` and ``pos`` if present): each user's train part, cut to the
+    last ``max_len`` events if given."""
     n_train = F.size("items") - 2
     start = F.lit(1) if max_len is None else F.greatest(n_train - max_len + 1, F.lit(1))
     length = n_train if max_len is None else F.least(n_train, F.lit(max_len))
-    names = [c for c in ("items", "times") if c in seqs.columns]
+    names = [c for c in ("items", "times", "pos") if c in seqs.columns]
     return seqs.select(*(F.slice(c, start, length).alias(c) for c in names))
