@@ -6,7 +6,9 @@ Layout (docs/data_pipeline.md)::
     vocab/        item_id (raw), index (0..N-1), count
     sequences/    user_id, train_items (list of indices, time order), valid_item, test_item
     transitions/  src, dst, count
-    stats.json    counts, every dropped row by reason, the settings that shaped the data
+    stats.json    counts, every dropped row by reason, the settings that shaped the data,
+                  this output's ``version`` and, when prepared against an earlier output
+                  (``data.base_dir``), ``base``: that output's dir, version, items, users
     _COMPLETE     the commit marker, written last: a directory without it is never read
 
 Writers live in :mod:`spark_jobs.io` (staging + atomic rename); readers live here, and every

@@ -54,7 +54,7 @@ class Base:
 
     def summary(self) -> dict[str, Any]:
         """What ``stats.json`` records about the base."""
-        keys = ("users", "items", "events", "source")
+        keys = ("users", "items", "events", "source", "version")
         return {"dir": self.url, **{k: self.stats.get(k) for k in keys}}
 
 

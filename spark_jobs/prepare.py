@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from contextlib import nullcontext
 from typing import Any
 
@@ -270,6 +271,8 @@ class Job:
             "tie_break": TIE_BREAK,
             "source": cfg.events,
             "format": fmt,
+            # this output's identity: a warm start checks that its data extends this version
+            "version": uuid.uuid4().hex,
             **self.incremental,
         }
 

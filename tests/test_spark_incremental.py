@@ -53,7 +53,7 @@ def outputs(out: str) -> tuple[dict, dict, dict]:
 
 def test_ids_stable_new_items_appended_histories_continued(spark, tmp_path):
     base_dir, new_dir = str(tmp_path / "v1"), str(tmp_path / "v2")
-    run(spark, write_rows(tmp_path / "base.parquet", BASE), base_dir)
+    base_stats = run(spark, write_rows(tmp_path / "base.parquet", BASE), base_dir)
     new_events = write_rows(tmp_path / "new.parquet", NEW)
     stats = run(spark, new_events, new_dir, base_dir=base_dir)
     old_vocab, _, old_edges = outputs(base_dir)
@@ -77,6 +77,7 @@ def test_ids_stable_new_items_appended_histories_continued(spark, tmp_path):
     assert stats["dropped"]["short_users"] == 1 and stats["dropped"]["short_user_events"] == 2
     assert stats["new_events"] == 7 and stats["events"] == 10 + 7
     assert stats["base"]["dir"] == base_dir and stats["base"]["items"] == n
+    assert stats["base"]["version"] == base_stats["version"] != stats["version"]  # warm start
 
     # decay 1, paper mode off: the graph equals a full count over the combined train parts
     trains = [([vocab[i][0] for i in train], [0.0] * len(train)) for train, _, _ in seqs.values()]
