@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import os
 import sys
@@ -64,6 +65,7 @@ from core.storage import (
 from embeddings.base import ItemTable
 from embeddings.factory import build_item_table
 from mqsa_ted.manifest import (
+    ADDED_ITEMS,
     CURRENT,
     ENCODER,
     FAISS_INDEX,
@@ -130,6 +132,26 @@ def vocab_rows(data_dir: str, first: int, count: int) -> pa.Table:
     if table.num_rows != count:
         raise ExportError(f"{data_dir}/vocab lacks rows {first}..{first + count - 1}: wrong vocab?")
     return table
+
+
+def write_lineage(version_url: str, data_dir: str, files: dict[str, dict]) -> dict:
+    """The manifest's ``data`` entry for ``data_dir``; when it extends a base (incremental
+    prepare), the rows added since that base are listed in ``ADDED_ITEMS`` (added to
+    ``files``)."""
+    stats = read_stats(data_dir)
+    base = stats.get("base") or {}
+    items, base_items = int(stats["items"]), base.get("items")
+    lineage = {"dir": data_dir, "version": stats.get("version"), "items": items,
+               "extends": base.get("version"), "base_items": base_items, "added": None}  # fmt: skip
+    if base_items is not None:
+        added = vocab_rows(data_dir, int(base_items), items - int(base_items))
+        url = f"{version_url}/{ADDED_ITEMS}"
+        buffer = io.BytesIO()
+        pq.write_table(added.select(["item_id", "index"]), buffer)
+        atomic_write_bytes(url, buffer.getvalue())
+        files[ADDED_ITEMS] = file_entry(url)
+        lineage["added"] = ADDED_ITEMS
+    return lineage
 
 
 def read_vectors(items_url: str, dim: int) -> np.ndarray:
@@ -269,11 +291,14 @@ def write_version(
     eval_protocol: str,
     source: Source,
     faiss_kind: str,
+    data_dir: str,
 ) -> Manifest:
     """Finish a version whose item ``parts`` (name -> record from :func:`write_item_rows`) are
-    written: the encoder's tensors, the FAISS index, the manifest, then the commit (rank 0)."""
+    written: the encoder's tensors, the data lineage, the FAISS index, the manifest, then the
+    commit (rank 0)."""
     names = sorted(parts)  # part-RRRRR: rank order is row order
     files = {name: {k: parts[name][k] for k in ("sha256", "bytes")} for name in names}
+    lineage = write_lineage(version_url, data_dir, files)
     encoder_url = f"{version_url}/{ENCODER}"
     save_state(encoder_url, {k: v.detach().cpu() for k, v in encoder.state_dict().items()})
     files[ENCODER] = file_entry(encoder_url)
@@ -293,6 +318,7 @@ def write_version(
         parts=names,
         files=files,
         faiss=faiss_info,
+        data=lineage,
         version=version_url.rsplit("/", 1)[1],
     )
     commit(out, version_url, manifest)
@@ -318,7 +344,7 @@ def export_vectors(
     source = source or Source("", "", "", 0.0, None, "")
     return write_version(
         out, version_url, {name: part}, encoder, model, encoder.max_len, eval_protocol, source,
-        faiss_kind,
+        faiss_kind, data_dir,
     )  # fmt: skip
 
 
@@ -388,7 +414,7 @@ def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | N
     source = run_source(run_dir, cfg, digest, mtime)
     return write_version(
         out, version_url, parts, encoder.cpu(), cfg.model, cfg.data.max_len,
-        cfg.train.eval_protocol, source, faiss_kind,
+        cfg.train.eval_protocol, source, faiss_kind, cfg.data.dir,
     )  # fmt: skip
 
 

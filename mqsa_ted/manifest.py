@@ -35,6 +35,7 @@ VERSIONS = "versions"
 MANIFEST = "manifest.json"
 OWNER_MARKER = "_MQSA_EXPORT"
 ENCODER = "user_encoder.pt"
+ADDED_ITEMS = "added_items.parquet"  # item_id, index of the rows new since the data's base
 FAISS_INDEX = "faiss.index"
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
 
@@ -72,6 +73,10 @@ class Manifest:
     parts: list[str]  # item parts in row order, relative to the version directory
     files: dict[str, dict]  # relative name -> {"sha256", "bytes"} of every file readers open
     faiss: dict | None = None  # {"kind", "build_seconds", "recall@10"}; None: no index file
+    # the prepared data's lineage: {"dir", "version", "items", "extends" (the base data's
+    # version or None), "base_items", "added" (ADDED_ITEMS or None)}: rows keep their meaning
+    # across versions that extend each other (data.base_dir)
+    data: dict | None = None
     version: str = ""
     format: int = FORMAT
 

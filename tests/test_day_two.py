@@ -1,0 +1,80 @@
+"""Day two end to end: prepare day one, train, export; prepare day two against day one
+(``data.base_dir``), warm-start from day one (``train.init_from``), export again. Every raw item
+id keeps its row across the two exports, the second export says which data it extends, and it
+lists exactly the items added since."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.config import DataConfig
+from mqsa_ted.manifest import ADDED_ITEMS, read_manifest
+from spark_jobs.prepare import prepare
+from spark_jobs.progress import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["data.max_len=12", "model.dim=16", "train.batch_size=32", "train.epochs=1",
+         "train.progress=false"]  # fmt: skip
+
+
+def events(rng: np.random.Generator, users: range, items: int, start: int) -> pa.Table:
+    """Every user walks ``items`` items with a planted successor, ``start`` the first time."""
+    rows = []
+    for u in users:
+        item = int(rng.integers(items))
+        for t in range(int(rng.integers(4, 12))):
+            rows.append((f"u{u}", f"i{item}", start + t))
+            item = (item * 7 + 3) % items if rng.random() < 0.7 else int(rng.integers(items))
+    user, item, time = zip(*rows, strict=True)
+    return pa.table({"user_id": user, "item_id": item, "timestamp": time})
+
+
+def items_of(export: Path) -> dict[str, int]:
+    version, _ = read_manifest(str(export))
+    table = pq.read_table(f"{version}/items")
+    return dict(zip(table.column("item_id").to_pylist(), table.column("index").to_pylist(),
+                    strict=True))  # fmt: skip
+
+
+def train_and_export(data: Path, run_dir: Path, export: Path, *extra: str) -> None:
+    for cmd in (
+        [sys.executable, "-m", "trainer.train", "/dev/null", f"data.dir={data}",
+         f"train.run_dir={run_dir}", *TRAIN, *extra],
+        [sys.executable, "-m", "mqsa_ted.export", str(run_dir), "--out", str(export),
+         "--faiss", "none"],
+    ):  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
+
+
+def test_day_two_keeps_ids_and_lists_what_it_added(spark, tmp_path):
+    rng = np.random.default_rng(3)
+    day1, day2 = tmp_path / "day1.parquet", tmp_path / "day2.parquet"
+    first = events(rng, range(150), 60, 0)
+    pq.write_table(first, day1)  # 60 items; day two: 20 more items and new events for everyone
+    pq.write_table(pa.concat_tables([first, events(rng, range(100, 220), 80, 100)]), day2)
+    quiet = Progress(log=lambda line: None)
+    one = prepare(DataConfig(events=str(day1), dir=str(tmp_path / "v1"), max_len=12), spark, quiet)
+    two = prepare(DataConfig(events=str(day2), dir=str(tmp_path / "v2"), max_len=12,
+                             base_dir=str(tmp_path / "v1")), spark, quiet)  # fmt: skip
+    assert two["new_items"] > 0 and two["base"]["version"] == one["version"]
+
+    train_and_export(tmp_path / "v1", tmp_path / "run1", tmp_path / "export")
+    before = items_of(tmp_path / "export")
+    train_and_export(tmp_path / "v2", tmp_path / "run2", tmp_path / "export",
+                     f"train.init_from={tmp_path / 'run1'}")  # fmt: skip
+    after = items_of(tmp_path / "export")
+
+    assert {item: after[item] for item in before} == before  # the same row for every old id
+    version, manifest = read_manifest(str(tmp_path / "export"))
+    assert manifest.data["extends"] == one["version"]
+    assert manifest.data["version"] == two["version"]
+    added = pq.read_table(f"{version}/{ADDED_ITEMS}").to_pylist()
+    assert {r["item_id"] for r in added} == set(after) - set(before)
+    assert sorted(r["index"] for r in added) == list(range(len(before), len(after)))
