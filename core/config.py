@@ -220,16 +220,25 @@ def _inside(url: str, parent: str) -> bool:
     return a == b or a.startswith(b + "/")
 
 
-# Rules over several keys (cheap, decidable from the config alone): (key, other key, rule text,
-# test(value, other value)); an empty optional location is never in conflict.
-CROSS_RULES: tuple[tuple[str, str, str, Callable[[Any, Any], bool]], ...] = tuple(
-    (key, "data.dir", "outside data.dir (the prepare job replaces that directory)",
-     lambda v, d: not v or not _inside(v, d))
-    for key in ("train.run_dir", "checkpoint.dir", "export.out")
-) + (
-    ("export.out", "train.run_dir", "neither train.run_dir nor a directory holding it",
-     lambda v, r: not v or not _inside(r, v)),
-)  # fmt: skip
+def _apart(value: str, other: str) -> bool:
+    """``value`` is empty (the default place) or not ``other`` or inside it."""
+    return not value or not _inside(value, other)
+
+
+def _not_holding(value: str, other: str) -> bool:
+    """``value`` is empty (the default place) or neither ``other`` nor a parent of it."""
+    return not value or not _inside(other, value)
+
+
+OUTSIDE_DATA = "outside data.dir (the prepare job replaces that directory)"
+# Rules over several keys, cheap and decidable from the config alone:
+# (key, other key, what the key's value must be, test(value, other value)).
+CROSS_RULES: tuple[tuple[str, str, str, Callable[[Any, Any], bool]], ...] = (
+    ("train.run_dir", "data.dir", OUTSIDE_DATA, _apart),
+    ("checkpoint.dir", "data.dir", OUTSIDE_DATA, _apart),
+    ("export.out", "data.dir", OUTSIDE_DATA, _apart),
+    ("export.out", "train.run_dir", "neither train.run_dir nor a parent of it", _not_holding),
+)
 
 
 def rules_of(section: Any) -> dict[str, tuple[Rule, ...]]:

@@ -59,9 +59,11 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def is_root(url: str) -> bool:
     """Whether ``url`` is a filesystem root (``/``, ``file:///``) or the root of a bucket or
-    host (``s3://bucket/``, ``hdfs://namenode:8020``, ``memory://``): never a place to write
+    host (``s3://bucket/``, ``hdfs://namenode:8020``), or ``memory://``: never a place to write
     a run into or delete from. Local paths are made absolute first (``/tmp/..`` is ``/``)."""
     protocol, sep, rest = url.partition("://")
+    if sep and protocol == "memory":
+        return not rest.strip("/")
     if sep and protocol not in ("file", "local"):
         return "/" not in rest.strip("/")  # only a bucket or host name, or nothing
     path = rest if sep else url

@@ -3,6 +3,7 @@ runs no code; a refused resume changes no byte of the run; rotation deletes only
 created; DeepSpeed's files load through an allowlist that is exactly what ZeRO 0-2 write."""
 
 import hashlib
+import pickle
 import shutil
 import subprocess
 import sys
@@ -79,14 +80,19 @@ class WritesAFile:
         return (open, (self.path, "w"))
 
 
-def test_a_crafted_checkpoint_runs_no_code(config, copied, tmp_path):
+@pytest.mark.parametrize(
+    ("writer", "refusal"),
+    [(torch.save, "was refused by the weights-only loader"),
+     (lambda obj, f: f.write_bytes(pickle.dumps(obj)), "is not a torch.save archive")],
+    ids=["torch_save", "plain_pickle"],
+)  # fmt: skip
+def test_a_crafted_checkpoint_runs_no_code(config, copied, tmp_path, writer, refusal):
     marker = tmp_path / "code-ran"
     states = copied / CKPT.format(10) / "ds" / "mp_rank_00_model_states.pt"
-    torch.save({"module": WritesAFile(marker)}, states)
+    writer({"module": WritesAFile(marker)}, states)
     proc = fails(train_cmd(config, f"train.run_dir={copied}", "train.resume=auto"))
     assert not marker.exists()
-    assert f"error: {states} was refused by the weights-only loader" in proc.stderr
-    assert "io.open" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"error: {states} {refusal}" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def digest(run_dir: Path) -> dict[str, str]:

@@ -20,10 +20,12 @@ A directory without ``COMPLETE`` (a run killed while saving) is never loaded. Re
 Trust boundary: a checkpoint root is an artifact of the run that wrote it. Every torch file in
 it is loaded with ``torch.load(weights_only=True)`` and an allowlist of exactly the DeepSpeed
 classes its ZeRO 0-2 files hold (:func:`deepspeed_classes`); DeepSpeed's engine is given a
-checkpoint engine that loads that way too (:class:`WeightsOnlyCheckpointEngine`). A file the
-weights-only loader refuses stops the resume with :class:`CheckpointError`: it was not written
-by this trainer. The metadata of a sharded table's DCP checkpoint is a pickle that torch reads
-as is: resume only from roots you trust as much as your own runs (docs/security.md).
+checkpoint engine that loads that way too (:class:`WeightsOnlyCheckpointEngine`). Before any
+load, every torch file of the chosen checkpoint is unpickled that way without reading its tensors
+(:func:`screen`); a file the loader refuses, or one that is no ``torch.save`` archive, stops the
+resume with :class:`CheckpointError`: this trainer did not write it. The metadata of a sharded
+table's DCP checkpoint is a pickle that torch reads as is: resume only from roots you trust as
+much as your own runs (docs/security.md).
 
 Resume: ``train.resume=auto`` takes the newest complete checkpoint that passes
 :meth:`Checkpointer.problem` (every file of the manifest present with its size, every torch
@@ -77,6 +79,7 @@ CHECKPOINT_KIND = "checkpoint"
 BEST_TABLE = "best_table-e"
 # what reading a damaged file raises (torch's zip reader, json, a missing file)
 READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError)
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
 
 
 def warn(message: str) -> None:
@@ -100,13 +103,15 @@ def deepspeed_classes() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_torch_file(source: str | io.BufferedIOBase, name: str, map_location: Any = None) -> Any:
+def load_torch_file(
+    source: str | io.BufferedIOBase, name: str, map_location: Any = None, mmap: bool = False
+) -> Any:
     """``torch.load(weights_only=True)`` of a checkpoint file, allowing only
     :func:`deepspeed_classes` besides tensors and plain containers: nothing in it can run code.
     A file the weights-only loader refuses raises :class:`CheckpointError` naming it."""
     try:
         with torch.serialization.safe_globals(deepspeed_classes()):
-            return torch.load(source, map_location=map_location, weights_only=True)
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         lines = [line for line in str(e).splitlines() if "Unsupported" in line]
         detail = lines[0].split("error: ")[-1].split(" was not")[0] if lines else first_line(e)
@@ -115,6 +120,26 @@ def load_torch_file(source: str | io.BufferedIOBase, name: str, map_location: An
             f"tensors, plain containers and DeepSpeed's checkpoint classes ({detail}); this "
             "trainer did not write it. Delete that checkpoint or resume from another one"
         ) from e
+
+
+def screen(url: str) -> None:
+    """Unpickle the checkpoint file ``url`` as a resume would (weights-only, the allowlist),
+    memory-mapped where it is local so that no tensor is read. Raises :class:`CheckpointError`
+    if the loader refuses it or it is no ``torch.save`` archive (a zip), and one of
+    ``READ_ERRORS`` if it is damaged (truncated...)."""
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+        if head != ZIP_MAGIC[: len(head)]:
+            raise CheckpointError(
+                f"{url} is not a torch.save archive: this trainer did not write it. Delete that "
+                "checkpoint or resume from another one"
+            )
+        if is_local(url):
+            load_torch_file(path, url, "cpu", mmap=True)
+        else:
+            f.seek(0)
+            load_torch_file(io.BytesIO(f.read()), url, "cpu")
 
 
 class WeightsOnlyCheckpointEngine:
@@ -299,8 +324,7 @@ class Checkpointer:
         for name in fs.find(path):  # every torch file: a refused one stops the resume
             if name.endswith(".pt"):
                 try:
-                    with fs.open(name, "rb") as f:
-                        load_torch_file(io.BytesIO(f.read()), full_url(fs, name), "cpu")
+                    screen(full_url(fs, name))
                 except READ_ERRORS as e:
                     unreadable = unreadable or f"{name.removeprefix(prefix)}: {first_line(e)}"
         try:
