@@ -90,8 +90,10 @@ def test_a_crafted_checkpoint_runs_no_code(config, copied, tmp_path, writer, ref
     marker = tmp_path / "code-ran"
     states = copied / CKPT.format(10) / "ds" / "mp_rank_00_model_states.pt"
     writer({"module": WritesAFile(marker)}, states)
-    proc = fails(train_cmd(config, f"train.run_dir={copied}", "train.resume=auto"))
-    assert not marker.exists()
+    cmd = train_cmd(config, f"train.run_dir={copied}", "train.resume=auto")
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: {states} {refusal}" in proc.stderr and "Traceback" not in proc.stderr
 
 
