@@ -27,16 +27,14 @@ that torch reads as is: resume only from checkpoint roots you trust as much as y
 def die_with_launcher() -> None:
     """Under torchrun (Linux), ask the kernel to send this rank SIGTERM when its parent (the
     torchrun agent) dies, so killing ``launch.sh``/torchrun, even with SIGKILL, ends the ranks
-    instead of leaving them to train on."""
+    instead of leaving them to train on. (A rank whose torchrun dies before this call cannot
+    train either: the rendezvous store lived in torchrun, so its process group never forms.)"""
     if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes
 
     pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() == 1:  # the launcher died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def refuse(error: Exception) -> int:
