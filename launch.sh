@@ -7,19 +7,25 @@
 #   NPROC_PER_NODE  processes on this node (default: GPUs if any, else distributed.nproc_per_node or 2)
 #   NNODES          number of nodes (default 1)
 #   NODE_RANK       this node's rank (default 0; under Slurm: $SLURM_NODEID)
-#   MASTER_ADDR / MASTER_PORT   rendezvous host and port (default 127.0.0.1:29500;
+#   MASTER_ADDR / MASTER_PORT   rendezvous host and port, on node 0 (default 127.0.0.1:29500;
 #                   under Slurm the first host of $SLURM_JOB_NODELIST)
 #   RDZV_ENDPOINT   host:port of a c10d rendezvous instead of MASTER_ADDR/PORT
 #   RDZV_ID         job id for the rendezvous (default: $SLURM_JOB_ID or "mqsa-ted")
-# A rank that fails makes torchrun stop the others and exit non-zero with that rank's error.
+#   RDZV_TIMEOUT    seconds the nodes wait for each other (default 60 on one node, 600 on several)
+# The config is checked before torchrun starts (a bad setting: one "error:" line, exit 2), and a
+# rendezvous port already in use on node 0 is refused at once. A rank that fails makes torchrun stop
+# the others and exit non-zero with that rank's error; killing this script (torchrun) ends the ranks.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ $# -lt 1 ]; then
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0" >&2
   exit 2
 fi
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+
+# Checks every setting (light imports only) and reads the process count in one go.
+CONFIG_NPROC=$("$PY" -m core.config "$1" distributed.nproc_per_node --set "${@:2}") || exit 2
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   NNODES=${NNODES:-${SLURM_NNODES:-1}}
@@ -31,7 +37,7 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
   if [ "${GPUS:-0}" -gt 0 ]; then
     NPROC_PER_NODE=$GPUS
   else
-    NPROC_PER_NODE=$("$PY" -c "import sys; from core.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).distributed.nproc_per_node)" "$@")
+    NPROC_PER_NODE=$CONFIG_NPROC
   fi
 fi
 NNODES=${NNODES:-1}
@@ -39,10 +45,44 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-$MASTER_ADDR:$MASTER_PORT}
+if [ "$NNODES" -gt 1 ]; then RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}; else RDZV_TIMEOUT=${RDZV_TIMEOUT:-60}; fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+# Node 0 hosts the rendezvous store when the endpoint is on this machine (the other nodes only
+# connect). If its port is taken (another job?), torchrun would join that job's store and wait
+# silently: refuse at once instead. An endpoint elsewhere is left to torchrun's own host choice.
+HOST_CONF=$("$PY" - "$RDZV_ENDPOINT" "$NODE_RANK" <<'EOF'
+import errno, socket, sys
+endpoint, node_rank = sys.argv[1], int(sys.argv[2])
+host, _, port = endpoint.rpartition(":")
+host = host.strip("[]")
+def bind(address):
+    with socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(address)
+try:
+    bind((host, 0))
+except OSError:
+    sys.exit(0)  # not an address of this machine
+if node_rank != 0:
+    print("is_host=false,")
+    sys.exit(0)
+try:
+    bind((host, int(port)))
+    bind(("", int(port)))
+except OSError as e:
+    if e.errno != errno.EADDRINUSE:
+        raise
+    print(f"error: rendezvous port {port} on {host} is already in use (another job?): "
+          "set MASTER_PORT (or RDZV_ENDPOINT) to a free port", file=sys.stderr)
+    sys.exit(2)
+print("is_host=true,")
+EOF
+) || exit 2
 
 exec "$PY" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --node_rank="$NODE_RANK" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-${SLURM_JOB_ID:-mqsa-ted}}" \
+  --rdzv_conf="${HOST_CONF}join_timeout=$RDZV_TIMEOUT" \
   -m trainer.train "$@"

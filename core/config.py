@@ -2,131 +2,209 @@
 
     cfg = load_config("configs/beauty.yaml", ["train.epochs=3", "model.lambda_kd=0"])
 
-Every key is checked: an unknown key or a value of the wrong type raises ``ConfigError`` naming
-the key and the file (or the override) it came from. YAML is read with ``yaml.safe_load`` only.
+Every key is checked: an unknown key, a value of the wrong type, a NaN or infinite float, or a
+value outside the key's rules (declared next to the field with :func:`setting`, plus
+``CROSS_RULES`` over several keys) raises ``ConfigError`` naming the key, the value, the rule and
+the file (or the override) it came from. YAML is read with ``yaml.safe_load`` only. This module
+imports nothing heavy, so commands refuse a bad setting before they import torch or Spark.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import yaml
 
+from core.errors import ConfigError
+from core.storage import is_root
 
-class ConfigError(ValueError):
-    """A configuration file or override is wrong; the message names the key and its source."""
+__all__ = ["Config", "ConfigError", "load_config"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a setting's value must be: ``test(value)`` is True when it is allowed; ``text``
+    completes "key 'x' must be ..." in the error message."""
+
+    text: str
+    test: Callable[[Any], bool]
+
+
+def at_least(bound: float) -> Rule:
+    return Rule(f">= {bound}", lambda v: v >= bound)
+
+
+def above(bound: float) -> Rule:
+    return Rule(f"> {bound}", lambda v: v > bound)
+
+
+def within(low: float, high: float, *, open_high: bool = False) -> Rule:
+    if open_high:
+        return Rule(f">= {low} and < {high}", lambda v: low <= v < high)
+    return Rule(f"between {low} and {high}", lambda v: low <= v <= high)
+
+
+def one_of(choices: tuple) -> Rule:
+    return Rule(f"one of {', '.join(map(str, choices))}", lambda v: v in choices)
+
+
+NON_EMPTY = Rule("a non-empty string", bool)
+# Where the project writes (and, for what it created there, deletes): never a filesystem or
+# bucket root, so a mistyped `train.run_dir=` cannot turn into `/model.pt` or `s3://bucket/...`.
+LOCATION = Rule(
+    "a non-empty URL other than a filesystem or bucket root", lambda v: v and not is_root(v)
+)
+LOCATION_OR_EMPTY = Rule(
+    "empty (the default place) or a URL other than a filesystem or bucket root",
+    lambda v: not v or not is_root(v),
+)
+
+
+def setting(default: Any, *rules: Rule) -> Any:
+    """A config field: its default and the rules every value from a file or override must meet
+    (``load_config`` checks them before anything heavy is imported)."""
+    return field(default=default, metadata={"rules": rules})
+
+
+# The one list of every enumerated setting; modules that switch on a value import it from here.
+FORMATS = ("auto", "parquet", "csv", "json")
+TIME_UNITS = ("auto", "s", "ms", "us", "ns", "order")
+BACKENDS = ("dense", "torchrec")
+SHARDINGS = ("row_wise", "table_wise", "column_wise")
+TABLE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+CANDIDATES = ("all", "sampled")
+SAMPLERS = ("uniform", "popularity", "in_batch", "mixed")
+DENSE_OPTIMIZERS = ("adam", "sgd")
+FAISS_KINDS = ("auto", "flat", "ivf", "hnsw", "none")
+EVAL_PROTOCOLS = ("paper", "repeat_aware")
+ZERO_STAGES = (0, 1, 2)  # ZeRO 3 partitions the weights, which the trainer's step does not support
 
 
 @dataclass
 class DataConfig:
     events: str = ""  # input event log URL (Parquet, CSV or JSON lines; file or directory)
-    format: str = "auto"  # auto | parquet | csv | json  (auto: from the URL's extension)
-    user_col: str = "user_id"
-    item_col: str = "item_id"
-    time_col: str = "timestamp"
+    format: str = setting("auto", one_of(FORMATS))  # auto: from the URL's extension
+    user_col: str = setting("user_id", NON_EMPTY)
+    item_col: str = setting("item_id", NON_EMPTY)
+    time_col: str = setting("timestamp", NON_EMPTY)
     # unit of numeric timestamps: auto (refuse a log whose values look like different units)
     # | s | ms | us | ns (ISO/timestamp values converted to it) | order (sequence numbers, no check)
-    time_unit: str = "auto"
-    dir: str = "data/demo"  # output URL of the prepared data (vocab/, sequences/, transitions/)
+    time_unit: str = setting("auto", one_of(TIME_UNITS))
+    # output URL of the prepared data (vocab/, sequences/, transitions/)
+    dir: str = setting("data/demo", LOCATION)
     # incremental prepare: a previous prepare output to extend with data.events ("" = off)
-    base_dir: str = ""
-    transition_decay: float = 1.0  # previous transition counts are multiplied by this (0..1)
-    max_len: int = 50
-    time_span: int = 1
+    base_dir: str = setting("", LOCATION_OR_EMPTY)
+    # previous transition counts are multiplied by this in an incremental prepare
+    transition_decay: float = setting(1.0, within(0.0, 1.0))
+    max_len: int = setting(50, at_least(1))
+    time_span: int = setting(1, at_least(1))
     paper_mode: bool = True  # transitions from the train sequence cut to max_len (METHOD.md)
-    kcore: int = 0  # iterated k-core filter on users and items; 0 = off
+    kcore: int = setting(0, at_least(0))  # iterated k-core filter on users and items; 0 = off
     dedup: bool = False  # drop exact duplicate (user, item, timestamp) events, counted
-    top_k_successors: int = 0  # keep the K most frequent successors per item; 0 = keep all
-    max_time_gap: float = 0.0  # drop transitions whose timestamp gap exceeds this; 0 = off
-    num_files: int = 8  # sequences/ is written as this many Parquet files
+    # keep the K most frequent successors per item; 0 = keep all
+    top_k_successors: int = setting(0, at_least(0))
+    # drop transitions whose timestamp gap exceeds this; 0 = off
+    max_time_gap: float = setting(0.0, at_least(0))
+    num_files: int = setting(8, at_least(1))  # sequences/ is written as this many Parquet files
     # training: false = every rank holds all users (N ranks see the batches of 1 rank);
     # true = each rank streams only its own row groups of sequences/ (catalogue scale)
     stream: bool = False
-    shuffle_buffer: int = 65536  # users shuffled together when streaming
-    spark_master: str = "local[*]"
+    shuffle_buffer: int = setting(65536, at_least(1))  # users shuffled together when streaming
+    spark_master: str = setting("local[*]", NON_EMPTY)
 
 
 @dataclass
 class ModelConfig:
-    dim: int = 64
-    num_blocks: int = 1
-    L: int = 3  # window of the long query
-    alpha: float = 0.5  # weight of the short-query branch in the score mix
-    lambda_kd: float = 0.1  # weight of the TED distillation loss
-    tau: float = 0.1  # distillation temperature
-    dropout: float = 0.5
-    l2: float = 1e-4  # l2 * sum(w^2) / 2 over all trainable tensors
+    dim: int = setting(64, at_least(1))
+    num_blocks: int = setting(1, at_least(1))
+    L: int = setting(3, at_least(1))  # window of the long query
+    alpha: float = setting(0.5, within(0, 1))  # weight of the short-query branch in the score mix
+    lambda_kd: float = setting(0.1, at_least(0))  # weight of the TED distillation loss
+    tau: float = setting(0.1, above(0))  # distillation temperature
+    dropout: float = setting(0.5, within(0, 1, open_high=True))
+    l2: float = setting(1e-4, at_least(0))  # l2 * sum(w^2) / 2 over all trainable tensors
 
 
 @dataclass
 class EmbeddingsConfig:
-    backend: str = "dense"  # dense | torchrec
-    sharding: str = "row_wise"  # row_wise | table_wise | column_wise (torchrec backend)
-    # fused optimizer of the torchrec backend: rowwise_adagrad | adagrad | sgd | adam (GPU only)
-    optimizer: str = "rowwise_adagrad"
-    lr: float = 0.05  # learning rate of the fused torchrec optimizer
+    backend: str = setting("dense", one_of(BACKENDS))
+    sharding: str = setting("row_wise", one_of(SHARDINGS))  # torchrec backend
+    # fused optimizer of the torchrec backend (adam: GPU only, checked when the table is built)
+    optimizer: str = setting("rowwise_adagrad", one_of(TABLE_OPTIMIZERS))
+    lr: float = setting(0.05, above(0))  # learning rate of the fused torchrec optimizer
 
 
 @dataclass
 class LossConfig:
-    candidates: str = "all"  # all (paper mode, full softmax) | sampled (catalogue mode)
-    num_negatives: int = 1024
-    sampler: str = "uniform"  # uniform | popularity | in_batch | mixed
+    candidates: str = setting("all", one_of(CANDIDATES))  # all: paper mode | sampled: catalogue
+    num_negatives: int = setting(1024, at_least(1))  # shared negatives per step (sampled)
+    sampler: str = setting("uniform", one_of(SAMPLERS))
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 200
-    batch_size: int = 256  # global batch (users per step, over all ranks)
-    lr: float = 1e-3
-    optimizer: str = "adam"  # optimizer of the DeepSpeed-trained part: adam (paper) | sgd
-    grad_clip: float = 0.0  # clip the dense gradients' global norm to this; 0 = off (the paper)
-    seed: int = 2023
-    eval_every: int = 1
-    patience: int = 0  # stop after this many evaluations without a better valid NDCG@20; 0 = off
+    epochs: int = setting(200, at_least(1))
+    batch_size: int = setting(256, at_least(1))  # global batch (users per step, over all ranks)
+    lr: float = setting(1e-3, above(0))
+    # optimizer of the DeepSpeed-trained part: adam (paper) | sgd
+    optimizer: str = setting("adam", one_of(DENSE_OPTIMIZERS))
+    # clip the dense gradients' global norm to this; 0 = off (the paper)
+    grad_clip: float = setting(0.0, at_least(0))
+    seed: int = setting(2023, at_least(0))
+    eval_every: int = setting(1, at_least(1))
+    # stop after this many evaluations without a better valid NDCG@20; 0 = off
+    patience: int = setting(0, at_least(0))
     # train at least this many optimizer steps: the epochs grow to ceil(min_steps / steps per
     # epoch) on small data (early stopping still applies); 0 = exactly train.epochs (the paper)
-    min_steps: int = 0
-    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps; 0 = off (paper)
-    run_dir: str = "runs/default"
+    min_steps: int = setting(0, at_least(0))
+    # linear learning-rate warm-up over this many steps; 0 = off (the paper)
+    warmup_steps: int = setting(0, at_least(0))
+    run_dir: str = setting("runs/default", LOCATION)
     bf16: bool = False  # bf16 autocast for the catalogue-wide score products
-    threads: int = 0  # torch intra-op threads per process; 0 = cores / local processes
-    score_chunk: int = 4096  # rows per chunk of the catalogue-wide score products
-    eval_batch_size: int = 1024
+    # torch intra-op threads per process; 0 = cores / local processes
+    threads: int = setting(0, at_least(0))
+    score_chunk: int = setting(4096, at_least(1))  # rows per chunk of the catalogue-wide products
+    eval_batch_size: int = setting(1024, at_least(1))
     # paper: the whole train history is masked and a target inside it is a miss (the reference);
     # repeat_aware: nothing is masked, repeated targets are ranked (data with repeat consumption)
-    eval_protocol: str = "paper"
+    eval_protocol: str = setting("paper", one_of(EVAL_PROTOCOLS))
     progress: bool = True
-    log_every: int = 100  # steps between logged losses (the only host reads of a step); 0 = epochs
+    # steps between logged losses (the only host reads of a step); 0 = epochs
+    log_every: int = setting(100, at_least(0))
     resume: str = ""  # "" = start fresh | auto = newest complete checkpoint | a checkpoint URL
     # warm start (day two): a previous run whose data this run's data extends (data.base_dir);
     # its encoder and item rows seed this run (trainer/warm_start.py); "" = off
-    init_from: str = ""
+    init_from: str = setting("", LOCATION_OR_EMPTY)
 
 
 @dataclass
 class DistributedConfig:
-    nproc_per_node: int = 2
-    zero_stage: int = 0
+    nproc_per_node: int = setting(2, at_least(1))
+    zero_stage: int = setting(0, one_of(ZERO_STAGES))
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str = ""  # checkpoint root URL; empty = <run_dir>/checkpoints
-    every: int = 0  # also checkpoint every N optimiser steps; 0 = only at epoch ends
-    keep: int = 2  # complete checkpoints kept (older ones are deleted)
+    dir: str = setting("", LOCATION_OR_EMPTY)  # checkpoint root URL; empty = <run_dir>/checkpoints
+    # also checkpoint every N optimiser steps; 0 = only at epoch ends
+    every: int = setting(0, at_least(0))
+    keep: int = setting(2, at_least(1))  # complete checkpoints kept (older ones are deleted)
 
 
 @dataclass
 class ExportConfig:
-    out: str = ""  # export URL; empty = <run_dir>/export
-    faiss: str = "auto"  # auto | flat | ivf | hnsw | none
+    out: str = setting("", LOCATION_OR_EMPTY)  # export URL; empty = <run_dir>/export
+    faiss: str = setting("auto", one_of(FAISS_KINDS))
 
 
 @dataclass
@@ -147,29 +225,53 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# The one list of every enumerated setting; modules that switch on a value import it from here.
-FORMATS = ("auto", "parquet", "csv", "json")
-TIME_UNITS = ("auto", "s", "ms", "us", "ns", "order")
-BACKENDS = ("dense", "torchrec")
-SHARDINGS = ("row_wise", "table_wise", "column_wise")
-TABLE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
-CANDIDATES = ("all", "sampled")
-SAMPLERS = ("uniform", "popularity", "in_batch", "mixed")
-DENSE_OPTIMIZERS = ("adam", "sgd")
-FAISS_KINDS = ("auto", "flat", "ivf", "hnsw", "none")
-EVAL_PROTOCOLS = ("paper", "repeat_aware")
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.format": FORMATS,
-    "data.time_unit": TIME_UNITS,
-    "embeddings.backend": BACKENDS,
-    "embeddings.sharding": SHARDINGS,
-    "embeddings.optimizer": TABLE_OPTIMIZERS,
-    "loss.candidates": CANDIDATES,
-    "train.optimizer": DENSE_OPTIMIZERS,
-    "loss.sampler": SAMPLERS,
-    "export.faiss": FAISS_KINDS,
-    "train.eval_protocol": EVAL_PROTOCOLS,
-}
+def _inside(url: str, parent: str) -> bool:
+    """Whether ``url`` is ``parent`` or lies under it (compared as written, local paths made
+    absolute)."""
+
+    def norm(u: str) -> str:
+        return u.rstrip("/") if "://" in u else os.path.abspath(u)
+
+    a, b = norm(url), norm(parent)
+    return a == b or a.startswith(b + "/")
+
+
+def _apart(value: str, other: str) -> bool:
+    """``value`` is empty (the default place) or not ``other`` or inside it."""
+    return not value or not _inside(value, other)
+
+
+def _not_holding(value: str, other: str) -> bool:
+    """``value`` is empty (the default place) or neither ``other`` nor a parent of it."""
+    return not value or not _inside(other, value)
+
+
+OUTSIDE_DATA = "outside data.dir (the prepare job replaces that directory)"
+# Rules over several keys, cheap and decidable from the config alone:
+# (key, other key, what the key's value must be, test(value, other value)).
+CROSS_RULES: tuple[tuple[str, str, str, Callable[[Any, Any], bool]], ...] = (
+    ("train.run_dir", "data.dir", OUTSIDE_DATA, _apart),
+    ("checkpoint.dir", "data.dir", OUTSIDE_DATA, _apart),
+    ("export.out", "data.dir", OUTSIDE_DATA, _apart),
+    ("export.out", "train.run_dir", "neither train.run_dir nor a parent of it", _not_holding),
+)
+
+
+def rules_of(section: Any) -> dict[str, tuple[Rule, ...]]:
+    """The rules of each field of a section dataclass (class or instance)."""
+    return {f.name: f.metadata.get("rules", ()) for f in dataclasses.fields(section)}
+
+
+def rules_table() -> list[tuple[str, str]]:
+    """``(key, what its value must be)`` for every key with a rule, cross-key rules last."""
+    defaults = Config()
+    rows = [
+        (f"{section.name}.{key}", rule.text)
+        for section in dataclasses.fields(Config)
+        for key, rules in rules_of(getattr(defaults, section.name)).items()
+        for rule in rules
+    ]
+    return rows + [(key, text) for key, _, text, _ in CROSS_RULES]
 
 
 def _check_value(key: str, value: Any, expected: Any, source: str) -> Any:
@@ -187,13 +289,55 @@ def _check_value(key: str, value: Any, expected: Any, source: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif expected is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: key '{key}' must be a finite number, got {value!r}")
             return float(value)
     elif expected is str:
         if isinstance(value, str):
             return value
     name = getattr(expected, "__name__", str(expected))
     raise ConfigError(f"{source}: key '{key}' must be {name}, got {type(value).__name__} {value!r}")
+
+
+def _check_rules(key: str, value: Any, rules: tuple[Rule, ...], source: str) -> None:
+    for rule in rules:
+        if not rule.test(value):
+            raise ConfigError(f"{source}: key '{key}' must be {rule.text}, got {value!r}")
+
+
+def check_section(name: str, section: Any, source: str = "config") -> None:
+    """Apply every field rule to a section built in code (``DataConfig(...)``): the checks
+    ``load_config`` makes on each value it reads."""
+    for key, rules in rules_of(section).items():
+        _check_rules(f"{name}.{key}", getattr(section, key), rules, source)
+
+
+def check_prepare(cfg: DataConfig, source: str = "config") -> None:
+    """The data section as the prepare job needs it: every rule, and ``data.events`` set."""
+    check_section("data", cfg, source)
+    if not cfg.events:
+        raise ConfigError(f"{source}: key 'data.events' is empty: set it to the event log's URL")
+
+
+def _lookup(cfg: Config, dotted: str) -> Any:
+    section, _, key = dotted.partition(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def check_cross(cfg: Config, sources: dict[str, str] | None = None) -> None:
+    """Apply the rules over several keys; the message names both keys and their sources."""
+    sources = sources or {}
+    for key, other, text, test in CROSS_RULES:
+        value, other_value = _lookup(cfg, key), _lookup(cfg, other)
+        if not test(value, other_value):
+            raise ConfigError(
+                f"{sources.get(key, 'default')}: key '{key}' must be {text}, got {value!r} "
+                f"with {other}={other_value!r} (from {sources.get(other, 'the default')})"
+            )
 
 
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
@@ -208,10 +352,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
             f"{source}: unknown key '{dotted}' (known in '{section}': {', '.join(hints)})"
         )
     value = _check_value(dotted, value, hints[key], source)
-    if dotted in CHOICES and value not in CHOICES[dotted]:
-        raise ConfigError(
-            f"{source}: key '{dotted}' must be one of {', '.join(CHOICES[dotted])}, got {value!r}"
-        )
+    _check_rules(dotted, value, rules_of(target)[key], source)
     setattr(target, key, value)
 
 
@@ -234,15 +375,19 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     """Load ``path`` (a YAML file or fsspec URL; None = defaults) and apply ``a.b=value`` overrides.
 
     Override values are parsed with ``yaml.safe_load`` (``3`` is an int, ``true`` a bool,
-    ``0.1`` a float, anything else a string).
+    ``0.1`` a float, anything else a string). Every value is checked against its key's type and
+    rules as it is read, then the rules over several keys (``CROSS_RULES``); the first failure
+    raises :class:`ConfigError` naming the key, the value, the rule and the file or override.
     """
     cfg = Config()
+    sources: dict[str, str] = {}
     if path is not None:
         for section, body in _read_yaml(path).items():
             if not isinstance(body, dict):
                 raise ConfigError(f"{path}: section '{section}' must be a mapping")
             for key, value in body.items():
                 _apply(cfg, str(section), str(key), value, path)
+                sources[f"{section}.{key}"] = path
     for item in overrides:
         source = f"override '{item}'"
         dotted, sep, text = item.partition("=")
@@ -254,6 +399,8 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: value is not valid YAML: {e}") from e
         _apply(cfg, section, key, value, source)
+        sources[f"{section}.{key}"] = source
+    check_cross(cfg, sources)
     return cfg
 
 
@@ -266,16 +413,24 @@ def config_hash(cfg: Config, sections: tuple[str, ...] = ("data", "model")) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m core.config CONFIG [section.key] [-- overrides]``: print the resolved config
-    (or one value), so shell scripts read settings without parsing YAML themselves."""
+    """``python -m core.config CONFIG [section.key] [--set overrides]``: check the config and
+    print it resolved (or one value), so shell scripts read settings without parsing YAML;
+    ``--rules`` prints what every key's value must be (the table in docs/configuration.md)."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("config")
+    parser.add_argument("config", nargs="?")
     parser.add_argument("key", nargs="?", help="section.key to print (default: everything)")
     parser.add_argument("--set", nargs="*", default=[], help="overrides, section.key=value")
+    parser.add_argument("--rules", action="store_true", help="print the rules of every key")
     args = parser.parse_args(argv)
+    if args.rules:
+        print("| key | must be |\n|---|---|")
+        print("\n".join(f"| `{key}` | {text} |" for key, text in rules_table()))
+        return 0
+    if args.config is None:
+        parser.error("CONFIG is required")
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:

@@ -13,5 +13,16 @@ class UserError(Exception):
     fix it. Commands catch this class, print ``error: <message>`` and exit with status 2."""
 
 
+class ConfigError(UserError):
+    """A configuration file or override is wrong; the message names the key, the value, the rule
+    and the file or override it came from."""
+
+
 class StorageError(UserError):
-    """A URL cannot be opened, read or written (missing backend, permission, disk full)."""
+    """A URL cannot be opened, read or written (missing backend, permission, disk full), or a
+    directory we did not create would have to be deleted."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unfinished, damaged, refused by the safe loader, or does not match
+    the run's config or data."""

@@ -47,9 +47,9 @@ def mid_epoch_steps(ckpts: Path, steps_per_epoch: int = 10) -> list[int]:
     return [s for s in steps if s % steps_per_epoch]
 
 
-@pytest.fixture(scope="module")
-def config(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ckpt")
+def tiny_config(root: Path) -> Path:
+    """A config of 160 users (10 steps of 16 per epoch, 12 epochs), checkpointing every 3 steps
+    and keeping 2, with its prepared data, under ``root``."""
     data = write_prepared(root / "data", num_users=160)
     path = root / "tiny.yaml"
     path.write_text(
@@ -58,6 +58,11 @@ def config(tmp_path_factory) -> Path:
         "checkpoint:\n  every: 3\n  keep: 2\n"
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    return tiny_config(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.mark.parametrize("backend", ["dense", "torchrec"])

@@ -135,7 +135,7 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert "data.max_len" in capsys.readouterr().err
     config.write_text("data:\n  events: x.parquet\n  time_span: 0\n")
     assert main([str(config)]) == 2
-    assert "data.time_span must be >= 1" in capsys.readouterr().err
+    assert "'data.time_span' must be >= 1" in capsys.readouterr().err
     config.write_text(f"data:\n  events: {tmp_path / 'missing.parquet'}\n")
     assert main([str(config), f"data.dir={tmp_path / 'out'}"]) == 2  # every UserError: 2
     err = capsys.readouterr().err

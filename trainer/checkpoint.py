@@ -2,42 +2,181 @@
 
 Layout under the checkpoint root (``checkpoint.dir``, default ``<run_dir>/checkpoints``)::
 
+    .mqsa-ted-owned             ownership marker of the root when this project created it
     step-000000123/
+        .mqsa-ted-owned         written first (core.storage.mark_owned): only directories with
+                                this marker are ever replaced or deleted (rotation, retries)
         ds/...                  engine.save_checkpoint (weights + optimizer, per ZeRO stage)
         table/...               torch.distributed.checkpoint of a sharded item table and its
                                 fused optimizer state (TorchRec backend only)
         rank-00000.pt           that rank's RNG state and partial-epoch loss sums (weights_only)
         trainer_state.json      epoch, step, best metrics, history, config hash, vocab size
-        COMPLETE                written last, after every rank has finished: the commit marker
+        COMPLETE                written last, after every rank has finished: the commit marker,
+                                with the size of every file of the checkpoint (its manifest)
 
 A directory without ``COMPLETE`` (a run killed while saving) is never loaded. Remote roots
 (``s3://``...) are staged in a local directory and uploaded before the marker is written.
-DeepSpeed's own files are pickles: load checkpoints only from runs you trust.
+
+Trust boundary: a checkpoint root is an artifact of the run that wrote it. Every torch file in
+it is loaded with ``torch.load(weights_only=True)`` and an allowlist of exactly the DeepSpeed
+classes its ZeRO 0-2 files hold (:func:`deepspeed_classes`); DeepSpeed's engine is given a
+checkpoint engine that loads that way too (:class:`WeightsOnlyCheckpointEngine`). Before any
+load, every torch file of the chosen checkpoint is unpickled that way without reading its tensors
+(:func:`screen`); a file the loader refuses, or one that is no ``torch.save`` archive, stops the
+resume with :class:`CheckpointError`: this trainer did not write it. The metadata of a sharded
+table's DCP checkpoint is a pickle that torch reads as is: resume only from roots you trust as
+much as your own runs (docs/security.md).
+
+Resume: ``train.resume=auto`` takes the newest complete checkpoint that passes
+:meth:`Checkpointer.problem` (every file of the manifest present with its size, every torch
+file and the trainer state readable); a damaged one is skipped with a warning naming it and the
+one used instead. A checkpoint named explicitly must pass, or the resume stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import io
 import os
-import shutil
+import pickle
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-import fsspec
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
-from core.collectives import barrier
+from core.collectives import all_reduce_sum, barrier
 from core.config import Config, config_hash
-from core.storage import load_state, save_state, write_json
+from core.errors import CheckpointError, UserError
+from core.storage import (
+    OWNER_MARKER,
+    full_url,
+    is_local,
+    is_owned,
+    load_state,
+    mark_owned,
+    read_json,
+    remove_owned,
+    save_state,
+    url_to_fs,
+    write_failure,
+    write_json,
+)
 from trainer.distributed import DistEnv
+
+__all__ = ["CheckpointError", "Checkpointer", "TrainerState", "load_best_table", "save_best"]
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
-
-
 TABLE_DIR = "table"
+STATE_FILE = "trainer_state.json"
+CHECKPOINT_KIND = "checkpoint"
+BEST_TABLE = "best_table-e"
+# what reading a damaged file raises (torch's zip reader, json, a missing file)
+READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError)
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def first_line(error: BaseException) -> str:
+    """The first sentence of an error's message (torch appends paragraphs of advice)."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(error).__name__
+
+
+def deepspeed_classes() -> list[type]:
+    """The classes besides tensors and plain containers in DeepSpeed's checkpoints of this
+    model: none in the model states of ZeRO 0-2, these three in the ZeRO 1/2 optimizer states
+    (found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on real checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_torch_file(
+    source: str | io.BufferedIOBase, name: str, map_location: Any = None, mmap: bool = False
+) -> Any:
+    """``torch.load(weights_only=True)`` of a checkpoint file, allowing only
+    :func:`deepspeed_classes` besides tensors and plain containers: nothing in it can run code.
+    A file the weights-only loader refuses raises :class:`CheckpointError` naming it."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_classes()):
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        lines = [line for line in str(e).splitlines() if "Unsupported" in line]
+        detail = lines[0].split("error: ")[-1].split(" was not")[0] if lines else first_line(e)
+        raise CheckpointError(
+            f"{name} was refused by the weights-only loader: it holds objects other than "
+            f"tensors, plain containers and DeepSpeed's checkpoint classes ({detail}); this "
+            "trainer did not write it. Delete that checkpoint or resume from another one"
+        ) from e
+
+
+def screen(url: str) -> None:
+    """Unpickle the checkpoint file ``url`` as a resume would (weights-only, the allowlist),
+    memory-mapped where it is local so that no tensor is read. Raises :class:`CheckpointError`
+    if the loader refuses it or it is no ``torch.save`` archive (a zip), and one of
+    ``READ_ERRORS`` if it is damaged (truncated...)."""
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+        if head != ZIP_MAGIC[: len(head)]:
+            raise CheckpointError(
+                f"{url} is not a torch.save archive: this trainer did not write it. Delete that "
+                "checkpoint or resume from another one"
+            )
+        if is_local(url):
+            load_torch_file(path, url, "cpu", mmap=True)
+        else:
+            f.seek(0)
+            load_torch_file(io.BytesIO(f.read()), url, "cpu")
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine (``inner``) with ``load`` through :func:`load_torch_file`
+    and ``save`` through :func:`core.storage.save_state` (atomic; a failed write names the file
+    and the OS error, e.g. ``No space left on device``); every other method is ``inner``'s."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, state_dict: dict, path: str) -> None:
+        save_state(path, state_dict)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_torch_file(path, path, map_location)
+
+
+def weights_only(engine: Any) -> Any:
+    """``engine`` with its checkpoint engine wrapped in :class:`WeightsOnlyCheckpointEngine`."""
+    if not isinstance(engine.checkpoint_engine, WeightsOnlyCheckpointEngine):
+        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine.checkpoint_engine)
+    return engine
+
+
+@contextlib.contextmanager
+def writing(url: str) -> Iterator[None]:
+    """Turn a failed write under ``url`` by DeepSpeed, DCP or an upload into a
+    :class:`StorageError` naming ``url``, the OS error and the free space."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, RuntimeError, CheckpointException) as e:
+        raise write_failure(url, e) from e
 
 
 def sharded_state(table) -> dict:
@@ -53,8 +192,14 @@ def load_sharded(table, checkpoint_id: str) -> None:
     table.fused_optimizer.load_state_dict(state["opt"])
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unfinished, or does not match the run's config or data."""
+def prune(urls: list[str], kind: str) -> None:
+    """Delete the directories ``urls`` that this project created as ``kind``; leave (and name)
+    any other one."""
+    for url in urls:
+        if is_owned(url, kind):
+            remove_owned(url, kind)
+        else:
+            warn(f"not deleting {url}: it has no {OWNER_MARKER} marker (not created by this run)")
 
 
 @dataclass
@@ -69,9 +214,31 @@ class TrainerState:
     history: list = field(default_factory=list)
 
 
-def _is_local(url: str) -> bool:
-    fs, _ = fsspec.core.url_to_fs(url)
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[str]:
+    """A local directory holding the checkpoint ``url``: itself when local, else a temporary
+    download removed afterwards."""
+    fs, path = url_to_fs(url)
+    if is_local(url):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as local:
+        fs.get(f"{path}/", local, recursive=True)
+        yield local
+
+
+@contextlib.contextmanager
+def staged(url: str) -> Iterator[str]:
+    """A local directory to write the checkpoint ``url`` into: itself when local, else a
+    temporary one uploaded to ``url`` at the end (and removed)."""
+    fs, path = url_to_fs(url)
+    if is_local(url):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as local:
+        yield local
+        with writing(url):
+            fs.put(f"{local}/", path, recursive=True)
 
 
 class Checkpointer:
@@ -81,10 +248,10 @@ class Checkpointer:
         self.cfg, self.env = cfg, env
         self.root = (cfg.checkpoint.dir or f"{cfg.train.run_dir}/checkpoints").rstrip("/")
         self.identity = {"config_hash": config_hash(cfg), "num_items": num_items}
-        self.fs, self.root_path = fsspec.core.url_to_fs(self.root)
+        self.fs, self.root_path = url_to_fs(self.root)
 
     def complete(self) -> list[str]:
-        """Complete checkpoint paths under the root, oldest first."""
+        """Complete checkpoint URLs under the root, oldest first."""
         if not self.fs.exists(self.root_path):
             return []
         dirs = sorted(
@@ -92,21 +259,40 @@ class Checkpointer:
             for p in self.fs.ls(self.root_path, detail=False)
             if p.rstrip("/").split("/")[-1].startswith("step-")
         )
-        return [d for d in dirs if self.fs.exists(f"{d}/{COMPLETE}")]
+        return [full_url(self.fs, d) for d in dirs if self.fs.exists(f"{d}/{COMPLETE}")]
 
     def save(self, engine, table, state: TrainerState, loss_sums: torch.Tensor) -> str:
         """Write a checkpoint of ``engine``, a sharded ``table`` and ``state``; returns its URL
-        once committed."""
-        name = f"step-{state.global_step:09d}"
-        target = f"{self.root_path}/{name}"
-        local = _is_local(self.root)
-        staging = target if local else tempfile.mkdtemp(prefix="ckpt-")
-        if self.env.is_main and self.fs.exists(target):
-            self.fs.rm(target, recursive=True)  # an unfinished attempt at the same step
+        once committed. A failed write raises :class:`StorageError` naming the checkpoint, the
+        OS error and the free space."""
+        engine = weights_only(engine)
+        url = full_url(self.fs, f"{self.root_path}/step-{state.global_step:09d}")
+        if self.env.is_main:
+            mark_owned(self.root, "checkpoints")  # a root of someone else's files stays theirs
+            if is_owned(url, CHECKPOINT_KIND):
+                remove_owned(url, CHECKPOINT_KIND)  # an unfinished attempt at the same step
+            if not mark_owned(url, CHECKPOINT_KIND, step=state.global_step):
+                raise CheckpointError(
+                    f"{url} exists and holds files this project did not write: refusing to "
+                    "write a checkpoint over them (move them away or set checkpoint.dir)"
+                )
         barrier()
-        engine.save_checkpoint(staging, tag=DS_TAG, save_latest=False)
-        if table.has_fused_optimizer:
-            dcp.save(sharded_state(table), checkpoint_id=f"{staging}/{TABLE_DIR}")
+        with staged(url) as staging:
+            self._write(engine, table, state, loss_sums, staging, url)
+        barrier()
+        if self.env.is_main:
+            done = {"world": self.env.world, "step": state.global_step}
+            write_json(f"{url}/{COMPLETE}", {**done, "files": self.manifest(url)})
+            prune(self.complete()[: -self.cfg.checkpoint.keep], CHECKPOINT_KIND)
+        barrier()
+        return url
+
+    def _write(self, engine, table, state, loss_sums, staging: str, url: str) -> None:
+        """This rank's files of the checkpoint ``url``, written into the local ``staging``."""
+        with writing(url):
+            engine.save_checkpoint(staging, tag=DS_TAG, save_latest=False)
+            if table.has_fused_optimizer:
+                dcp.save(sharded_state(table), checkpoint_id=f"{staging}/{TABLE_DIR}")
         rank_state = {
             "rng": torch.get_rng_state(),
             "loss_sums": loss_sums.detach().cpu(),
@@ -116,64 +302,110 @@ class Checkpointer:
             rank_state["cuda_rng"] = torch.cuda.get_rng_state(self.env.device)
         save_state(f"{staging}/rank-{self.env.rank:05d}.pt", rank_state)
         if self.env.is_main:
-            write_json(
-                f"{staging}/trainer_state.json", {**dataclasses.asdict(state), **self.identity}
-            )
-        barrier()
-        if not local:
-            self.fs.put(f"{staging}/", target, recursive=True)
-            shutil.rmtree(staging, ignore_errors=True)
-        if self.env.is_main:
-            write_json(f"{target}/{COMPLETE}", {"world": self.env.world, "step": state.global_step})
-            for old in self.complete()[: -self.cfg.checkpoint.keep]:
-                self.fs.rm(old, recursive=True)
-        barrier()
-        return target
+            write_json(f"{staging}/{STATE_FILE}", {**dataclasses.asdict(state), **self.identity})
+
+    def manifest(self, url: str) -> dict[str, int]:
+        """``{relative path: size}`` of every file of the checkpoint ``url`` (its markers
+        aside)."""
+        fs, path = url_to_fs(url)
+        files = fs.find(path, detail=True)
+        prefix = path.rstrip("/") + "/"
+        sizes = {name.removeprefix(prefix): info["size"] for name, info in files.items()}
+        return {k: v for k, v in sorted(sizes.items()) if k not in (COMPLETE, OWNER_MARKER)}
+
+    def problem(self, url: str) -> str | None:
+        """Why the complete checkpoint ``url`` cannot be resumed from (a file of its manifest
+        missing or of another size than when written, a torch file or the trainer state
+        unreadable), or None. Raises :class:`CheckpointError` for a file the weights-only
+        loader refuses (that is not damage: this trainer did not write it)."""
+        fs, path = url_to_fs(url)
+        prefix = path.rstrip("/") + "/"
+        unreadable = None
+        for name in fs.find(path):  # every torch file: a refused one stops the resume
+            if name.endswith(".pt"):
+                try:
+                    screen(full_url(fs, name))
+                except READ_ERRORS as e:
+                    unreadable = unreadable or f"{name.removeprefix(prefix)}: {first_line(e)}"
+        try:
+            written = read_json(f"{url}/{COMPLETE}").get("files", {})
+            read_json(f"{url}/{STATE_FILE}")
+        except READ_ERRORS as e:
+            return first_line(e)
+        for name, size in written.items():
+            if not fs.exists(f"{path}/{name}"):
+                return f"{name} is missing"
+            if (now := fs.size(f"{path}/{name}")) != size:
+                return f"{name} has {now} bytes, {size} when written"
+        return unreadable
+
+    def agreed_problem(self, url: str) -> str | None:
+        """:meth:`problem` as every rank sees it: a checkpoint damaged for one rank is damaged
+        for all (collective)."""
+        problem = self.problem(url)
+        flag = torch.tensor([float(problem is not None)], device=self.env.device)
+        damaged_elsewhere = float(all_reduce_sum(flag)[0]) > float(flag[0])
+        return problem or ("unreadable on another rank" if damaged_elsewhere else None)
 
     def resolve(self, resume: str) -> str | None:
-        """The checkpoint to resume from: ``auto`` = newest complete one (None if there is none)."""
-        if resume == "auto":
-            done = self.complete()
-            return done[-1] if done else None
-        fs, path = fsspec.core.url_to_fs(resume)
-        if not fs.exists(f"{path}/{COMPLETE}"):
-            raise CheckpointError(f"{resume} is not a complete checkpoint (no {COMPLETE} marker)")
-        return path
+        """The checkpoint URL to resume from: ``auto`` = the newest complete one that is not
+        damaged (None if there is none; an error if all of them are), else ``resume`` itself,
+        which must be complete and undamaged."""
+        if resume != "auto":
+            fs, path = url_to_fs(resume)
+            if not fs.exists(f"{path}/{COMPLETE}"):
+                raise CheckpointError(f"{resume} is not a complete checkpoint (no {COMPLETE})")
+            problem = self.agreed_problem(resume)
+            if problem:
+                raise CheckpointError(f"checkpoint {resume} is damaged: {problem}")
+            return resume
+        skipped = []
+        for url in reversed(self.complete()):
+            problem = self.agreed_problem(url)
+            if problem is None:
+                if skipped and self.env.is_main:
+                    damaged = "; ".join(f"checkpoint {s} is damaged ({p})" for s, p in skipped)
+                    warn(f"{damaged}; resuming from the previous complete one, {url}")
+                return url
+            skipped.append((url, problem))
+        if skipped:
+            raise CheckpointError(
+                f"no loadable checkpoint under {self.root}: "
+                + "; ".join(f"{s} is damaged: {p}" for s, p in skipped)
+            )
+        return None
 
-    def load(self, engine, table, path: str) -> tuple[TrainerState, torch.Tensor]:
-        """Restore ``engine`` from ``path``; returns the trainer state and this rank's loss sums."""
-        with self.fs.open(f"{path}/trainer_state.json", "r") as f:
-            saved = json.load(f)
+    def load(self, engine, table, url: str) -> tuple[TrainerState, torch.Tensor]:
+        """Restore ``engine`` from ``url``; returns the trainer state and this rank's loss sums."""
+        saved = read_json(f"{url}/{STATE_FILE}")
         for key, value in self.identity.items():
             if saved.get(key) != value:
                 raise CheckpointError(
-                    f"checkpoint {path} does not match this run: {key} is {saved.get(key)!r} "
+                    f"checkpoint {url} does not match this run: {key} is {saved.get(key)!r} "
                     f"there and {value!r} here (different config data/model sections or vocab)"
                 )
-        local_dir = path if _is_local(self.root) else tempfile.mkdtemp(prefix="ckpt-")
-        if local_dir != path:
-            self.fs.get(f"{path}/", local_dir, recursive=True)
-        load_path, _ = engine.load_checkpoint(local_dir, tag=DS_TAG)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed found no checkpoint in {path}/{DS_TAG}")
-        if table.has_fused_optimizer:
-            load_sharded(table, f"{local_dir}/{TABLE_DIR}")
-        loss_sums = torch.zeros(2, dtype=torch.float64)
-        rank_file = f"{local_dir}/rank-{self.env.rank:05d}.pt"
-        if os.path.exists(rank_file):
-            rank_state = load_state(rank_file)
-            if rank_state["world"] == self.env.world:  # same layout: resume the exact streams
-                torch.set_rng_state(rank_state["rng"])
-                if "cuda_rng" in rank_state and self.env.device.type == "cuda":
-                    torch.cuda.set_rng_state(rank_state["cuda_rng"], self.env.device)
-                loss_sums = rank_state["loss_sums"]
+        with local_copy(url) as local_dir:
+            try:
+                load_path, _ = weights_only(engine).load_checkpoint(local_dir, tag=DS_TAG)
+            except (RuntimeError, ValueError, KeyError, OSError) as e:
+                raise CheckpointError(f"DeepSpeed cannot load checkpoint {url}: {e}") from e
+            if load_path is None:
+                raise CheckpointError(f"DeepSpeed found no checkpoint in {url}/{DS_TAG}")
+            if table.has_fused_optimizer:
+                load_sharded(table, f"{local_dir}/{TABLE_DIR}")
+            loss_sums = torch.zeros(2, dtype=torch.float64)
+            rank_file = f"{local_dir}/rank-{self.env.rank:05d}.pt"
+            if os.path.exists(rank_file):
+                rank_state = load_state(rank_file)
+                if rank_state["world"] == self.env.world:  # same layout: resume exact streams
+                    torch.set_rng_state(rank_state["rng"])
+                    if "cuda_rng" in rank_state and self.env.device.type == "cuda":
+                        torch.cuda.set_rng_state(rank_state["cuda_rng"], self.env.device)
+                    loss_sums = rank_state["loss_sums"]
         state = TrainerState(
             **{k: saved[k] for k in (f.name for f in dataclasses.fields(TrainerState))}
         )
         return state, loss_sums
-
-
-BEST_TABLE = "best_table-e"
 
 
 def save_best(run_dir: str, model, table, epoch: int, env: DistEnv) -> None:
@@ -184,22 +416,25 @@ def save_best(run_dir: str, model, table, epoch: int, env: DistEnv) -> None:
         save_state(f"{run_dir}/model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     if not table.has_fused_optimizer:
         return
-    target = f"{run_dir}/{BEST_TABLE}{epoch:05d}"
-    dcp.save({"table": table.state_dict()}, checkpoint_id=target)
+    fs, root = url_to_fs(run_dir)
+    target = full_url(fs, f"{root}/{BEST_TABLE}{epoch:05d}")
+    if env.is_main and not mark_owned(target, "best_table", epoch=epoch):
+        raise CheckpointError(f"{target} holds files this project did not write: refusing")
+    barrier()
+    with writing(target):
+        dcp.save({"table": table.state_dict()}, checkpoint_id=target)
     barrier()
     if env.is_main:
-        fs, root = fsspec.core.url_to_fs(run_dir)
         write_json(f"{target}/{COMPLETE}", {"epoch": epoch, "world": env.world})
-        for old in fs.glob(f"{root}/{BEST_TABLE}*"):
-            if not old.endswith(f"{BEST_TABLE}{epoch:05d}"):
-                fs.rm(old, recursive=True)
+        old = [full_url(fs, p) for p in sorted(fs.glob(f"{root}/{BEST_TABLE}*"))]
+        prune([u for u in old if u != target], "best_table")
     barrier()
 
 
 def load_best_table(run_dir: str, table) -> str:
     """Load the newest complete ``best_table-e*`` of ``run_dir`` into a sharded ``table``
     (any world size: DCP reshards); returns its path."""
-    fs, root = fsspec.core.url_to_fs(run_dir)
+    fs, root = url_to_fs(run_dir)
     done = sorted(p for p in fs.glob(f"{root}/{BEST_TABLE}*") if fs.exists(f"{p}/{COMPLETE}"))
     if not done:
         raise CheckpointError(f"{run_dir} holds no complete {BEST_TABLE}* snapshot")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from core.config import Config
-from core.storage import atomic_write_bytes, write_json
+from core.storage import atomic_write_bytes, mark_owned, write_json
+
+RUN_KIND = "run"
 
 
 class RunDir:
@@ -16,6 +18,9 @@ class RunDir:
         return f"{self.url}/{name}"
 
     def write_config(self, cfg: Config) -> None:
+        """The run's first write: marks the directory as ours when this run creates it (see
+        ``core.storage.mark_owned``), then writes ``config.yaml``."""
+        mark_owned(self.url, RUN_KIND)
         atomic_write_bytes(self.path("config.yaml"), cfg.to_yaml().encode())
 
     def write_metrics(self, metrics: dict) -> None:

@@ -1,29 +1,69 @@
-"""Train MQSA-TED: ``python -m trainer.train CONFIG [key=value ...]``, also under torchrun."""
+"""Train MQSA-TED: ``python -m trainer.train CONFIG [key=value ...]``, also under torchrun.
+
+The config is read and checked before torch, DeepSpeed or TorchRec are imported, so a bad
+setting is refused in well under a second with one ``error:`` line and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from core.config import load_config
 from core.errors import UserError
-from trainer.builder import build_run
-from trainer.distributed import init_distributed, shutdown
-from trainer.trainer import Trainer, TrainingDiverged
+
+TRUST = """\
+checkpoints: train.resume loads a checkpoint root (checkpoint.dir, default
+<run_dir>/checkpoints) that this project wrote. Every torch file in it (DeepSpeed's model and
+ZeRO optimizer states, the per-rank RNG files) is loaded with torch.load(weights_only=True) and
+an allowlist of the three DeepSpeed classes its ZeRO 0-2 files hold, so a tampered file is
+refused rather than run. A sharded table's torch.distributed.checkpoint metadata is a pickle
+that torch reads as is: resume only from checkpoint roots you trust as much as your own runs
+(docs/security.md)."""
+
+
+def die_with_launcher() -> None:
+    """Under torchrun (Linux), ask the kernel to send this rank SIGTERM when its parent (the
+    torchrun agent) dies, so killing ``launch.sh``/torchrun, even with SIGKILL, ends the ranks
+    instead of leaving them to train on. (A rank whose torchrun dies before this call cannot
+    train either: the rendezvous store lived in torchrun, so its process group never forms.)"""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+def refuse(error: Exception) -> int:
+    """Print ``error: <message>`` (one line, no traceback) and return the exit status 2."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=TRUST, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", help="YAML config file (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     args = parser.parse_args(argv)
+    die_with_launcher()
     try:
         cfg = load_config(args.config, args.overrides)
+    except UserError as e:
+        return refuse(e)
+    from trainer.builder import build_run  # heavy (torch, DeepSpeed): only for a valid config
+    from trainer.distributed import init_distributed, shutdown
+    from trainer.trainer import Trainer, TrainingDiverged
+
+    try:
         env = init_distributed()
         result = Trainer(build_run(cfg, env)).fit()
     except (UserError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     shutdown()
     if env.is_main:
         test = result["test"]
