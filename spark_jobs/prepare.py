@@ -20,7 +20,7 @@ from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from core.config import ConfigError, DataConfig, load_config
+from core.config import ConfigError, DataConfig, check_prepare, load_config
 from core.errors import UserError
 from core.prepared import STATS_FILE
 from spark_jobs.clean import (
@@ -64,24 +64,6 @@ from spark_jobs.vocab import build_vocab, item_counts
 
 TIE_BREAK = "timestamp, then input row order"
 PREPARED_DATA = "prepared-data"  # the ownership marker's kind of a prepare output
-
-
-def check_config(cfg: DataConfig) -> None:
-    """Raise :class:`ConfigError` for data settings the job cannot honour."""
-    if not cfg.events:
-        raise ConfigError("data.events is empty: set it to the event log's URL")
-    positive = {"max_len": cfg.max_len, "time_span": cfg.time_span, "num_files": cfg.num_files}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"data.{key} must be >= 1, got {value}")
-    non_negative = {
-        "kcore": cfg.kcore,
-        "top_k_successors": cfg.top_k_successors,
-        "max_time_gap": cfg.max_time_gap,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"data.{key} must be >= 0, got {value}")
 
 
 def persisted(df: DataFrame) -> DataFrame:
@@ -296,7 +278,7 @@ def prepare(
     Uses ``spark`` if given (its cached data is cleared at the end), else builds a session
     on ``cfg.spark_master``.
     """
-    check_config(cfg)
+    check_prepare(cfg)  # the config layer's rules (also for a DataConfig built in code)
     check_incremental(cfg)
     progress = progress or Progress()
     files = list_input(cfg.events)
