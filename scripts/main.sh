@@ -38,3 +38,4 @@ stage "train ($(setting distributed.nproc_per_node) processes)" \
 stage "export" "${MQSA[@]}" export "$RUN_DIR"
 stage "report" "${MQSA[@]}" report "$RUN_DIR"
 echo "==> main job done in $((SECONDS - START)) s: $RUN_DIR/report.md, $RUN_DIR/curves.png"
+echo "==> next: source .venv/bin/activate && mqsa-ted --help  (README: \"Using it on your data\")"
