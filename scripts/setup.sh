@@ -33,3 +33,4 @@ $PIP install --no-deps torchrec==1.8.0
 "$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, deepspeed, pyspark; print('[setup] ok: torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0', 'deepspeed', deepspeed.__version__, 'pyspark', pyspark.__version__)" >&2
 rm -f "$VENV"/.setup-*
 touch "$STAMP"
+echo "[setup] done. In each new shell: source $VENV/bin/activate  (puts mqsa-ted on PATH)" >&2

@@ -2,20 +2,24 @@
 
 Driver memory comes from ``MQSA_SPARK_DRIVER_MEMORY`` (or Spark's own ``SPARK_DRIVER_MEMORY``),
 default 4g; it only applies when this process starts the JVM (under ``spark-submit`` use
-``--driver-memory``). Spark's log level is ``MQSA_SPARK_LOG_LEVEL``, default FATAL, so the
-jobs' own one-line progress is what the user sees, and a failed task's JVM trace is not printed:
-the job reports the failure's root cause in one line (:func:`spark_jobs.errors.root_cause`).
-Set it to ERROR (or WARN, INFO) to see Spark's own log.
+``--driver-memory``). Spark logs from the start of the JVM as ``log4j2.properties`` next to
+this file says (or the file ``MQSA_SPARK_LOG4J`` names): no start-up banner, no per-host
+warnings. Its log level is then ``MQSA_SPARK_LOG_LEVEL``, default FATAL, so the jobs' own
+one-line progress is what the user sees and a failed task's JVM trace is not printed: the job
+reports the failure's root cause in one line (:func:`spark_jobs.errors.root_cause`). Set it to
+ERROR (or WARN, INFO) to see Spark's own log.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
 DEFAULT_DRIVER_MEMORY = "4g"
 DEFAULT_LOG_LEVEL = "FATAL"
+LOG4J_CONFIG = Path(__file__).with_name("log4j2.properties")
 
 
 def driver_memory() -> str:
@@ -25,6 +29,12 @@ def driver_memory() -> str:
         or os.environ.get("SPARK_DRIVER_MEMORY")
         or DEFAULT_DRIVER_MEMORY
     )
+
+
+def log4j_option() -> str:
+    """The driver JVM option that selects the log4j2 configuration (quiet by default)."""
+    path = os.environ.get("MQSA_SPARK_LOG4J") or str(LOG4J_CONFIG)
+    return f"-Dlog4j2.configurationFile={Path(path).resolve().as_uri()}"
 
 
 def under_spark_submit() -> bool:
@@ -56,6 +66,7 @@ def build_session(master: str = "local[*]", app_name: str = "mqsa-ted-prepare") 
             .config("spark.driver.memory", driver_memory())
             .config("spark.ui.enabled", "false")
             .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.driver.extraJavaOptions", log4j_option())
         )
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("MQSA_SPARK_LOG_LEVEL") or DEFAULT_LOG_LEVEL)

@@ -1,18 +1,35 @@
-"""Seeded synthetic event logs with planted structure a sequential model can learn.
+"""Seeded synthetic event logs with planted structure, in several kinds.
 
     python -m spark_jobs.synth --out URL --events N [--users U] [--items I] [--seed S]
-                               [--format parquet|csv|json]
+                               [--kind KIND] [--format parquet|csv|json] [--time seconds|iso]
 
-Structure: item popularity is Zipf(-Mandelbrot)-distributed (long tail); items belong to taste
-clusters and have latent vectors near their cluster's centroid; every user has a taste cluster
-and a taste vector. The first item comes from the user's cluster (80%) or the whole catalogue;
-after that, with probability 0.7, the next item is picked among a few dozen popularity-drawn
-candidates (half from the previous item's cluster, half from the user's) with probability
-proportional to ``exp(kappa * (latent[prev] + taste) . latent[candidate])``; otherwise it is a
-fresh taste draw. A last-item counter sees only ``prev``; a sequence model can also infer the
-taste from the history, and the latent structure generalises across sparse pairs.
-Ids are strings ("u000123", "i004567"); timestamps are int64 seconds, strictly increasing
-within a user. Every user has at least 3 events and the total is exactly N.
+Every kind shares the catalogue: item popularity is Zipf(-Mandelbrot)-distributed (long tail)
+and items belong to taste clusters. What decides the next item differs by ``--kind``:
+
+- ``latent`` (default): every user has a taste cluster and vector; the first item comes from the
+  user's cluster (80%) or the catalogue; then, with probability 0.7, the next item is picked
+  among a few dozen popularity-drawn candidates (half from the previous item's cluster, half
+  from the user's) with probability ``exp(kappa * (latent[prev] + taste) . latent[candidate])``,
+  otherwise it is a fresh taste draw.
+- ``series`` (the main job's demo): each cluster's items form a series in a fixed order (a ring);
+  every user follows ``tastes`` (2) series and interleaves them at random, each step moving 1-3
+  items on in the chosen series from where the user left it (10%: a popular item of one of the
+  user's series instead). The next item depends on the user's taste and on the last item of
+  the chosen series, which is often two or more steps back: a last-item counter only sees the
+  current series and can predict about half the steps; a sequence model can predict both.
+- ``markov``: every item has ``fanout`` (3) fixed successors; the next item is one of them
+  (weights 0.6/0.3/0.1) with probability 0.85, else a popularity draw. A last-item counter is
+  close to optimal.
+- ``taste``: every user has ``tastes`` (2) clusters; each item is a popularity draw from one of
+  them (10%: from the catalogue); the order carries no information. A last-item counter knows
+  only the last item's cluster.
+- ``mixture``: each step is a ``markov`` step or a ``taste`` step with probability 1/2.
+- ``longtail``: ``mixture`` on a catalogue of many rare items (default items = events / 10,
+  steeper Zipf, successors drawn by popularity).
+
+Ids are strings ("u000123", "i004567"); timestamps are int64 seconds (``--time iso``: ISO-8601
+strings, for CSV and JSON), strictly increasing within a user. Every user has at least 3 events
+and the total is exactly N.
 
 Events are generated in chunks of about 2^20 with numpy (seeded per chunk, so the output
 depends only on the arguments) and written as one file per chunk through fsspec, so memory
@@ -39,6 +56,9 @@ from spark_jobs.io import OutputStaging, staged_output
 
 CHUNK_EVENTS = 1 << 20
 BASE_TIME = 1_600_000_000  # 2020-09-13, seconds
+KINDS = ("latent", "series", "markov", "taste", "mixture", "longtail")
+SERIES_STEPS = np.array([0.6, 0.9, 1.0])  # cumulative P(move 1, 2, 3 items on in a series)
+SUCCESSOR_WEIGHTS = np.array([0.6, 0.9, 1.0])  # cumulative P(1st, 2nd, 3rd successor)
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,7 @@ class SynthSpec:
     users: int = 0
     items: int = 0
     seed: int = 0
+    kind: str = "latent"
     clusters: int = 16
     candidates: int = 32
     latent_dim: int = 16
@@ -57,21 +78,31 @@ class SynthSpec:
     p_cluster: float = 0.8
     zipf_a: float = 1.1
     zipf_q: float = 10.0
+    tastes: int = 2  # clusters (series) per user: series, taste, mixture, longtail
+    p_noise: float = 0.1  # series / taste: share of steps that are plain popularity draws
+    p_follow: float = 0.85  # markov: share of steps that follow a planted successor
+    fanout: int = len(SUCCESSOR_WEIGHTS)  # markov: planted successors per item
 
     def resolved(self) -> SynthSpec:
         """The spec with default sizes filled in and checked."""
+        if self.kind not in KINDS:
+            raise PrepareError(f"unknown kind '{self.kind}'; choose one of {', '.join(KINDS)}")
         users = self.users or max(1, self.events // 20)
-        items = self.items or max(10, self.events // 100)
+        longtail = self.kind == "longtail"
+        items = self.items or max(10, self.events // (10 if longtail else 100))
         if self.events < 3 * users:
             raise PrepareError(f"--events {self.events} < 3 x --users {users}: each user needs 3")
+        if self.kind != "latent" and items < 2 * self.clusters:
+            raise PrepareError(f"--items {items} < 2 x {self.clusters} clusters")
+        zipf = {"zipf_a": 1.3, "zipf_q": 1.0} if longtail else {}
         return dataclasses.replace(
-            self, users=users, items=items, clusters=min(self.clusters, items)
+            self, users=users, items=items, clusters=min(self.clusters, items), **zipf
         )
 
 
 @dataclass(frozen=True)
 class World:
-    """The planted structure: popularity, clusters and latent item vectors."""
+    """The planted structure: popularity, clusters, latent item vectors, series and successors."""
 
     global_items: np.ndarray  # items in popularity order
     global_cdf: np.ndarray  # cumulative popularity along global_items
@@ -80,6 +111,10 @@ class World:
     item_cluster: np.ndarray  # [items] cluster of each item
     centroids: np.ndarray  # [clusters, k] unit cluster centroids
     latent: np.ndarray  # [items, k] unit item vectors near their cluster's centroid
+    series: np.ndarray  # items grouped by cluster, in series (ring) order inside
+    series_start: np.ndarray  # [clusters] offset of each cluster's series in ``series``
+    series_pos: np.ndarray  # [items] position of each item in its cluster's series
+    successors: np.ndarray  # [items, fanout] planted successors (markov steps)
 
     def global_draw(self, u: np.ndarray) -> np.ndarray:
         """Items drawn by popularity (``u`` uniform in [0, 1))."""
@@ -90,6 +125,11 @@ class World:
         """Items drawn by popularity inside each ``cluster``."""
         idx = np.searchsorted(self.cluster_cdf, cluster + u, side="right")
         return self.cluster_items[np.minimum(idx, len(self.cluster_items) - 1)]
+
+    def series_item(self, cluster: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """The item at position ``pos`` (modulo the series' length) of each ``cluster``'s series."""
+        size = np.diff(np.r_[self.series_start, len(self.series)])[cluster]
+        return self.series[self.series_start[cluster] + pos % size]
 
 
 def build_world(spec: SynthSpec) -> World:
@@ -113,6 +153,21 @@ def build_world(spec: SynthSpec) -> World:
     cluster_cdf[last] = clusters[last] + 1.0
     centroids = unit(rng.standard_normal((c, spec.latent_dim)))
     latent = unit(centroids[item_cluster] + 0.7 * unit(rng.standard_normal((n, spec.latent_dim))))
+    # series and successors come from their own streams: the kinds above stay as they were
+    series_rng, successor_rng = (
+        np.random.default_rng([spec.seed, 3]),
+        np.random.default_rng([spec.seed, 4]),
+    )
+    series = np.lexsort((series_rng.permutation(n), item_cluster))
+    series_start = np.r_[0, np.cumsum(np.bincount(item_cluster, minlength=c))[:-1]]
+    series_pos = np.empty(n, dtype=np.int64)
+    series_pos[series] = np.arange(n) - series_start[item_cluster[series]]
+    if spec.kind == "longtail":  # rare items stay rare: successors drawn by popularity
+        cdf = np.cumsum(popularity)
+        draws = np.searchsorted(cdf, successor_rng.random((n, spec.fanout)), side="right")
+        successors = global_items[np.minimum(draws, n - 1)]
+    else:
+        successors = successor_rng.integers(0, n, size=(n, spec.fanout))
     return World(
         global_items=global_items,
         global_cdf=np.cumsum(popularity),
@@ -121,6 +176,10 @@ def build_world(spec: SynthSpec) -> World:
         item_cluster=item_cluster,
         centroids=centroids,
         latent=latent.astype(np.float32),
+        series=series,
+        series_start=series_start,
+        series_pos=series_pos,
+        successors=successors,
     )
 
 
@@ -137,6 +196,120 @@ def user_lengths(spec: SynthSpec) -> np.ndarray:
     return 3 + extra
 
 
+def user_tastes(spec: SynthSpec, users: int, rng: np.random.Generator) -> np.ndarray:
+    """``[users, tastes]`` distinct clusters per user."""
+    tastes = min(spec.tastes, spec.clusters)
+    return np.argsort(rng.random((users, spec.clusters)), axis=1)[:, :tastes]
+
+
+class Rule:
+    """One kind's next-item rule for the users of a chunk, sorted longest first so that the
+    users still active at step ``t`` are the first ``k``; ``prev`` ``[k]`` -> items ``[k]``."""
+
+    def step(self, t: int, prev: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+
+class LatentRule(Rule):
+    def __init__(self, world: World, spec: SynthSpec, users: int, rng: np.random.Generator):
+        self.world, self.spec = world, spec
+        self.taste = rng.integers(0, spec.clusters, size=users)
+        noise = unit(rng.standard_normal((users, spec.latent_dim)))
+        self.taste_vec = unit(world.centroids[self.taste] + noise).astype(np.float32)  # [U, k]
+
+    def step(self, t: int, prev: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        k, world, spec = len(prev), self.world, self.spec
+        u = rng.random(k)
+        in_cluster = rng.random(k) < spec.p_cluster
+        draw = np.where(in_cluster, world.cluster_draw(self.taste[:k], u), world.global_draw(u))
+        if t:
+            follow = self.latent_step(prev, rng)
+            draw = np.where(rng.random(k) < spec.p_transition, follow, draw)
+        return draw
+
+    def latent_step(self, prev: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Gumbel-max over ``candidates`` cluster draws, scored by ``latent[prev] + taste``."""
+        k, c, world = len(prev), self.spec.candidates, self.world
+        half = c // 2
+        clusters = np.concatenate(
+            [np.repeat(world.item_cluster[prev], half).reshape(k, half),
+             np.repeat(self.taste[:k], c - half).reshape(k, c - half)], axis=1,
+        )  # fmt: skip
+        cands = world.cluster_draw(clusters.ravel(), rng.random(k * c)).reshape(k, c)
+        query = world.latent[prev] + self.taste_vec[:k]  # [K, k]
+        scores = self.spec.kappa * np.einsum("kd,kcd->kc", query, world.latent[cands])
+        scores += rng.gumbel(size=scores.shape)
+        return cands[np.arange(k), scores.argmax(axis=1)]
+
+
+class SeriesRule(Rule):
+    def __init__(self, world: World, spec: SynthSpec, users: int, rng: np.random.Generator):
+        self.world, self.spec = world, spec
+        self.tastes = user_tastes(spec, users, rng)  # [U, tastes]
+        start = world.cluster_draw(self.tastes.ravel(), rng.random(self.tastes.size))
+        self.pos = world.series_pos[start].reshape(self.tastes.shape)  # where each user is
+
+    def step(self, t: int, prev: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        k = len(prev)
+        rows, which = np.arange(k), rng.integers(0, self.tastes.shape[1], size=k)
+        cluster = self.tastes[rows, which]
+        self.pos[rows, which] += 1 + np.searchsorted(SERIES_STEPS, rng.random(k), side="right")
+        item = self.world.series_item(cluster, self.pos[rows, which])
+        noise = self.world.cluster_draw(cluster, rng.random(k))
+        return np.where(rng.random(k) < self.spec.p_noise, noise, item)
+
+
+class TasteRule(Rule):
+    def __init__(self, world: World, spec: SynthSpec, users: int, rng: np.random.Generator):
+        self.world, self.spec = world, spec
+        self.tastes = user_tastes(spec, users, rng)
+
+    def step(self, t: int, prev: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        k = len(prev)
+        which = rng.integers(0, self.tastes.shape[1], size=k)
+        item = self.world.cluster_draw(self.tastes[np.arange(k), which], rng.random(k))
+        noise = self.world.global_draw(rng.random(k))
+        return np.where(rng.random(k) < self.spec.p_noise, noise, item)
+
+
+class MarkovRule(Rule):
+    def __init__(self, world: World, spec: SynthSpec, users: int, rng: np.random.Generator):
+        self.world, self.spec = world, spec
+        weights = SUCCESSOR_WEIGHTS[: spec.fanout]
+        self.cdf = weights / weights[-1]
+
+    def step(self, t: int, prev: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        k = len(prev)
+        draw = self.world.global_draw(rng.random(k))
+        if not t:
+            return draw
+        choice = np.searchsorted(self.cdf, rng.random(k), side="right")
+        follow = self.world.successors[prev, choice]
+        return np.where(rng.random(k) < self.spec.p_follow, follow, draw)
+
+
+class MixtureRule(Rule):
+    """Half ``markov`` steps, half ``taste`` steps (also the ``longtail`` kind's rule)."""
+
+    def __init__(self, world: World, spec: SynthSpec, users: int, rng: np.random.Generator):
+        self.markov = MarkovRule(world, spec, users, rng)
+        self.taste = TasteRule(world, spec, users, rng)
+
+    def step(self, t: int, prev: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        markov, taste = self.markov.step(t, prev, rng), self.taste.step(t, prev, rng)
+        return np.where(rng.random(len(prev)) < 0.5, markov, taste)
+
+
+RULES: dict[str, type[Rule]] = {
+    "latent": LatentRule,
+    "series": SeriesRule,
+    "markov": MarkovRule,
+    "taste": TasteRule,
+    "mixture": MixtureRule,
+    "longtail": MixtureRule,
+}
+
+
 def simulate(
     world: World, spec: SynthSpec, lengths: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -149,21 +322,13 @@ def simulate(
     sorted_len = lengths[order]
     offsets = np.cumsum(sorted_len) - sorted_len
     total = int(sorted_len.sum())
-    taste = rng.integers(0, spec.clusters, size=len(lengths))
-    noise = unit(rng.standard_normal((len(lengths), spec.latent_dim)))
-    taste_vec = unit(world.centroids[taste] + noise).astype(np.float32)  # [U, k]
+    rule = RULES[spec.kind](world, spec, len(lengths), rng)
     items = np.empty(total, dtype=np.int64)
-    prev = np.empty(0, dtype=np.int64)
+    prev = np.empty(len(lengths), dtype=np.int64)
     for t in range(int(sorted_len[0]) if len(lengths) else 0):
         k = int(np.searchsorted(-sorted_len, -t, side="left"))
-        u = rng.random(k)
-        in_cluster = rng.random(k) < spec.p_cluster
-        draw = np.where(in_cluster, world.cluster_draw(taste[:k], u), world.global_draw(u))
-        if t:
-            follow = next_items(world, spec, prev[:k], taste[:k], taste_vec[:k], rng)
-            draw = np.where(rng.random(k) < spec.p_transition, follow, draw)
-        items[offsets[:k] + t] = draw
-        prev = draw
+        prev = rule.step(t, prev[:k], rng)
+        items[offsets[:k] + t] = prev
     gaps = rng.integers(1, 3 * 86_400, size=total)
     cumulative = np.cumsum(gaps)
     starts = BASE_TIME + rng.integers(0, 365 * 86_400, size=len(lengths))
@@ -172,29 +337,6 @@ def simulate(
     users = np.repeat(order, sorted_len)
     shuffle = rng.permutation(total)
     return users[shuffle], items[shuffle], timestamps[shuffle]
-
-
-def next_items(
-    world: World,
-    spec: SynthSpec,
-    prev: np.ndarray,
-    taste: np.ndarray,
-    taste_vec: np.ndarray,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """One latent-space step for ``K`` users: ``prev`` ``[K]`` items, ``taste`` ``[K]``
-    clusters, ``taste_vec`` ``[K, k]`` -> next items ``[K]`` (Gumbel-max over candidates)."""
-    k, c = len(prev), spec.candidates
-    half = c // 2
-    clusters = np.concatenate(
-        [np.repeat(world.item_cluster[prev], half).reshape(k, half),
-         np.repeat(taste, c - half).reshape(k, c - half)], axis=1,
-    )  # fmt: skip
-    cands = world.cluster_draw(clusters.ravel(), rng.random(k * c)).reshape(k, c)
-    query = world.latent[prev] + taste_vec  # [K, k]
-    scores = spec.kappa * np.einsum("kd,kcd->kc", query, world.latent[cands])
-    scores += rng.gumbel(size=scores.shape)
-    return cands[np.arange(k), scores.argmax(axis=1)]
 
 
 def names(prefix: str, ids: np.ndarray, count: int) -> pa.Array:
@@ -229,48 +371,72 @@ def chunks(spec: SynthSpec) -> Iterator[pa.Table]:
         )
 
 
-def write_chunk(out: OutputStaging, index: int, table: pa.Table, fmt: str) -> None:
+def iso_times(seconds: pa.Array) -> pa.Array:
+    """int64 epoch seconds -> ISO-8601 UTC strings (``2020-09-13T12:26:40Z``)."""
+    stamps = pc.cast(seconds, pa.timestamp("s", tz="UTC"))
+    return pc.strftime(stamps, format="%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_chunk(out: OutputStaging, index: int, table: pa.Table, fmt: str, iso: bool) -> None:
     """Write one chunk as ``part-<index>.<fmt>`` into the staging directory."""
     name = f"part-{index:05d}.{'jsonl' if fmt == 'json' else fmt}"
     if fmt != "parquet":
         table = table.set_column(1, "item_id", table["item_id"].cast(pa.string()))
+    if iso:
+        table = table.set_column(2, "timestamp", iso_times(table["timestamp"]))
     with out.open(name, "wb") as f:
         if fmt == "parquet":
             pq.write_table(table, f)
-        elif fmt == "csv":
-            pacsv.write_csv(table, f)
+        elif fmt == "csv":  # a plain header and unquoted values, as most exports have
+            f.write((",".join(table.column_names) + "\n").encode())
+            options = pacsv.WriteOptions(include_header=False, quoting_style="none")
+            pacsv.write_csv(table, f, options)
         else:
             f.write(table.to_pandas().to_json(orient="records", lines=True).encode())
 
 
-def write_log(url: str, spec: SynthSpec, fmt: str = "parquet") -> int:
+def write_log(url: str, spec: SynthSpec, fmt: str = "parquet", iso_time: bool = False) -> int:
     """Generate the log for ``spec`` into the directory ``url``; returns the events written."""
     spec = spec.resolved()
     written = 0
     with staged_output(url, "synthetic-events") as out:
         for index, table in enumerate(chunks(spec)):
-            write_chunk(out, index, table, fmt)
+            write_chunk(out, index, table, fmt, iso_time)
             written += table.num_rows
     return written
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``spark_jobs.synth`` (also ``mqsa-ted synth``)."""
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Writes: URL/part-NNNNN.<format> (one file per ~1M events) and URL/_COMPLETE. "
+        "Reads: nothing.",
+    )
+    p.add_argument("--out", required=True, help="output directory URL (any fsspec URL)")
+    p.add_argument("--events", type=int, required=True)
+    p.add_argument("--users", type=int, default=0, help="default: events / 20")
+    p.add_argument("--items", type=int, default=0, help="default: events / 100")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=KINDS, default="latent", help="what decides the next item")
+    p.add_argument("--format", choices=("parquet", "csv", "json"), default="parquet")
+    p.add_argument("--time", choices=("seconds", "iso"), default="seconds",
+                   help="timestamps as int64 epoch seconds or ISO-8601 strings")  # fmt: skip
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="output directory URL (any fsspec URL)")
-    parser.add_argument("--events", type=int, required=True)
-    parser.add_argument("--users", type=int, default=0, help="default: events / 20")
-    parser.add_argument("--items", type=int, default=0, help="default: events / 100")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=("parquet", "csv", "json"), default="parquet")
-    args = parser.parse_args(argv)
-    spec = SynthSpec(args.events, args.users, args.items, args.seed)
+    args = parser().parse_args(argv)
+    spec = SynthSpec(args.events, args.users, args.items, args.seed, args.kind)
     start = time.perf_counter()
     try:
-        written = write_log(args.out, spec, args.format)
+        written = write_log(args.out, spec, args.format, args.time == "iso")
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[synth] {written} events -> {args.out} in {time.perf_counter() - start:.1f}s")
+    print(
+        f"[synth] {written} {args.kind} events -> {args.out} in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 
