@@ -4,7 +4,9 @@
 #   ./launch.sh CONFIG [section.key=value ...]
 #
 # Environment (all optional):
-#   NPROC_PER_NODE  processes on this node (default: GPUs if any, else distributed.nproc_per_node or 2)
+#   NPROC_PER_NODE  processes on this node (default: the GPUs torch sees, else
+#                   distributed.nproc_per_node)
+#   DS_ACCELERATOR  cuda or cpu (default: cuda when torch sees a GPU; trainer.distributed decides)
 #   NNODES          number of nodes (default 1)
 #   NODE_RANK       this node's rank (default 0; under Slurm: $SLURM_NODEID)
 #   MASTER_ADDR / MASTER_PORT   rendezvous host and port, on node 0 (default 127.0.0.1:29500;
@@ -33,12 +35,13 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 fi
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-  GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-  if [ "${GPUS:-0}" -gt 0 ]; then
-    NPROC_PER_NODE=$GPUS
-  else
-    NPROC_PER_NODE=$CONFIG_NPROC
+  # One process per GPU that torch sees (what trainer.distributed.accelerator trains on), unless
+  # DS_ACCELERATOR=cpu; else the config's distributed.nproc_per_node.
+  GPUS=0
+  if [ "${DS_ACCELERATOR:-}" != cpu ]; then
+    GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
   fi
+  if [ "${GPUS:-0}" -gt 0 ]; then NPROC_PER_NODE=$GPUS; else NPROC_PER_NODE=$CONFIG_NPROC; fi
 fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -46,7 +49,6 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-$MASTER_ADDR:$MASTER_PORT}
 if [ "$NNODES" -gt 1 ]; then RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}; else RDZV_TIMEOUT=${RDZV_TIMEOUT:-60}; fi
-export DS_ACCELERATOR=${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # Node 0 hosts the rendezvous store when the endpoint is on this machine (the other nodes only

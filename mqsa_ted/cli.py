@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -146,11 +145,6 @@ def check_config(argv: list[str]) -> None:
         load_config(positional[0], positional[1:])
 
 
-def default_accelerator() -> str:
-    """DeepSpeed's accelerator, as ``launch.sh`` picks it: cuda where nvidia-smi exists."""
-    return "cuda" if shutil.which("nvidia-smi") else "cpu"
-
-
 def train(argv: list[str]) -> int:
     """``mqsa-ted train``: in this process, or under torchrun when more processes are asked."""
     parser = argparse.ArgumentParser(
@@ -190,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    quiet.install()
-    os.environ.setdefault("DS_ACCELERATOR", default_accelerator())
+    quiet.install()  # the accelerator is chosen by trainer.distributed.accelerator (torch)
     command = COMMANDS[name]
     try:
         if name == "train":

@@ -49,8 +49,9 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from core import quiet
 from core.collectives import distributed, host_group, world
-from core.config import Config, ConfigError, ModelConfig, config_hash, load_config
+from core.config import FAISS_KINDS, Config, ConfigError, ModelConfig, config_hash, load_config
 from core.errors import UserError
 from core.prepared import VOCAB, read_dataset, read_stats
 from core.storage import (
@@ -424,9 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dir")
     parser.add_argument("--out", help="export URL (default: export.out, else <RUN_DIR>/export)")
-    parser.add_argument("--faiss", choices=["auto", "flat", "ivf", "hnsw", "none"],
+    parser.add_argument("--faiss", choices=FAISS_KINDS,
                         help="index kind (default: export.faiss of the run's config)")  # fmt: skip
     args = parser.parse_args(argv)
+    quiet.install()  # the third-party warnings we understand (core/quiet.py), also under torchrun
     try:
         run_cfg = load_config(RunDir(args.run_dir).path("config.yaml")).export
         out = args.out or run_cfg.out or RunDir(args.run_dir).path("export")

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 
+from core import quiet
 from core.config import load_config
 from core.errors import UserError
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     args = parser.parse_args(argv)
     die_with_launcher()
+    quiet.install()  # the third-party warnings we understand (core/quiet.py)
     try:
         cfg = load_config(args.config, args.overrides)
     except UserError as e:
