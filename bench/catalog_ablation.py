@@ -26,6 +26,8 @@ VARIANTS = {
     "paper": ([], 1),
     "paper_torchrec": (["embeddings.backend=torchrec"], 2),
     "catalog": (CATALOG, 2),
+    # the union of 2 ranks' 1,024 draws: every rank scores the 2,048 shared candidates
+    "catalog_2048": ([*CATALOG, "loss.num_negatives=2048"], 2),
     "catalog_uniform": ([*CATALOG, "loss.sampler=uniform"], 2),
     "catalog_popularity": ([*CATALOG, "loss.sampler=popularity"], 2),
     "catalog_table_lr_0.1": ([*CATALOG, "embeddings.lr=0.1"], 2),

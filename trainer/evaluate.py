@@ -111,7 +111,7 @@ def count_higher(
     buffer = queries.new_empty(batch * (width + 1))
     for start in range(0, items.shape[0], width):
         chunk = items[start : start + width]  # [C, D]
-        scores = buffer[: batch * (chunk.shape[0] + 1)].view(batch, -1)  # [B, C + 1]
+        scores = buffer[: batch * (chunk.shape[0] + 1)].view(batch, chunk.shape[0] + 1)
         torch.mm(queries, chunk.T, out=scores[:, :-1])
         local = mask_items - (first_id + start)
         inside = (local >= 0) & (local < chunk.shape[0])
@@ -149,7 +149,7 @@ def encode_last(
     rows = table.rows(to_device(ids, device), ids)  # [U, D] (collective for a sharded table)
     rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
     index = to_device(index, device)
-    emb = rows[index[: inputs.numel()]].view(*inputs.shape, -1)  # [B, T, D]
+    emb = rows[index[: inputs.numel()]].view(*inputs.shape, rows.shape[1])  # [B, T, D]
     mask = to_device(inputs != pad, device)
     queries = encoder(emb, mask, last_only=True)[:, -1]  # [B, D]
     return queries, rows[index[inputs.numel() :]]
