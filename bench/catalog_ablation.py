@@ -28,6 +28,11 @@ VARIANTS = {
     "catalog": (CATALOG, 2),
     # the union of 2 ranks' 1,024 draws: every rank scores the 2,048 shared candidates
     "catalog_2048": ([*CATALOG, "loss.num_negatives=2048"], 2),
+    "catalog_global_batch": ([*CATALOG, "loss.sampler=global_batch"], 2),
+    "catalog_global_batch_2048": (
+        [*CATALOG, "loss.sampler=global_batch", "loss.num_negatives=2048"],
+        2,
+    ),
     "catalog_uniform": ([*CATALOG, "loss.sampler=uniform"], 2),
     "catalog_popularity": ([*CATALOG, "loss.sampler=popularity"], 2),
     "catalog_table_lr_0.1": ([*CATALOG, "embeddings.lr=0.1"], 2),

@@ -131,7 +131,7 @@ def test_log_q_is_log_expected_multiplicity():
     assert occurrences(targets, torch.tensor([3, 4, 5, 99])).tolist() == [3, 0, 1, 0]
 
 
-@pytest.mark.parametrize("kind", ["uniform", "popularity", "mixed", "in_batch"])
+@pytest.mark.parametrize("kind", ["uniform", "popularity", "mixed", "in_batch", "global_batch"])
 def test_corrected_sum_is_unbiased(kind):
     """E[sum_k exp(s_k - logQ_k)] = sum over the reachable items of exp(s_j)."""
     torch.manual_seed(0)

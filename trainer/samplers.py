@@ -12,6 +12,8 @@ position and every distillation head. ``log_q[k]`` is the log of the EXPECTED nu
 - ``mixed``: K/2 popularity draws plus K - K/2 in-batch draws; every candidate gets the
   mixture's expected count ``log(K1 p_j + K2 c_j / P)`` (balance-heuristic importance sampling),
   so the union still estimates the sum once, not twice.
+- ``global_batch``: every real target of the global batch once (the in-batch negatives of the
+  whole global batch, no draw) plus K popularity draws: ``log(K p_j + c_j)``.
 - ``all``: every item once, ``log_q = 0``: the exact full softmax (paper mode's candidate set).
 
 The sampler is data-side: the batch builder draws on the host, in the prefetching loader, and
@@ -84,7 +86,7 @@ class NegativeSampler:
         """
         if kind not in (*SAMPLERS, "all"):
             raise ValueError(f"unknown sampler {kind!r} (known: {', '.join(SAMPLERS)}, all)")
-        if kind in ("popularity", "mixed"):
+        if kind in ("popularity", "mixed", "global_batch"):
             if counts is None or counts.shape != (num_items,):
                 raise ValueError(f"sampler {kind!r} needs item counts of shape [{num_items}]")
             self.probs = counts.to(torch.float64) / counts.sum()  # [N]
@@ -100,14 +102,16 @@ class NegativeSampler:
         seeded with ``train.seed`` (identical on every rank)."""
         kind = cfg.loss.sampler
         counts = (
-            load_item_counts(cfg.data.dir, num_items) if kind in ("popularity", "mixed") else None
+            load_item_counts(cfg.data.dir, num_items)
+            if kind in ("popularity", "mixed", "global_batch")
+            else None
         )
         return cls(kind, num_items, cfg.loss.num_negatives, counts, seed=cfg.train.seed)
 
     @property
     def uses_targets(self) -> bool:
         """Whether the draws depend on the batch's targets (in-batch kinds)."""
-        return self.kind in ("in_batch", "mixed")
+        return self.kind in ("in_batch", "mixed", "global_batch")
 
     def generator(self, *stream: int) -> torch.Generator:
         """The generator of one step: seeded by ``(seed, *stream)`` (e.g. epoch, step)."""
@@ -145,6 +149,10 @@ class NegativeSampler:
         if self.kind == "popularity":
             ids = self.popular(k, gen)
             return Candidates(ids, (k * self.probs[ids]).log().float())
+        if self.kind == "global_batch":
+            ids = torch.cat([self.popular(k, gen), targets])
+            expected = k * self.probs[ids] + occurrences(targets, ids)
+            return Candidates(ids, expected.log().float())
         num_targets = max(targets.numel(), 1)
         if self.kind == "in_batch":
             ids = self._in_batch(targets, k, gen)
