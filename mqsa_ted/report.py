@@ -79,6 +79,22 @@ def lift_lines(model: dict[str, float], baselines: dict[str, dict[str, float]]) 
     return lines
 
 
+def run_warnings(metrics: dict, baselines: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """What the user should act on: the trainer's warnings (e.g. validation still improving at
+    the last epoch) and a model below a baseline on the test split."""
+    warnings = list(metrics.get("warnings") or [])
+    ours = metrics["test"][HEADLINE_METRIC]
+    for name, result in baselines.items():
+        theirs = result["test"][HEADLINE_METRIC]
+        if ours < theirs:
+            warnings.append(
+                f"MQSA-TED is below the baseline '{name}' ({ours:.4f} vs {theirs:.4f} test "
+                f"{HEADLINE_METRIC}): train longer (train.min_steps, train.epochs) or check that "
+                "the data has sequential structure the baseline cannot see"
+            )
+    return warnings
+
+
 def curves_figure(epochs: list[dict], baselines: dict[str, float]) -> plt.Figure:
     """Losses per epoch, and the selection metric (valid NDCG@20) per evaluated epoch with the
     best epoch marked and each baseline's valid NDCG@20 (``baselines``) as a horizontal line."""
@@ -180,6 +196,9 @@ def write_report(
         *lift_lines(metrics["test"], {name: result["test"] for name, result in baselines.items()}),
         "",
     ]
+    warnings = run_warnings(metrics, baselines)
+    if warnings:
+        lines += ["## Warnings", "", *(f"- {w}" for w in warnings), ""]
     lines += [
         "## Training curves",
         "",

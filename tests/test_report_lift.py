@@ -42,3 +42,15 @@ def test_plot_curves_writes_a_png(tmp_path):
     path = tmp_path / "curves.png"
     plot_curves(EPOCHS, str(path), {"last item": 0.25})
     assert mpimg.imread(path).shape[:2] == (400, 1100)  # 11 x 4 inches at 100 dpi
+
+
+def test_the_report_warns_when_under_a_baseline_or_still_improving():
+    from mqsa_ted.report import run_warnings
+
+    still = "valid NDCG@20 was still improving at the last epoch (6)"
+    metrics = {"test": {"NDCG@10": 0.30}, "warnings": [still]}
+    baselines = {"last item": {"test": {"NDCG@10": 0.40}}, "popular": {"test": {"NDCG@10": 0.1}}}
+    warnings = run_warnings(metrics, baselines)
+    assert warnings[0] == still
+    assert len(warnings) == 2 and "below the baseline 'last item' (0.3000 vs 0.4000" in warnings[1]
+    assert run_warnings({"test": {"NDCG@10": 0.5}}, baselines) == []
