@@ -19,11 +19,11 @@ import pyspark
 import pytest
 
 from core.config import load_config
-from core.prepared import dataset_files, read_stats
+from core.prepared import read_stats
 from spark_jobs.prepare import prepare
 from spark_jobs.progress import Progress
 from spark_jobs.synth import SynthSpec, write_log
-from tests.conftest import read_output
+from tests.prepared_compare import assert_same_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARK_CLASS = Path(pyspark.__file__).parent / "bin" / "spark-class"
@@ -141,12 +141,7 @@ def test_documented_spark_submit_on_a_standalone_cluster_matches_local_mode(
 
     cfg = load_config(str(job / CONFIG), [f"data.dir={tmp_path / 'local'}"])
     local_stats = prepare(cfg.data, spark, Progress(log=lambda line: None))
-    keys = {"vocab": ["index"], "sequences": ["user_id"], "transitions": ["src", "dst"]}
-    for name, key in keys.items():
-        assert len(dataset_files(str(out), name)) == len(dataset_files(cfg.data.dir, name))
-        got = read_output(str(out), name).sort_by([(k, "ascending") for k in key])
-        want = read_output(cfg.data.dir, name).sort_by([(k, "ascending") for k in key])
-        assert got.num_rows > 0 and got.equals(want), name
+    assert_same_datasets(str(out), cfg.data.dir)
     stats = read_stats(str(out))
     assert stats.pop("version") != local_stats.pop("version")
     assert stats == local_stats

@@ -39,7 +39,7 @@ from spark_jobs.io import route
 from spark_jobs.prepare import prepare
 from spark_jobs.progress import Progress
 from spark_jobs.synth import SynthSpec, write_log
-from tests.conftest import read_output
+from tests.prepared_compare import assert_same_datasets
 from tests.s3_server import S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,12 +158,8 @@ def test_prepare_on_s3_is_staged_through_the_driver_and_matches_local_mode(
     lines: list[str] = []
     local_stats = prepare(cfg, spark, Progress(log=lines.append))
     assert "[prepare] io: events=executors (local), dir=executors (local)" in lines
-    remote, local = f"{S3}/prepared", str(tmp_path / "prepared")
-    keys = {"vocab": ["index"], "sequences": ["user_id"], "transitions": ["src", "dst"]}
-    for name, key in keys.items():
-        got = read_output(remote, name).sort_by([(k, "ascending") for k in key])
-        want = read_output(local, name).sort_by([(k, "ascending") for k in key])
-        assert got.num_rows > 0 and got.equals(want), name
+    remote = f"{S3}/prepared"
+    assert_same_datasets(remote, str(tmp_path / "prepared"))
     differ = {"version", "source"}
     assert {k: v for k, v in read_stats(remote).items() if k not in differ} == {
         k: v for k, v in local_stats.items() if k not in differ
