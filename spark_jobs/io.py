@@ -1,9 +1,13 @@
 """URLs, staging and atomic commits for the data jobs, and readers for their outputs.
 
-Spark reads and writes local paths, ``file://`` and the Hadoop schemes (``hdfs://``,
-``s3a://``, ``gs://``, ``abfs(s)://``; ``s3://`` is rewritten to ``s3a://``) directly. Any
-other fsspec URL (``memory://`` in the tests, ``http(s)://``, ...) is copied to a local temporary
-directory for reading, and outputs are written locally and uploaded through fsspec.
+Which URLs Spark's executors read and write themselves, and which are staged through the driver
+(:func:`route`): local paths and ``file://`` always go straight to Spark; a Hadoop scheme
+(``hdfs://``, ``viewfs://``, ``s3a://``, ``gs://``, ``abfs(s)://``, ``wasb(s)://``; ``s3://`` and
+``s3n://`` are read as ``s3a://``, ``gcs://`` as ``gs://``) does too when the session's JVM has
+a Hadoop ``FileSystem`` for it (``s3a`` needs the hadoop-aws jars, ``gs`` the GCS connector:
+the pip ``pyspark`` ships neither). Everything else (``memory://`` in the tests, ``http(s)://``,
+``s3://`` without hadoop-aws, ...) is staged through the driver with fsspec: an input is copied
+to a local temporary directory, outputs are written locally and uploaded.
 
 Commit protocol of an output directory ``D``: the leftovers of dead runs on ``D`` are swept and
 the run takes a lock (:mod:`spark_jobs.ownership`); everything is written into a hidden sibling
@@ -24,23 +28,33 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from fsspec.utils import get_protocol
+from py4j.protocol import Py4JJavaError
 
 from core.prepared import COMPLETE_MARKER, is_data_file
 from core.storage import StorageError, full_url, url_to_fs
 from spark_jobs.errors import PrepareError
 from spark_jobs.ownership import OWNER_MARKER, RunLock, mark_owned, owned_kind, sweep
 
-SPARK_SCHEMES = {"file", "hdfs", "viewfs", "s3a", "gs", "abfs", "abfss", "wasb", "wasbs"}
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+LOCAL_SCHEMES = {"file", "local"}
+HADOOP_SCHEMES = {"hdfs", "viewfs", "s3a", "gs", "abfs", "abfss", "wasb", "wasbs"}
 SPARK_ALIASES = {"s3": "s3a", "s3n": "s3a", "gcs": "gs"}
 
 
-def spark_readable(url: str) -> bool:
-    """Whether Spark can read and write ``url`` itself (local or a Hadoop filesystem)."""
+def hadoop_scheme(url: str) -> str | None:
+    """The Hadoop scheme Spark would use for ``url`` (``file`` for a local path, ``s3a`` for
+    ``s3://``...), or None for a URL that only fsspec opens (``memory://``, ``http://``...)."""
     protocol = get_protocol(url)
-    return protocol in SPARK_SCHEMES or protocol in SPARK_ALIASES
+    if protocol in LOCAL_SCHEMES:
+        return "file"
+    protocol = SPARK_ALIASES.get(protocol, protocol)
+    return protocol if protocol in HADOOP_SCHEMES else None
 
 
 def to_spark_url(url: str) -> str:
@@ -49,6 +63,45 @@ def to_spark_url(url: str) -> str:
     if protocol in SPARK_ALIASES and url.startswith(protocol + "://"):
         return SPARK_ALIASES[protocol] + url[len(protocol) :]
     return url
+
+
+def spark_filesystem(spark: SparkSession, scheme: str) -> str | None:
+    """The class name of the Hadoop ``FileSystem`` the session's JVM has for ``scheme``
+    (``FileSystem.getFileSystemClass`` through the session's gateway), or None when it has none
+    (``s3a`` without the hadoop-aws jars, ``gs`` without the GCS connector)."""
+    context = spark.sparkContext
+    filesystem = context._jvm.org.apache.hadoop.fs.FileSystem
+    try:
+        found = filesystem.getFileSystemClass(scheme, context._jsc.hadoopConfiguration())
+    except Py4JJavaError:
+        return None
+    return str(found.getName())
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the job reaches a URL: ``spark_url`` is what the executors read and write, or None
+    when the data is staged through the driver; ``why`` is said in the progress line."""
+
+    spark_url: str | None
+    why: str
+
+    def __str__(self) -> str:
+        return f"{'executors' if self.spark_url else 'staged via the driver'} ({self.why})"
+
+
+def route(spark: SparkSession, url: str) -> Route:
+    """Whether Spark's executors reach ``url`` themselves (module docstring): a local path
+    always, a Hadoop scheme when the session has a ``FileSystem`` for it, nothing else."""
+    scheme = hadoop_scheme(url)
+    if scheme is None:
+        return Route(None, f"{get_protocol(url)}:// is no Hadoop filesystem")
+    if scheme == "file":
+        return Route(url, "local")
+    found = spark_filesystem(spark, scheme)
+    if found is None:
+        return Route(None, f"no Hadoop FileSystem for {scheme}:// on Spark's classpath")
+    return Route(to_spark_url(url), f"{scheme}:// by {found.rsplit('.', 1)[-1]}")
 
 
 def data_files(url: str) -> list[str]:
@@ -77,10 +130,12 @@ def total_size(url: str, files: list[str]) -> int:
 
 
 @contextmanager
-def staged_input(url: str) -> Iterator[str]:
-    """Yield a URL Spark can read for ``url``: itself, or a local copy kept while in use."""
-    if spark_readable(url):
-        yield to_spark_url(url)
+def staged_input(url: str, spark: SparkSession) -> Iterator[str]:
+    """Yield a URL the executors of ``spark`` read for ``url``: itself as Spark names it, or
+    (staged through the driver, see :func:`route`) a local copy kept while in use."""
+    direct = route(spark, url).spark_url
+    if direct is not None:
+        yield direct
         return
     fs, path = url_to_fs(url)
     local_root = tempfile.mkdtemp(prefix="mqsa-input-")
@@ -97,7 +152,8 @@ class OutputStaging:
 
     ``kind`` names what the directory holds (``prepared-data``, ``synthetic-events``): the
     staging directory carries the ownership marker of that kind, and an existing directory is
-    only replaced when it carries the same marker (or is empty).
+    only replaced when it carries the same marker (or is empty). Where the executors cannot
+    reach ``url`` (:func:`route`), Spark writes into a local directory uploaded on commit.
     """
 
     def __init__(self, url: str, kind: str) -> None:
@@ -122,8 +178,6 @@ class OutputStaging:
         self.lock.acquire()
         self.fs.makedirs(self.staging, exist_ok=True)
         mark_owned(full_url(self.fs, self.staging), self.kind)
-        if not spark_readable(self.url):
-            self.local = tempfile.mkdtemp(prefix="mqsa-output-")
 
     def _check_target(self) -> None:
         """Refuse to replace anything but an empty directory or one we wrote (our marker)."""
@@ -149,8 +203,12 @@ class OutputStaging:
             "if nothing in it is needed, or choose another output path (data.dir)"
         )
 
-    def spark_target(self, name: str) -> str:
-        """Where Spark writes the dataset ``name`` (a local directory for fsspec-only URLs)."""
+    def spark_target(self, name: str, spark: SparkSession) -> str:
+        """Where the executors of ``spark`` write the dataset ``name``: into the staging
+        directory, or, when the output is staged via the driver (:func:`route`), into a local
+        directory that :meth:`commit` uploads."""
+        if self.local is None and route(spark, self.url).spark_url is None:
+            self.local = tempfile.mkdtemp(prefix="mqsa-output-")
         if self.local is not None:
             return f"{self.local}/{name}"
         return to_spark_url(full_url(self.fs, f"{self.staging}/{name}"))
@@ -166,9 +224,14 @@ class OutputStaging:
             f.write("\n")
 
     def commit(self) -> None:
-        """Upload local parts, write ``_COMPLETE`` last, check the target once more (it may
-        have changed since the start), then rename the staging directory over it."""
+        """Upload local parts (without the ``.crc`` checksum files Hadoop writes next to local
+        files: the store keeps its own), write ``_COMPLETE`` last, check the target once more
+        (it may have changed since the start), then rename the staging directory over it."""
         if self.local is not None:
+            for folder, _, names in os.walk(self.local):
+                for name in names:
+                    if name.endswith(".crc"):
+                        os.remove(os.path.join(folder, name))
             for entry in sorted(os.listdir(self.local)):
                 self.fs.put(f"{self.local}/{entry}", f"{self.staging}/{entry}", recursive=True)
         self.write_json(COMPLETE_MARKER, {"committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ")})

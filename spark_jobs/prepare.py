@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import Any
 
 from py4j.protocol import Py4JError
@@ -46,7 +46,7 @@ from spark_jobs.incremental import (
     match_ids,
     read_base,
 )
-from spark_jobs.io import OutputStaging, staged_input, staged_output, total_size
+from spark_jobs.io import OutputStaging, route, staged_input, staged_output, total_size
 from spark_jobs.progress import Progress
 from spark_jobs.read import detect_format, list_input, read_events
 from spark_jobs.sequences import (
@@ -210,9 +210,9 @@ class Job:
         decayed plus the new pairs); returns the counts for stats.json."""
         cfg = self.cfg
         with self.progress.stage("write") as info:
-            write_parquet(vocab, out.spark_target("vocab"))
+            write_parquet(vocab, out.spark_target("vocab", self.spark))
             split = leave_one_out(seqs).coalesce(cfg.num_files)
-            write_parquet(split, out.spark_target("sequences"))
+            write_parquet(split, out.spark_target("sequences", self.spark))
             info.update(files=cfg.num_files)
         with self.progress.stage("transitions") as info:
             train = train_part(seqs, cfg.max_len if cfg.paper_mode else None)
@@ -221,7 +221,7 @@ class Job:
                 edges = add_decayed(base, edges, cfg.transition_decay)
             if cfg.top_k_successors > 0:
                 edges = top_successors(edges, cfg.top_k_successors)
-            target = out.spark_target("transitions")
+            target = out.spark_target("transitions", self.spark)
             write_parquet(edges, target)
             num_edges = self.spark.read.parquet(target).count()
             info.update(edges=num_edges, time_span=cfg.time_span, paper_mode=cfg.paper_mode)
@@ -284,14 +284,12 @@ def prepare(
     files = list_input(cfg.events)
     fmt = detect_format(cfg.events, cfg.format, files)
     base = base_stats(cfg) if cfg.base_dir else None
-    base_input = staged_input(cfg.base_dir) if base is not None else nullcontext(None)
-    with (
-        staged_output(cfg.dir, PREPARED_DATA) as out,
-        staged_input(cfg.events) as spark_url,
-        base_input as base_url,
-    ):
+    with staged_output(cfg.dir, PREPARED_DATA) as out, ExitStack() as inputs:
         progress.note("output", dir=cfg.dir, **out.swept)
         spark = spark or build_session(cfg.spark_master)
+        progress.note("io", events=route(spark, cfg.events), dir=route(spark, cfg.dir))
+        spark_url = inputs.enter_context(staged_input(cfg.events, spark))
+        base_url = None if base is None else inputs.enter_context(staged_input(cfg.base_dir, spark))
         set_shuffle_partitions(spark, total_size(cfg.events, files) if files else None)
         job = Job(cfg, spark, progress)
         try:

@@ -7,7 +7,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from spark_jobs.errors import PrepareError, root_cause
-from spark_jobs.io import data_files, has_backend, spark_readable
+from spark_jobs.io import data_files, hadoop_scheme, has_backend
 
 EXTENSIONS = {
     ".parquet": "parquet",
@@ -51,8 +51,8 @@ def list_input(url: str) -> list[str] | None:
 
     Raises :class:`PrepareError` if the input does not exist or holds no data.
     """
-    if spark_readable(url) and not has_backend(url):
-        return None  # e.g. s3a:// without s3fs installed: Spark lists it itself
+    if hadoop_scheme(url) is not None and not has_backend(url):
+        return None  # e.g. s3a:// without s3fs installed: Spark lists it itself (if it can)
     files = data_files(url)
     if not files:
         raise PrepareError(f"input is empty: {url} holds no data files")

@@ -438,7 +438,8 @@ def load_best_table(run_dir: str, table) -> str:
     done = sorted(p for p in fs.glob(f"{root}/{BEST_TABLE}*") if fs.exists(f"{p}/{COMPLETE}"))
     if not done:
         raise CheckpointError(f"{run_dir} holds no complete {BEST_TABLE}* snapshot")
+    latest = full_url(fs, done[-1])  # a URL: DCP reads a bare "bucket/path" as a local path
     state = {"table": table.state_dict()}
-    dcp.load(state, checkpoint_id=done[-1])
+    dcp.load(state, checkpoint_id=latest)
     table.load_state_dict(state["table"])
-    return done[-1]
+    return latest
