@@ -5,8 +5,10 @@
 
 Each variant is one real training run (``trainer.train``; TorchRec variants on 2 processes under
 torchrun, one thread each; dense ones in 1 process, 2 threads) on the same prepared data; runs
-whose ``metrics.json`` exists are read, not rerun. Prints test NDCG@10 / HR@10 at the best
-validation epoch and the ratio against paper mode, with the command of each run.
+that trained all epochs are read, not rerun; an interrupted one resumes from its newest
+checkpoint (``train.resume=auto``: the same figures as an uninterrupted run). Prints test
+NDCG@10 / HR@10 at the best validation epoch and the ratio against paper mode, with the command
+of each run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ def command(config: str, data: str, run_dir: Path, epochs: int, overrides: list[
             "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", *args]  # fmt: skip
 
 
+def finished(run_dir: Path, epochs: int) -> bool:
+    """Whether ``run_dir`` holds a run that trained all ``epochs`` (``train.patience=0``)."""
+    path = run_dir / "metrics.json"
+    return path.exists() and len(json.loads(path.read_text()).get("epochs", [])) == epochs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/beauty.yaml")
@@ -69,9 +77,9 @@ def main() -> None:
         run_dir = Path(args.out) / name
         cmd = command(args.config, args.data, run_dir, args.epochs, [*overrides, *args.set],
                       world)  # fmt: skip
-        if not (run_dir / "metrics.json").exists() or not json.loads(
-            (run_dir / "metrics.json").read_text()
-        ).get("test"):
+        if not finished(run_dir, args.epochs):
+            if (run_dir / "checkpoints").exists():  # an interrupted run goes on where it stopped
+                cmd.append("train.resume=auto")
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if proc.returncode != 0:

@@ -56,9 +56,9 @@ def train_and_export(data: Path, run_dir: Path, export: Path, *extra: str) -> No
 def test_day_two_keeps_ids_and_lists_what_it_added(spark, tmp_path):
     rng = np.random.default_rng(3)
     day1, day2 = tmp_path / "day1.parquet", tmp_path / "day2.parquet"
-    first = events(rng, range(150), 60, 0)
-    pq.write_table(first, day1)  # 60 items; day two: 20 more items and new events for everyone
-    pq.write_table(pa.concat_tables([first, events(rng, range(100, 220), 80, 100)]), day2)
+    pq.write_table(events(rng, range(150), 60, 0), day1)  # 60 items
+    # day two holds only the new events: 20 more items, old users continuing and new users
+    pq.write_table(events(rng, range(100, 220), 80, 100), day2)
     quiet = Progress(log=lambda line: None)
     one = prepare(DataConfig(events=str(day1), dir=str(tmp_path / "v1"), max_len=12), spark, quiet)
     two = prepare(DataConfig(events=str(day2), dir=str(tmp_path / "v2"), max_len=12,
