@@ -22,9 +22,10 @@ removed (counted), so every later day brings new items. Then, with real jobs (``
   training from random weights.
 
 Prints one row per run (events, new items, prepare and train seconds, test NDCG@10 at the best
-validation epoch) and the last day's warm start against the scratch retrain: the NDCG@10 ratio
-and the wall-time ratios (training alone; prepare + training). Trailing ``section.key=value``
-overrides apply to every prepare and training run.
+validation epoch, the machine's 5-minute load average when it ended) and the last day's warm
+start against the scratch retrain: the NDCG@10 ratio and the wall-time ratios (training alone;
+prepare + training). Trailing ``section.key=value`` overrides apply to every prepare and
+training run.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def stage(name: str, events: Path, base: Path | None, init_from: Path | None, ep
         "new_items": stats.get("new_items", stats["items"]), "epochs_run": len(metrics["epochs"]),
         "prepare_s": round(prep_s, 1), "train_s": round(train_s, 1),
         METRIC: metrics["test"][METRIC], "best_epoch": metrics["best_epoch"],
+        "load_after": round(os.getloadavg()[1], 1),  # 5-minute load: other jobs on the machine
     }  # fmt: skip
     print(json.dumps(row), flush=True)
     return row
