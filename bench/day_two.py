@@ -22,10 +22,10 @@ removed (counted), so every later day brings new items. Then, with real jobs (``
   training from random weights.
 
 Prints one row per run (events, new items, prepare and train seconds, test NDCG@10 at the best
-validation epoch, the machine's 5-minute load average when it ended) and the last day's warm
-start against the scratch retrain: the NDCG@10 ratio and the wall-time ratios (training alone;
-prepare + training). Trailing ``section.key=value`` overrides apply to every prepare and
-training run.
+validation epoch, training CPU seconds, the machine's 5-minute load average when it ended) and
+the last day's warm start against the scratch retrain: the NDCG@10 ratio and the time ratios
+(training wall and CPU time; prepare + training). Trailing ``section.key=value`` overrides
+apply to every prepare and training run.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -88,15 +89,18 @@ def split_days(table: pa.Table, days: list[float], launch: float, seed: int) -> 
     return [table.filter(pa.array(keep & (day == d))) for d in range(len(days))]
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` from the repository root, output to ``log``; its wall seconds."""
-    start = time.perf_counter()
+def run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run ``cmd`` from the repository root, output to ``log``; its wall seconds and the CPU
+    seconds (user + system) of it and its children (less sensitive to other jobs' load)."""
+    start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as out:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     if proc.returncode:
         raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(cmd)}; see {log}")
-    return time.perf_counter() - start
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = now.ru_utime - used.ru_utime + now.ru_stime - used.ru_stime
+    return time.perf_counter() - start, cpu
 
 
 def stage(name: str, events: Path, base: Path | None, init_from: Path | None, epochs: int,
@@ -111,14 +115,17 @@ def stage(name: str, events: Path, base: Path | None, init_from: Path | None, ep
     if init_from:
         train += [f"train.init_from={init_from}", "train.min_steps=0"]
     py, logs = sys.executable, workdir / name
-    prep_s = run([py, "-m", "spark_jobs.prepare", args.config, *prepare], logs / "prepare.log")
-    train_s = run([py, "-m", "mqsa_ted.cli", "train", args.config, *train], logs / "train.log")
+    prep_s, prep_cpu = run([py, "-m", "spark_jobs.prepare", args.config, *prepare],
+                           logs / "prepare.log")  # fmt: skip
+    train_s, train_cpu = run([py, "-m", "mqsa_ted.cli", "train", args.config, *train],
+                             logs / "train.log")  # fmt: skip
     stats = json.loads((data / "stats.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     row = {
         "run": name, "users": stats["users"], "items": stats["items"],
         "new_items": stats.get("new_items", stats["items"]), "epochs_run": len(metrics["epochs"]),
         "prepare_s": round(prep_s, 1), "train_s": round(train_s, 1),
+        "prepare_cpu_s": round(prep_cpu, 1), "train_cpu_s": round(train_cpu, 1),
         METRIC: metrics["test"][METRIC], "best_epoch": metrics["best_epoch"],
         "load_after": round(os.getloadavg()[1], 1),  # 5-minute load: other jobs on the machine
     }  # fmt: skip
@@ -173,22 +180,25 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [*rows, scratch],
         "ndcg_ratio": warm[METRIC] / scratch[METRIC],
         "train_time_ratio": warm["train_s"] / scratch["train_s"],
+        "train_cpu_ratio": warm["train_cpu_s"] / scratch["train_cpu_s"],
         "total_time_ratio": (warm["prepare_s"] + warm["train_s"])
         / (scratch["prepare_s"] + scratch["train_s"]),
     }
     (workdir / "results.json").write_text(json.dumps(summary, indent=2))
     print(
         "\n| run | users | items | new items | epochs | prepare (s) | train (s) | test "
-        f"{METRIC} |\n|---|---|---|---|---|---|---|---|"
+        f"{METRIC} | train CPU (s) | load |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in summary["rows"]:
         print(
             f"| {r['run']} | {r['users']} | {r['items']} | {r['new_items']} | {r['epochs_run']}"
-            f" | {r['prepare_s']:.0f} | {r['train_s']:.0f} | {r[METRIC]:.4f} |"
+            f" | {r['prepare_s']:.0f} | {r['train_s']:.0f} | {r[METRIC]:.4f}"
+            f" | {r['train_cpu_s']:.0f} | {r['load_after']} |"
         )
     print(
         f"\n{warm['run']} (warm start) / scratch: {METRIC} {summary['ndcg_ratio']:.1%}, "
-        f"training time {summary['train_time_ratio']:.1%}, prepare + training "
+        f"training time {summary['train_time_ratio']:.1%} (CPU time "
+        f"{summary['train_cpu_ratio']:.1%}), prepare + training "
         f"{summary['total_time_ratio']:.1%}"
     )
     return 0
