@@ -38,6 +38,13 @@ step() {  # step NAME COMMAND [noisy]: run COMMAND (a shell line) in the clone, 
 
 exists() { for path in "$@"; do [ -e "$CLONE/$path" ] || fail "missing $path"; done; }
 
+exported() {  # exported EXPORT_DIR: CURRENT names a version holding a manifest and the encoder
+  local current="$CLONE/$1/CURRENT" version
+  [ -f "$current" ] || fail "missing $1/CURRENT"
+  version=$(sed -n 's/.*"version": *"\([^"]*\)".*/\1/p' "$current")
+  exists "$1/versions/$version/manifest.json" "$1/versions/$version/user_encoder.pt"
+}
+
 readme_block() {  # the README's ```bash block that contains $1, one command per line
   awk -v want="$1" '
     /^```bash$/ { inside = 1; block = ""; next }
@@ -54,7 +61,8 @@ step "set-up" "bash scripts/setup.sh" noisy  # pip's and setuptools' output: not
 MAIN=$(readme_block "scripts/main.sh")
 [ "$MAIN" = "bash scripts/main.sh" ] || fail "README's main-job block is '$MAIN'"
 step "main job" "$MAIN"
-exists runs/demo/report.md runs/demo/curves.png runs/demo/export/manifest.json
+exists runs/demo/report.md runs/demo/curves.png
+exported runs/demo/export
 LIFT=$(grep -E "\(the best baseline\)" "$CLONE/runs/demo/report.md") || fail "no lift in report"
 echo "    $LIFT"
 
@@ -71,7 +79,7 @@ while IFS= read -r line; do
   case "$name" in
     prepare) exists data/example/prepared/_COMPLETE data/example/prepared/stats.json ;;
     train) exists runs/example/metrics.json runs/example/model.pt ;;
-    export) exists runs/example/export/manifest.json runs/example/export/user_encoder.pt2 ;;
+    export) exported runs/example/export ;;
     recommend) [ "$(grep -cE '^ +[0-9]+  i[0-9]+ ' "$LOGS"/*recommend*.log)" = 10 ] \
                  || fail "recommend did not print 10 items" ;;
     report) exists runs/example/report.md runs/example/curves.png ;;
