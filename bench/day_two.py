@@ -43,6 +43,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.prepared import read_stats
+
 ROOT = Path(__file__).resolve().parents[1]
 METRIC = "NDCG@10"
 
@@ -119,7 +121,7 @@ def stage(name: str, events: Path, base: Path | None, init_from: Path | None, ep
                            logs / "prepare.log")  # fmt: skip
     train_s, train_cpu = run([py, "-m", "mqsa_ted.cli", "train", args.config, *train],
                              logs / "train.log")  # fmt: skip
-    stats = json.loads((data / "stats.json").read_text())
+    stats = read_stats(str(data))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     row = {
         "run": name, "users": stats["users"], "items": stats["items"],
