@@ -3,6 +3,7 @@
 import torch
 
 from core.config import ModelConfig
+from trainer.batches import length_groups
 from trainer.model import MQSAEncoder, window_mean
 
 
@@ -55,3 +56,26 @@ def test_last_only_equals_the_last_row_of_the_full_pass():
     last = enc(items * mask.unsqueeze(-1), mask, last_only=True)
     assert last.shape == (3, 1, 8)
     torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
+def test_length_groups_give_every_real_slot_the_whole_batch_output():
+    """The encoder over length groups (what the step and evaluation run) equals one pass over
+    the whole batch at every real slot, for any number of groups, and the positions map back."""
+    enc = _encoder(num_blocks=2)
+    torch.manual_seed(3)
+    lengths = torch.tensor([1, 7, 2, 5, 3, 7, 1, 4])
+    width = 7
+    mask = torch.arange(width).unsqueeze(0) >= (width - lengths).unsqueeze(1)  # right-aligned
+    items = torch.randn(8, width, 8) * mask.unsqueeze(-1)
+    full = enc(items, mask).flatten(0, 1)
+    positions = mask.flatten().nonzero().squeeze(1)  # [P] flat b * T + t
+    for groups in (1, 2, 3, 8, 20):
+        order = length_groups(mask, groups)
+        assert len(order.shapes) == min(groups, 8)
+        assert sum(b * t for b, t in order.shapes) < mask.numel() or groups == 1
+        hidden = enc.forward_groups(items, mask, order.rows, order.shapes)
+        got = hidden.index_select(0, order.positions(positions, width))
+        torch.testing.assert_close(got, full.index_select(0, positions), rtol=1e-5, atol=1e-6)
+        last = enc.forward_groups(items, mask, order.rows, order.shapes, last_only=True)
+        torch.testing.assert_close(last[order.rows.argsort()], enc(items, mask)[:, -1],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip

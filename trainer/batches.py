@@ -8,7 +8,13 @@ a size (no ``nonzero``, ``unique`` or boolean-mask indexing in the step).
 
 Shapes: ``B`` users (this rank's share of the global batch), ``T`` slots (the longest
 sequence of the batch), ``P`` real positions (= TED heads), ``K`` candidates, ``E`` teacher
-edges of the heads, ``U`` distinct item rows the step reads.
+edges of the heads, ``U`` distinct item rows the step reads, ``S`` slots the encoder runs
+(the sum over length groups of ``B_g x T_g``).
+
+Length groups: most users are much shorter than the longest user of their batch, so the
+encoder runs on the batch's users sorted by length in a few groups, each trimmed to its own
+longest user (:func:`length_groups`): the same outputs at the real slots (padding never reaches
+them), a fraction of the slots (Beauty: 2,400-3,600 instead of 11,500 per batch of 256).
 """
 
 from __future__ import annotations
@@ -48,8 +54,12 @@ class StepBatch:
         succ_row: ``[E]`` index into ``rows`` of each edge's successor.
         hit_head, hit_cand: ``[A]`` int64: candidate ``hit_cand`` is a successor of head
             ``hit_head`` (catalogue TED counts it exactly, not as a sample).
+        group_rows: ``[B]`` int64 the users in encoder order (by length, group after group).
+        grouped_positions: ``[P]`` int64 index of each real position in the encoder's output
+            ``[S, D]`` (see :func:`length_groups`).
         host_rows: ``rows`` kept on the host (a sharded table's bookkeeping reads it there);
             not moved by ``to``.
+        group_shapes: ``((B_g, T_g), ...)`` host ints: users and slots of each length group.
     """
 
     inputs: torch.Tensor
@@ -67,15 +77,16 @@ class StepBatch:
     succ_row: torch.Tensor
     hit_head: torch.Tensor
     hit_cand: torch.Tensor
+    group_rows: torch.Tensor
+    grouped_positions: torch.Tensor
     host_rows: torch.Tensor
+    group_shapes: tuple[tuple[int, int], ...]
 
     def _map(self, fn) -> StepBatch:
-        moved = {
-            f.name: fn(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name != "host_rows"
-        }
-        return StepBatch(**moved, host_rows=self.host_rows)
+        host = ("host_rows", "group_shapes")
+        moved = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                 if f.name not in host}  # fmt: skip
+        return StepBatch(**moved, host_rows=self.host_rows, group_shapes=self.group_shapes)
 
     def pin_memory(self) -> StepBatch:
         """Page-locked host copies, so the device copy can be asynchronous."""
@@ -104,6 +115,44 @@ def accidental_hits(
     return edge_head[edge], order[start[edge] + within]
 
 
+@dataclass
+class LengthGroups:
+    """Users of a right-aligned ``[B, T]`` batch in encoder order (host).
+
+    Attributes:
+        rows: ``[B]`` user indices sorted by length, group after group.
+        shapes: ``((B_g, T_g), ...)`` each group's users and its longest user's length.
+        slot_base: ``[B]`` int64 such that slot ``t`` of user ``b`` is row
+            ``slot_base[b] + t`` of the encoder's output ``[S, D]`` (for ``t >= T - T_g``).
+    """
+
+    rows: torch.Tensor
+    shapes: tuple[tuple[int, int], ...]
+    slot_base: torch.Tensor
+
+    def positions(self, flat: torch.Tensor, width: int) -> torch.Tensor:
+        """``[P]`` output rows of the flat slot indices ``b * width + t``."""
+        return self.slot_base[flat // width] + flat % width
+
+
+def length_groups(mask: torch.Tensor, groups: int) -> LengthGroups:
+    """Split the users of a host ``mask [B, T]`` (True at real slots, right-aligned) into at
+    most ``groups`` groups of consecutive lengths (equal counts)."""
+    batch, width = mask.shape
+    lengths = mask.sum(1)
+    order = lengths.argsort(stable=True)
+    slot_base = torch.zeros(batch, dtype=torch.int64)
+    shapes, offset = [], 0
+    for part in order.tensor_split(max(1, min(groups, batch))):
+        if part.numel() == 0:
+            continue
+        length = max(1, int(lengths[part].max()))
+        slot_base[part] = offset + torch.arange(part.numel()) * length - (width - length)
+        shapes.append((part.numel(), length))
+        offset += part.numel() * length
+    return LengthGroups(order, tuple(shapes) or ((0, 1),), slot_base)  # no users: one empty
+
+
 def trim(seqs: torch.Tensor, pad: int) -> torch.Tensor:
     """Drop the leading all-padding columns of a right-aligned host ``[B, M]`` matrix (keeps at
     least one column)."""
@@ -125,10 +174,12 @@ class BatchBuilder:
         num_items: int,
         teacher: SparseTeacher | None = None,
         sampler: NegativeSampler | None = None,
+        groups: int = 1,
     ) -> None:
         self.pad = num_items
         self.teacher = teacher
         self.sampler = sampler
+        self.groups = groups
 
     def __call__(self, train: torch.Tensor, epoch: int = 0, step: int = 0) -> StepBatch:
         """The batch of cut train sequences ``train [B, M]`` at ``(epoch, step)`` (seeds the
@@ -161,6 +212,7 @@ class BatchBuilder:
         index = torch.full_like(flat, rows.numel())
         index[real] = inverse
         inputs_row, targets_row, cand_row, succ_row = index.split([g.numel() for g in groups])
+        encoder_groups = length_groups(inputs != pad, self.groups)
         return StepBatch(
             inputs=inputs,
             positions=positions,
@@ -177,5 +229,8 @@ class BatchBuilder:
             succ_row=succ_row,
             hit_head=hit_head,
             hit_cand=hit_cand,
+            group_rows=encoder_groups.rows,
+            grouped_positions=encoder_groups.positions(positions, inputs.shape[1]),
             host_rows=rows,
+            group_shapes=encoder_groups.shapes,
         )

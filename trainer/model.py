@@ -157,3 +157,31 @@ class MQSAEncoder(nn.Module):
         h_short = self.short_norm(h_short)
         h_long = self.long_norm(h_long)
         return self.alpha * h_short + (1.0 - self.alpha) * h_long
+
+    def forward_groups(
+        self,
+        item_emb: torch.Tensor,
+        mask: torch.Tensor,
+        rows: torch.Tensor,
+        shapes: tuple[tuple[int, int], ...],
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """The encoder over length groups of the batch (``trainer.batches.length_groups``):
+        each group's users, trimmed to its longest user, in one pass. Real slots get exactly
+        what :meth:`forward` gives them on the whole batch (padding never reaches a real slot).
+
+        Args:
+            item_emb: ``[B, T, D]``; mask: ``[B, T]`` as in :meth:`forward`.
+            rows: ``[B]`` the users in group order; shapes: ``(B_g, T_g)`` per group (host).
+        Returns:
+            ``[S, D]`` every group's slots, group after group (``S = sum B_g * T_g``), or with
+            ``last_only`` ``[B, D]`` each user's newest slot, in ``rows`` order.
+        """
+        width, parts, start = item_emb.shape[1], [], 0
+        for count, length in shapes:
+            users = rows[start : start + count]
+            start += count
+            emb = item_emb.index_select(0, users)[:, width - length :]  # [B_g, T_g, D]
+            hidden = self(emb, mask.index_select(0, users)[:, width - length :], last_only)
+            parts.append(hidden.flatten(0, 1))  # [B_g * T_g, D] (last_only: [B_g, D])
+        return torch.cat(parts)

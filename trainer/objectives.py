@@ -59,8 +59,9 @@ class Objective(nn.Module):
         rows = self.table.rows(batch.rows, batch.host_rows)  # [U, D]
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # [U + 1, D]
         emb = rows[batch.inputs_row]  # [B, T, D]
-        hidden = self.encoder(emb, batch.mask)  # [B, T, D]
-        queries = hidden.flatten(0, 1).index_select(0, batch.positions)  # [P, D]
+        groups = (batch.group_rows, batch.group_shapes)
+        hidden = self.encoder.forward_groups(emb, batch.mask, *groups)  # [S, D]
+        queries = hidden.index_select(0, batch.grouped_positions)  # [P, D]
         heads_emb = emb.flatten(0, 1).index_select(0, batch.positions)  # [P, D]
         scale = math.sqrt(self.model_cfg.dim)
         student = dropout(heads_emb * scale, self.model_cfg.dropout, self.training)

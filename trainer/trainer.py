@@ -133,7 +133,7 @@ class Trainer:
         train = self.cfg.train
         result = evaluate(
             self.model.encoder, self.table, self.users, train.eval_batch_size, show,
-            train.eval_protocol,
+            train.eval_protocol, train.length_groups,
         )  # fmt: skip
         result["eval_seconds"] = time.perf_counter() - start
         return result
