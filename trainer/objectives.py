@@ -58,7 +58,9 @@ class Objective(nn.Module):
         each head (``dropout(E[head] * sqrt(d))``)."""
         rows = self.table.rows(batch.rows, batch.host_rows)  # [U, D]
         rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # [U + 1, D]
-        emb = rows[batch.inputs_row]  # [B, T, D]
+        # index_select, not rows[index]: its backward is an index_add, ~10x faster on CPU than
+        # the accumulating index_put of advanced indexing
+        emb = rows.index_select(0, batch.inputs_row.flatten()).view(*batch.inputs_row.shape, -1)
         groups = (batch.group_rows, batch.group_shapes)
         hidden = self.encoder.forward_groups(emb, batch.mask, *groups)  # [S, D]
         queries = hidden.index_select(0, batch.grouped_positions)  # [P, D]
@@ -74,7 +76,7 @@ class Objective(nn.Module):
             base=self.teacher.base[heads],
             head_index=batch.edge_head,
             excess=self.teacher.excess[batch.edge],
-            succ_emb=rows[batch.succ_row],
+            succ_emb=rows.index_select(0, batch.succ_row),
         )
 
     @staticmethod
@@ -99,7 +101,9 @@ class PaperObjective(Objective):
         rows, queries, student = self.encode(batch)
         items = self.table.all_items()  # [N, D]
         chunk, bf16 = self.train_cfg.score_chunk, self.train_cfg.bf16
-        rec = full_softmax_rec_loss(queries, rows[batch.targets_row], items, norm, chunk, bf16)
+        rec = full_softmax_rec_loss(
+            queries, rows.index_select(0, batch.targets_row), items, norm, chunk, bf16
+        )
         if not self.use_kd:
             return self.total(rec, None)
         teacher = self.teacher_rows(batch, rows)
@@ -114,11 +118,11 @@ class CatalogObjective(Objective):
     def forward(self, batch: StepBatch) -> LossTerms:
         norm = self.normaliser(batch)
         rows, queries, student = self.encode(batch)
-        cand_emb = rows[batch.cand_row]  # [K, D]
+        cand_emb = rows.index_select(0, batch.cand_row)  # [K, D]
+        target_emb = rows.index_select(0, batch.targets_row)  # [P, D]
         rec = sampled_rec_loss(
-            queries, batch.targets, rows[batch.targets_row], batch.cand_ids, batch.cand_log_q,
-            cand_emb, norm,
-        )  # fmt: skip
+            queries, batch.targets, target_emb, batch.cand_ids, batch.cand_log_q, cand_emb, norm
+        )
         if not self.use_kd:
             return self.total(rec, None)
         teacher = self.teacher_rows(batch, rows)

@@ -2,8 +2,10 @@
 the device, while the current step runs.
 
 On a GPU each batch is pinned on the reader thread and copied on a side CUDA stream; the step
-waits for its copy on the device (an event), never on the host. On the host the thread only
-overlaps reading and building with the step.
+waits for its copy on the device (an event), never on the host. When the host itself runs the
+step there is no thread: building is ~2% of a step there, and a second thread's torch ops
+competing with the step's cost 25% of a Beauty epoch on the 2-core CPU (16.6 s against 13.3 s
+inline, measured side by side in one process).
 """
 
 from __future__ import annotations
@@ -72,13 +74,12 @@ def prefetched(
     device: torch.device,
     depth: int = 2,
 ) -> Iterator[StepBatch]:
-    """The batches ``build(item)`` of ``items`` on ``device``, the next one always read, built
-    and (on a GPU) copied while the current one is in use."""
-    cuda = device.type == "cuda"
-    host = _host_batches(items, build, pin=cuda, depth=depth)
-    if not cuda:
-        yield from (b.to(device) for b in host)
+    """The batches ``build(item)`` of ``items`` on ``device``: on a GPU the next one is always
+    read, built and copied while the current one is in use; elsewhere built when asked for."""
+    if device.type != "cuda":  # the host runs the step: a reader thread would only compete
+        yield from (build(item).to(device) for item in items)
         return
+    host = _host_batches(items, build, pin=True, depth=depth)
     copy_stream = torch.cuda.Stream(device)
 
     def start_copy(batch: StepBatch) -> tuple[StepBatch, torch.cuda.Event]:
@@ -104,6 +105,6 @@ def _ready(batch: StepBatch, done: torch.cuda.Event) -> StepBatch:
     stream = torch.cuda.current_stream(batch.inputs.device)
     stream.wait_event(done)
     for value in vars(batch).values():
-        if value.is_cuda:
+        if isinstance(value, torch.Tensor) and value.is_cuda:
             value.record_stream(stream)
     return batch
