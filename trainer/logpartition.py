@@ -13,8 +13,11 @@ multi-megabyte allocation is paid for in page faults on every step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)  # scores are made in base 2: exp2 is cheap
 _WORKSPACE: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -43,22 +46,23 @@ class _WeightedLogPartition(torch.autograd.Function):
         grad_q = torch.empty_like(queries, dtype=torch.float32) if needs_grad else None
         grad_t = torch.zeros_like(table, dtype=torch.float32) if needs_grad else None
         for start in range(0, queries.shape[0], chunk):
-            q_mm = queries[start : start + chunk].detach().to(mm_dtype)  # [C, D]
+            q = queries[start : start + chunk].detach()  # [C, D]
+            q_mm = q.to(mm_dtype)
             w = row_weights[start : start + chunk].unsqueeze(1)  # [C, 1]
             rows = q_mm.shape[0]
             raw = _buffer("raw", rows, num_items, mm_dtype, device)
-            torch.mm(q_mm, table_t, out=raw)  # [C, N]
+            torch.mm((q * LOG2E).to(mm_dtype), table_t, out=raw)  # [C, N] scores / ln 2
             scores = raw if not bf16 else _buffer("f32", rows, num_items, torch.float32, device)
             if bf16:
                 scores.copy_(raw)
             row_max = scores.amax(dim=1, keepdim=True)  # [C, 1]
             if zero_column:
                 row_max.clamp_(min=0.0)
-            scores.sub_(row_max).exp_()
+            scores.sub_(row_max).exp2_()  # = exp(score - max): exp2 is ~10x faster on CPU
             row_sum = scores.sum(dim=1, keepdim=True)  # [C, 1]
             if zero_column:  # the extra logit 0; its row is zero, so it adds nothing to grads
-                row_sum += (-row_max).exp()
-            total += (w * (row_sum.log() + row_max)).sum().double()
+                row_sum += (-row_max).exp2()
+            total += (w * (row_sum.log() + row_max * LN2)).sum().double()
             if needs_grad:
                 scores.mul_(w / row_sum)  # w * softmax
                 probs = scores if not bf16 else raw.copy_(scores)  # [C, N]
