@@ -189,7 +189,8 @@ class BatchBuilder:
         shifted[:, 1:] = train[:, :-1]
         inputs = trim(shifted, pad)  # [B, T]
         targets_full = train[:, train.shape[1] - inputs.shape[1] :]  # [B, T]
-        positions = (inputs != pad).flatten().nonzero().squeeze(1)  # [P]
+        real_slots = inputs != pad  # [B, T]
+        positions = real_slots.flatten().nonzero().squeeze(1)  # [P]
         targets = targets_full.flatten()[positions]  # [P]
         heads = inputs.flatten()[positions]  # [P]
         empty = torch.zeros(0, dtype=torch.int64)
@@ -212,7 +213,7 @@ class BatchBuilder:
         index = torch.full_like(flat, rows.numel())
         index[real] = inverse
         inputs_row, targets_row, cand_row, succ_row = index.split([g.numel() for g in groups])
-        encoder_groups = length_groups(inputs != pad, self.groups)
+        encoder_groups = length_groups(real_slots, self.groups)
         return StepBatch(
             inputs=inputs,
             positions=positions,

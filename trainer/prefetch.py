@@ -29,9 +29,10 @@ class _Failure:
 
 
 def _host_batches(
-    items: Iterable[Item], build: Callable[[Item], StepBatch], pin: bool, depth: int
+    items: Iterable[Item], build: Callable[[Item], StepBatch], depth: int
 ) -> Iterator[StepBatch]:
-    """``build(item)`` for each item, computed up to ``depth`` ahead on a daemon thread."""
+    """``build(item)`` for each item, pinned, computed up to ``depth`` ahead on a daemon
+    thread."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -48,7 +49,7 @@ def _host_batches(
         try:
             for item in items:
                 batch = build(item)
-                if not put(batch.pin_memory() if pin else batch):
+                if not put(batch.pin_memory()):
                     return
             put(_END)
         except BaseException as e:  # handed to the consumer, which raises it
@@ -79,7 +80,7 @@ def prefetched(
     if device.type != "cuda":  # the host runs the step: a reader thread would only compete
         yield from (build(item).to(device) for item in items)
         return
-    host = _host_batches(items, build, pin=True, depth=depth)
+    host = _host_batches(items, build, depth)
     copy_stream = torch.cuda.Stream(device)
 
     def start_copy(batch: StepBatch) -> tuple[StepBatch, torch.cuda.Event]:
