@@ -5,7 +5,9 @@ Both paper-mode losses need ``logsumexp_j(q_r . E_j)`` over all N items for ever
 would keep the whole ``[R, N]`` score matrix for the backward pass; here the forward pass walks
 the rows in chunks and, since the result only feeds a scalar loss, computes the gradients on the
 way (3 matrix products per chunk, the same work as autograd) and keeps only ``[R, D]`` and
-``[N, D]`` gradient buffers.
+``[N, D]`` gradient buffers. Between the products, the softmax is torch's fused row-wise kernel
+(max, exp-sum and normalise while a row is in cache): one pass over the chunk's scores instead
+of one per elementwise op, and the row weights are applied to the ``[C, D]`` sides instead.
 
 The ``[chunk, N]`` score buffers are reused between calls: on this class of machine a fresh
 multi-megabyte allocation is paid for in page faults on every step.
@@ -13,11 +15,9 @@ multi-megabyte allocation is paid for in page faults on every step.
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 
-LOG2E, LN2 = 1.0 / math.log(2.0), math.log(2.0)  # scores are made in base 2: exp2 is cheap
 _WORKSPACE: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -47,27 +47,23 @@ class _WeightedLogPartition(torch.autograd.Function):
         grad_t = torch.zeros_like(table, dtype=torch.float32) if needs_grad else None
         for start in range(0, queries.shape[0], chunk):
             q = queries[start : start + chunk].detach()  # [C, D]
-            q_mm = q.to(mm_dtype)
-            w = row_weights[start : start + chunk].unsqueeze(1)  # [C, 1]
-            rows = q_mm.shape[0]
-            raw = _buffer("raw", rows, num_items, mm_dtype, device)
-            torch.mm((q * LOG2E).to(mm_dtype), table_t, out=raw)  # [C, N] scores / ln 2
-            scores = raw if not bf16 else _buffer("f32", rows, num_items, torch.float32, device)
-            if bf16:
-                scores.copy_(raw)
-            row_max = scores.amax(dim=1, keepdim=True)  # [C, 1]
-            if zero_column:
-                row_max.clamp_(min=0.0)
-            scores.sub_(row_max).exp2_()  # = exp(score - max): exp2 is ~10x faster on CPU
-            row_sum = scores.sum(dim=1, keepdim=True)  # [C, 1]
-            if zero_column:  # the extra logit 0; its row is zero, so it adds nothing to grads
-                row_sum += (-row_max).exp2()
-            total += (w * (row_sum.log() + row_max * LN2)).sum().double()
-            if needs_grad:
-                scores.mul_(w / row_sum)  # w * softmax
-                probs = scores if not bf16 else raw.copy_(scores)  # [C, N]
-                grad_q[start : start + rows] = torch.mm(probs, table_mm).float()
-                grad_t += torch.mm(probs.T, q_mm).float()
+            w = row_weights[start : start + chunk]  # [C]
+            rows = q.shape[0]
+            scores = _buffer("scores", rows, num_items, mm_dtype, device)
+            torch.mm(q.to(mm_dtype), table_t, out=scores)  # [C, N]
+            probs = _buffer("probs", rows, num_items, mm_dtype, device)
+            # one fused row-wise pass (max, exp-sum, normalise; float32 inside for bf16)
+            torch.ops.aten._softmax.out(scores, 1, False, out=probs)  # [C, N]
+            # logsumexp = max score - log(largest probability): that probability is
+            # exp(0) / sum >= 1 / N, so its log is exact to the dtype's rounding
+            lse = scores.amax(dim=1).float() - probs.amax(dim=1).float().log()  # [C]
+            if zero_column:  # one more logit 0 (its row is zero: it adds nothing to grads)
+                w = w * torch.sigmoid(lse)  # the N items' share of the partition
+                lse = F.softplus(lse)  # log(exp(lse) + 1)
+            total += (row_weights[start : start + chunk] * lse).sum().double()
+            if needs_grad:  # d/dq = w * softmax . E, d/dE = softmax^T . (w * q)
+                grad_q[start : start + rows] = torch.mm(probs, table_mm).float() * w[:, None]
+                grad_t += torch.mm(probs.T, (q * w[:, None]).to(mm_dtype)).float()
         ctx.save_for_backward(grad_q, grad_t)
         return total.to(queries.dtype)
 
