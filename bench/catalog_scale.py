@@ -56,7 +56,8 @@ def synthetic_teacher(num_items: int, popular: NegativeSampler, tau: float) -> S
     base = torch.full((num_items,), float(1.0 / z))
     excess = torch.full((num_items * DEGREE,), float((torch.tensor(1.0 / tau).exp() - 1) / z))
     indptr = torch.arange(num_items + 1, dtype=torch.int64) * DEGREE
-    return SparseTeacher(indptr=indptr, dst=dst, excess=excess, base=base)
+    log_count = torch.full_like(excess, float(torch.tensor(2.0).log()))  # count 1
+    return SparseTeacher(indptr, dst, excess, base, log_count, torch.zeros_like(excess))
 
 
 def worker(args: argparse.Namespace) -> None:

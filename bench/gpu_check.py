@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = {
     "paper": ["loss.candidates=all"],
     "catalog": ["loss.candidates=sampled", "loss.sampler=mixed", "loss.num_negatives=1024"],
+    # the templates' transition term: sparse additions inside the full softmax and evaluation
+    "paper_transition_term": ["loss.candidates=all", "model.transition_term=true"],
 }
 TOLERANCE = {"loss_rtol": 1e-3, "metric_atol": 5e-3}
 

@@ -16,6 +16,9 @@ Writes a new version of the export at ``--out`` (default ``export.out``, else
   ``trainer.model.MQSAEncoder``. Tensors, not a program: ``torch.export.load`` is not
   weights-only (it falls back to unpickling), so a tampered ``.pt2`` could run code when
   loaded, while ``torch.load(weights_only=True)`` cannot;
+- ``transitions.parquet`` (``model.transition_term`` only): the train transition graph
+  (``src``, ``dst`` rows and ``log_count`` = ``log(1 + count)``), which ``recommend`` adds to
+  the scores of the last item's successors;
 - ``faiss.index`` (optional) with its recall@10 against exact search printed;
 - ``manifest.json``: shapes, model config, evaluation protocol, the source run (``model.pt``'s
   sha256 and mtime, best epoch, config hash) and every file's sha256;
@@ -72,6 +75,7 @@ from mqsa_ted.manifest import (
     FAISS_INDEX,
     MANIFEST,
     OWNER_MARKER,
+    TRANSITIONS,
     VERSIONS,
     ExportError,
     Manifest,
@@ -79,9 +83,11 @@ from mqsa_ted.manifest import (
     sha256_of,
 )
 from trainer.checkpoint import CheckpointError, load_best_table
+from trainer.data import load_transitions
 from trainer.distributed import init_distributed, shutdown
 from trainer.model import MQSAEncoder
 from trainer.run_dir import RunDir
+from trainer.teacher import SparseTeacher
 
 
 def load_trained(
@@ -153,6 +159,24 @@ def write_lineage(version_url: str, data_dir: str, files: dict[str, dict]) -> di
         files[ADDED_ITEMS] = file_entry(url)
         lineage["added"] = ADDED_ITEMS
     return lineage
+
+
+def write_transitions(version_url: str, data_dir: str, model: ModelConfig) -> dict:
+    """``TRANSITIONS``: the graph's edges as the run trained and evaluated with them (the
+    teacher's distinct ``(src, dst)`` pairs and features); returns its file entry."""
+    num_items = int(read_stats(data_dir)["items"])
+    graph = SparseTeacher.from_edges(*load_transitions(data_dir), num_items, model.tau)
+    degree = graph.indptr[1:] - graph.indptr[:-1]
+    edges = pa.table({
+        "src": torch.repeat_interleave(torch.arange(num_items), degree).numpy(),
+        "dst": graph.dst.numpy(),
+        "log_count": graph.log_count.numpy(),
+    })  # fmt: skip
+    url = f"{version_url}/{TRANSITIONS}"
+    buffer = io.BytesIO()
+    pq.write_table(edges, buffer)
+    atomic_write_bytes(url, buffer.getvalue())
+    return file_entry(url)
 
 
 def read_vectors(items_url: str, dim: int) -> np.ndarray:
@@ -303,6 +327,8 @@ def write_version(
     encoder_url = f"{version_url}/{ENCODER}"
     save_state(encoder_url, {k: v.detach().cpu() for k, v in encoder.state_dict().items()})
     files[ENCODER] = file_entry(encoder_url)
+    if model.transition_term:
+        files[TRANSITIONS] = write_transitions(version_url, data_dir, model)
     faiss_info = None
     if faiss_kind != "none":
         vectors = read_vectors(f"{version_url}/items", model.dim)

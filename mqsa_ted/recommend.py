@@ -20,6 +20,10 @@ Queries go through the export's FAISS index (exact flat up to 200k items, IVF or
 export built one); an export written with ``--faiss none`` gets an exact flat index built at
 load. The search fetches ``k`` plus the number of excluded items and drops the excluded ones, so
 a flat index returns exactly the top ``k`` of the items left (fewer when fewer are left).
+A model trained with ``model.transition_term`` adds ``w * log(1 + count)`` to the scores of the
+last item's successors (``transitions.parquet`` of the export): the search then also fetches as
+many items as the last item has successors, and the successors are scored exactly, so the
+result is still the exact top ``k`` under a flat index.
 
 Trust boundary: an export is data, loaded weights-only (JSON, Parquet, FAISS's binary format and
 ``torch.load(weights_only=True)``): a tampered export cannot run code, and every file must match
@@ -48,6 +52,7 @@ from embeddings.factory import table_from_rows
 from mqsa_ted.manifest import (
     ENCODER,
     FAISS_INDEX,
+    TRANSITIONS,
     ExportError,
     Manifest,
     check_fresh,
@@ -82,7 +87,9 @@ class QueryError(UserError):
 @dataclass
 class Recommendations:
     items: list  # raw ids, best first
-    scores: list[float]  # inner products (item counts for a popular fallback)
+    # inner products, plus the transition term where the model has one (item counts for a
+    # popular fallback)
+    scores: list[float]
     unknown: list[str]  # history ids not in the catalogue (skipped)
     popular: bool = False  # the history had no known item: the most popular items
 
@@ -124,6 +131,33 @@ def read_items(version_url: str, m: Manifest) -> tuple[pa.Array, np.ndarray, np.
     if order is None:  # a writable copy (Arrow's buffers are read-only)
         return ids, counts, vectors.copy()
     return ids.take(order), counts[order], vectors[order]
+
+
+class Successors:
+    """The transition term's side of an export: each row's successors and ``w * log(1 +
+    count)`` (``trainer.transition_term``), as CSR arrays on the host."""
+
+    def __init__(self, payload: bytes, count: int, weight: float, url: str) -> None:
+        edges = pq.read_table(pa.BufferReader(payload))
+        if not {"src", "dst", "log_count"} <= set(edges.column_names):
+            raise ExportError(f"{url}: not a transition graph (src, dst, log_count)")
+        src, self.dst = (edges.column(c).to_numpy() for c in ("src", "dst"))
+        bad = src.size and (src.min() < 0 or src.max() >= count or self.dst.min() < 0
+                            or self.dst.max() >= count or np.any(np.diff(src) < 0))  # fmt: skip
+        if bad:
+            raise ExportError(f"{url}: edges outside rows 0..{count - 1} or not sorted by src")
+        self.bonus = weight * edges.column("log_count").to_numpy().astype(np.float32)
+        self.indptr = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(np.bincount(src, minlength=count), out=self.indptr[1:])
+
+    def of(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(successor rows [S], their additions [S])`` of ``row``."""
+        start, end = self.indptr[row], self.indptr[row + 1]
+        return self.dst[start:end], self.bonus[start:end]
+
+    def degree(self, rows: list[int]) -> int:
+        """The most successors any of ``rows`` has."""
+        return int(max(self.indptr[r + 1] - self.indptr[r] for r in rows)) if rows else 0
 
 
 class Recommender:
@@ -168,6 +202,13 @@ class Recommender:
         self.table = table_from_rows(torch.from_numpy(vectors))  # + the zero padding row
         self.vectors = self.table.all_items().detach().numpy()  # [N, D], shares the table
         self.encoder = self._load_encoder()
+        self.successors = None
+        encoder = self.encoder.encoder
+        if encoder.transition_weight is not None:  # as evaluation scored: w x its chosen scale
+            payload = read_checked(self.version_url, TRANSITIONS, self.manifest)
+            url = f"{self.version_url}/{TRANSITIONS}"
+            weight = float(encoder.transition_weight.detach() * encoder.transition_scale)
+            self.successors = Successors(payload, self.count, weight, url)
         self.index, self.exact = self._load_index()
 
     def _load_encoder(self) -> UserEncoder:
@@ -299,9 +340,31 @@ class Recommender:
             chunk = known[start : start + QUERY_BATCH]
             queries = self.encode([rows[b] for b in chunk])
             excluded = [np.unique(rows[b]) if self.exclude_history else rows[b][:0] for b in chunk]
-            for b, (top, scores) in zip(chunk, self.search(queries, excluded, k), strict=True):
+            last = [int(rows[b][-1]) for b in chunk]
+            extra = self.successors.degree(last) if self.successors is not None else 0
+            found = self.search(queries, excluded, k + extra)
+            for i, (b, (top, scores)) in enumerate(zip(chunk, found, strict=True)):
+                if self.successors is not None:
+                    top, scores = self.with_successors(queries[i], excluded[i], last[i], top,
+                                                       scores, k)  # fmt: skip
                 results[b] = Recommendations(self.raw(top), scores.tolist(), unknown[b])
         return results
+
+    def with_successors(
+        self, query: np.ndarray, excluded: np.ndarray, last: int, rows: np.ndarray,
+        scores: np.ndarray, k: int,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """The best ``k`` of the searched ``rows`` (``k`` + the last item's successor count of
+        them, by inner product) once the last item's successors get their transition term:
+        the successors are scored exactly, found by the search or not."""
+        succ, bonus = self.successors.of(last)
+        keep = ~np.isin(succ, excluded)
+        succ, bonus = succ[keep], bonus[keep]
+        others = ~np.isin(rows, succ)
+        rows = np.concatenate([rows[others], succ])
+        scores = np.concatenate([scores[others], self.vectors[succ] @ query + bonus])
+        best = np.argsort(-scores, kind="stable")[:k]
+        return rows[best], scores[best]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -33,6 +33,10 @@ MODES = {
                            "loss.num_negatives=16"],
     "catalog_uniform_no_ted": ["loss.candidates=sampled", "loss.sampler=uniform",
                                "model.lambda_kd=0"],
+    "paper_transition_term": ["loss.candidates=all", "model.transition_term=true"],
+    "catalog_transition_term_no_ted": ["loss.candidates=sampled", "loss.sampler=mixed",
+                                       "loss.num_negatives=16", "model.lambda_kd=0",
+                                       "model.transition_term=true"],
 }  # fmt: skip
 
 

@@ -17,7 +17,8 @@ from core.config import load_config
 from tests.dist_worker import BASE
 from tests.synthetic import write_prepared
 from trainer.batches import trim
-from trainer.data import load_sequences
+from trainer.data import load_sequences, load_transitions
+from trainer.evaluate import TRANSITION_SCALES
 from trainer.model import MQSAEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,10 @@ CASES = {
     "dense_repeat_aware": "train.eval_protocol=repeat_aware",
     # in-batch negatives from the whole global batch: the same candidates on every rank
     "catalog_mixed_shared": "loss.candidates=sampled,loss.sampler=mixed,loss.num_negatives=16",
+    # the transition term in the full and the sampled softmax (its weight is trained too)
+    "dense_transition_term": "model.transition_term=true",
+    "catalog_transition_term": "embeddings.backend=torchrec,loss.candidates=sampled,"
+    "loss.sampler=uniform,loss.num_negatives=16,model.transition_term=true",
 }
 # 4 steps = the whole epoch; the ranks stream 64 and 56 users (row groups of 16, 16, 8 per file)
 STREAM = "embeddings.backend=torchrec,data.stream=true,data.shuffle_buffer=20"
@@ -111,42 +116,69 @@ def test_torchrec_sgd_matches_dense_sgd(results):
         assert_same_params(dense["params"], torchrec["params"])
 
 
+def transition_scores(data_dir: Path, n: int) -> torch.Tensor:
+    """``[N, N]`` ``log(1 + G[i, j])`` from the train transition graph, built densely here."""
+    src, dst, count = load_transitions(str(data_dir))
+    graph = torch.zeros(n, n, dtype=torch.float64)
+    graph.index_put_((torch.from_numpy(src), torch.from_numpy(dst)),
+                     torch.from_numpy(count).double(), accumulate=True)  # fmt: skip
+    return torch.log1p(graph).float()
+
+
 def brute_force_metrics(params: dict, data_dir: Path, protocol: str) -> dict:
-    """The reference evaluation, one user at a time: score every item, mask the user's whole
-    train history (plus the validation item for the test split) under ``paper``, rank the
-    target by strictly higher scores among the unmasked items; a masked target is a miss."""
-    cfg = load_config(None, [f"data.dir={data_dir}", *BASE])
+    """The reference evaluation, one user at a time: score every item (plus ``s * w * log(1 +
+    G[last item, j])`` with the transition term), mask the user's whole train history (plus
+    the validation item for the test split) under ``paper``, rank the target by strictly
+    higher scores among the unmasked items; a masked target is a miss. With the term, the
+    metrics of the scale ``s`` in TRANSITION_SCALES with the best valid NDCG@20 (the first of
+    equals), and that scale."""
+    term = "transition_weight" in params
+    cfg = load_config(None, [f"data.dir={data_dir}", *BASE, f"model.transition_term={term}"])
     seqs = load_sequences(cfg)
-    n, offsets = seqs.num_items, seqs.history_offsets
+    n = seqs.num_items
     encoder = MQSAEncoder(cfg.model, cfg.data.max_len).eval()
     encoder.load_state_dict({k: v for k, v in params.items() if k != "item_table"})
     items = params["item_table"]  # [N, D]
     padded = torch.cat([items, torch.zeros(1, items.shape[1])])
-    result = {}
-    for split in ("valid", "test"):
-        inputs = trim(seqs.train if split == "valid" else seqs.test_inputs(), n)
-        targets = seqs.valid if split == "valid" else seqs.test
-        with torch.no_grad():
-            queries = encoder(padded[inputs], inputs != n, last_only=True)[:, -1]
-        scores = queries @ items.T  # [U, N]
-        sums = {f"{m}@{k}": 0.0 for k in (5, 10, 20) for m in ("HR", "NDCG")}
-        for u in range(seqs.num_users):
-            history = set(seqs.history_items[offsets[u] : offsets[u + 1]].tolist())
-            if split == "test":
-                history.add(int(seqs.valid[u]))
-            mask = history if protocol == "paper" else set()
-            target = int(targets[u])
-            if target in mask:
-                continue  # a miss
-            higher = [j for j in range(n) if j not in mask and j != target
-                      and scores[u, j] > scores[u, target]]  # fmt: skip
-            rank = len(higher) + 1
-            for k in (5, 10, 20):
-                if rank <= k:
-                    sums[f"HR@{k}"] += 1.0
-                    sums[f"NDCG@{k}"] += 1.0 / math.log2(rank + 1)
-        result[split] = {key: value / seqs.num_users for key, value in sums.items()}
-    return result
+    by_scale = {}
+    for scale in TRANSITION_SCALES if term else (1.0,):
+        result = {}
+        for split in ("valid", "test"):
+            inputs = trim(seqs.train if split == "valid" else seqs.test_inputs(), n)
+            targets = seqs.valid if split == "valid" else seqs.test
+            with torch.no_grad():
+                queries = encoder(padded[inputs], inputs != n, last_only=True)[:, -1]
+            scores = queries @ items.T  # [U, N]
+            if term:
+                weight = scale * params["transition_weight"]
+                scores += weight * transition_scores(data_dir, n)[inputs[:, -1]]
+            result[split] = split_metrics(seqs, split, targets, scores, protocol)
+        by_scale[scale] = result
+    best = max(by_scale, key=lambda scale: by_scale[scale]["valid"]["NDCG@20"])
+    return {**by_scale[best], "transition_scale": best} if term else by_scale[best]
+
+
+def split_metrics(seqs, split: str, targets: torch.Tensor, scores: torch.Tensor,
+                  protocol: str) -> dict:  # fmt: skip
+    """HR@K / NDCG@K of ``targets`` ranked in ``scores [U, N]``, one user at a time."""
+    n, offsets = seqs.num_items, seqs.history_offsets
+    sums = {f"{m}@{k}": 0.0 for k in (5, 10, 20) for m in ("HR", "NDCG")}
+    for u in range(seqs.num_users):
+        history = set(seqs.history_items[offsets[u] : offsets[u + 1]].tolist())
+        if split == "test":
+            history.add(int(seqs.valid[u]))
+        mask = history if protocol == "paper" else set()
+        target = int(targets[u])
+        if target in mask:
+            continue  # a miss
+        higher = [j for j in range(n) if j not in mask and j != target
+                  and scores[u, j] > scores[u, target]]  # fmt: skip
+        rank = len(higher) + 1
+        for k in (5, 10, 20):
+            if rank <= k:
+                sums[f"HR@{k}"] += 1.0
+                sums[f"NDCG@{k}"] += 1.0 / math.log2(rank + 1)
+    return {key: value / seqs.num_users for key, value in sums.items()}
 
 
 def test_the_data_exercises_the_protocol(results):
@@ -170,3 +202,4 @@ def test_every_evaluation_equals_the_brute_force_reference(results, case):
         run = results[case][world]
         want = brute_force_metrics(run["params"], results["data_dir"], protocol)
         assert_same_metrics(want, run["metrics"])
+        assert want.get("transition_scale") == run["metrics"].get("transition_scale")

@@ -52,8 +52,11 @@ class StepBatch:
             empty).
         edge: ``[E]`` int64 index into the teacher's edge arrays.
         succ_row: ``[E]`` index into ``rows`` of each edge's successor.
+        edge_succ: ``[E]`` int64 each edge's successor id.
+        edge_is_target: ``[E]`` bool, the successor is its position's target.
         hit_head, hit_cand: ``[A]`` int64: candidate ``hit_cand`` is a successor of head
             ``hit_head`` (catalogue TED counts it exactly, not as a sample).
+        hit_edge: ``[A]`` int64 the teacher edge (index into the ``E`` edges) of each hit.
         group_rows: ``[B]`` int64 the users in encoder order (by length, group after group).
         grouped_positions: ``[P]`` int64 index of each real position in the encoder's output
             ``[S, D]`` (see :func:`length_groups`).
@@ -75,8 +78,11 @@ class StepBatch:
     edge_head: torch.Tensor
     edge: torch.Tensor
     succ_row: torch.Tensor
+    edge_succ: torch.Tensor
+    edge_is_target: torch.Tensor
     hit_head: torch.Tensor
     hit_cand: torch.Tensor
+    hit_edge: torch.Tensor
     group_rows: torch.Tensor
     grouped_positions: torch.Tensor
     host_rows: torch.Tensor
@@ -103,16 +109,16 @@ class StepBatch:
 
 def accidental_hits(
     edge_head: torch.Tensor, succ: torch.Tensor, cand_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host-side: every ``(head, candidate position)`` where candidate ``cand_ids[k]`` is a
-    successor ``succ[e]`` of head ``edge_head[e]``: ``(head [A], candidate [A])``."""
+    successor ``succ[e]`` of head ``edge_head[e]``: ``(head [A], candidate [A], edge [A])``."""
     order = cand_ids.argsort()
     ordered = cand_ids[order]
     start = torch.searchsorted(ordered, succ)
     count = torch.searchsorted(ordered, succ, right=True) - start  # [E]
     edge = torch.repeat_interleave(torch.arange(succ.numel()), count)
     within = torch.arange(edge.numel()) - torch.repeat_interleave(count.cumsum(0) - count, count)
-    return edge_head[edge], order[start[edge] + within]
+    return edge_head[edge], order[start[edge] + within], edge
 
 
 @dataclass
@@ -205,7 +211,7 @@ class BatchBuilder:
         if self.teacher is not None:
             edge_head, edge = self.teacher.edges_of(heads)
             succ = self.teacher.dst[edge]
-        hit_head, hit_cand = accidental_hits(edge_head, succ, cand_ids)
+        hit_head, hit_cand, hit_edge = accidental_hits(edge_head, succ, cand_ids)
         groups = [inputs.flatten(), targets, cand_ids, succ]
         flat = torch.cat(groups)
         real = flat != pad
@@ -228,8 +234,11 @@ class BatchBuilder:
             edge_head=edge_head,
             edge=edge,
             succ_row=succ_row,
+            edge_succ=succ,
+            edge_is_target=succ == targets[edge_head],
             hit_head=hit_head,
             hit_cand=hit_cand,
+            hit_edge=hit_edge,
             group_rows=encoder_groups.rows,
             grouped_positions=encoder_groups.positions(positions, inputs.shape[1]),
             host_rows=rows,

@@ -63,8 +63,9 @@ def set_threads(cfg: Config, env: DistEnv) -> None:
 
 
 def load_teacher(cfg: Config, num_items: int) -> SparseTeacher | None:
-    """The sparse TED teacher from ``transitions/`` (host), or None when TED is off."""
-    if cfg.model.lambda_kd <= 0:
+    """The transition graph from ``transitions/`` as the sparse TED teacher (host), or None
+    when neither TED nor the transition term uses it."""
+    if cfg.model.lambda_kd <= 0 and not cfg.model.transition_term:
         return None
     src, dst, count = load_transitions(cfg.data.dir)
     return SparseTeacher.from_edges(src, dst, count, num_items, cfg.model.tau)

@@ -29,9 +29,13 @@ from trainer.data import Sequences
 from trainer.metrics import METRIC_NAMES, metric_sums, metrics_from_sums
 from trainer.model import MQSAEncoder
 from trainer.progress import progress
+from trainer.teacher import SparseTeacher
+from trainer.transition_term import ScoreBonus, last_item_bonus
 from trainer.user_source import UserSource
 
 SPLITS = ("valid", "test")
+# multiples of the transition term's learned weight that evaluation tries on validation
+TRANSITION_SCALES = (1.0, 2.0, 4.0, 8.0)
 
 
 @dataclass
@@ -93,6 +97,7 @@ def count_higher(
     first_id: int = 0,
     item_chunk: int = 1 << 16,
     query_block: int = 128,
+    bonus: ScoreBonus | None = None,
 ) -> torch.Tensor:
     """How many of the rows ``items`` (global ids ``first_id..``) score strictly above each
     target, the masked ``(row, item)`` pairs left out.
@@ -108,6 +113,8 @@ def count_higher(
         mask_rows, mask_items: ``[H]`` the pairs never counted (any ids; others' are ignored).
         item_chunk: item rows per block.
         query_block: queries per block.
+        bonus: additions to the scores at ``(query row, global item id)`` pairs (the
+            transition term); ``target_scores`` must already hold the targets' own.
     Returns:
         ``[B]`` int64 counts, on the queries' device.
     """
@@ -128,6 +135,11 @@ def count_higher(
             cols = chunk.shape[0]
             scores = buffer[: rows * cols].view(rows, cols)
             torch.mm(block, chunk.T, out=scores)
+            if bonus is not None:  # this block's additions; the others' go to the spare
+                add_row, add_item = bonus.rows - top, bonus.items - (first_id + start)
+                add_inside = (add_row >= 0) & (add_row < rows) & (add_item >= 0) & (add_item < cols)
+                add_at = torch.where(add_inside, add_row * cols + add_item, rows * cols)
+                buffer.index_add_(0, add_at, bonus.values)
             local = mask_items - (first_id + start)
             inside = row_inside & (local >= 0) & (local < cols)
             buffer.index_fill_(0, torch.where(inside, pair_row * cols + local, rows * cols),
@@ -181,6 +193,51 @@ def encode_last(
     return queries, rows[index[inputs.numel() :]]
 
 
+def split_ranks(
+    encoder: MQSAEncoder,
+    table: ItemTable,
+    split: EvalSplit,
+    num_items: int,
+    groups: int,
+    graph: SparseTeacher | None,
+    scales: tuple[float, ...],
+) -> dict[float, torch.Tensor]:
+    """1-based ranks ``[B]`` of this rank's targets in ``split``, per multiple of the transition
+    term's weight in ``scales`` (``(1.0,)`` without the term); collective over the ranks."""
+    device, rank = table.device, world()[0]
+    first_id, items = table.local_rows()  # [C, D] on the device, ids first_id..first_id + C - 1
+    queries, target_emb = encode_last(encoder, table, split.inputs, split.targets, groups)
+    target_scores = (queries * target_emb).sum(-1, keepdim=True)  # [B, 1]
+    own, bonus = torch.zeros_like(target_scores), None  # [B, 1] the targets' own additions
+    if encoder.transition_weight is not None:
+        bonus, own = last_item_bonus(encoder.transition_weight, graph, split.inputs[:, -1],
+                                     split.targets)  # fmt: skip
+        own = own.unsqueeze(1)
+    scored, sizes = all_gather_rows(torch.cat([queries, target_scores, own], dim=1))
+    offset = sum(sizes[:rank])
+    rows, excluded = split.excluded()
+    pairs = torch.stack([rows + offset, excluded], dim=1)  # [H + B, 2]
+    all_pairs, _ = all_gather_rows(to_device(pairs, device))
+    all_queries, all_scores, all_own = scored.split([queries.shape[1], 1, 1], dim=1)
+    if bonus is not None:  # every rank's additions, rows offset like the queries
+        added, _ = all_gather_rows(torch.stack([bonus.rows + offset, bonus.items], dim=1))
+        values, _ = all_gather_rows(bonus.values.unsqueeze(1))
+        bonus = ScoreBonus(added[:, 0], added[:, 1], values.squeeze(1))
+    masked = to_device(split.target_masked, device)
+    ranks = {}
+    for scale in scales:
+        scaled = bonus
+        if bonus is not None:
+            scaled = ScoreBonus(bonus.rows, bonus.items, bonus.values * scale)
+        counts = count_higher(
+            all_queries, items, all_scores + scale * all_own, all_pairs[:, 0], all_pairs[:, 1],
+            first_id, bonus=scaled,
+        )  # fmt: skip
+        counts = all_reduce_sum(counts).to(torch.int64)[offset : offset + queries.shape[0]]
+        ranks[scale] = torch.where(masked, num_items + 1, counts + 1)  # a masked target: a miss
+    return ranks
+
+
 @torch.no_grad()
 def evaluate(
     encoder: MQSAEncoder,
@@ -190,33 +247,36 @@ def evaluate(
     show_progress: bool = False,
     protocol: str = "paper",
     groups: int = 4,
-) -> dict[str, dict[str, float]]:
-    """Validation and test metrics of all users; every rank calls with its ``users``."""
+    graph: SparseTeacher | None = None,
+) -> dict:
+    """Validation and test metrics of all users (``{"valid": {...}, "test": {...}}``); every
+    rank calls with its ``users``.
+
+    With the transition term (``graph``: the host transition graph, then required) every split
+    is ranked at each of :data:`TRANSITION_SCALES` times the learned weight, and the result is
+    the scale with the best valid NDCG@20 (the smallest of equals), named in
+    ``"transition_scale"``: the weight is fit for likelihood, the metrics rank.
+    """
+    weight = encoder.transition_weight
+    if weight is not None and graph is None:
+        raise ValueError("the encoder has a transition term: pass the transition graph")
+    scales = TRANSITION_SCALES if weight is not None else (1.0,)
     was_training = encoder.training
     encoder.eval()
-    device, num_items = table.device, users.num_items
-    rank = world()[0]
-    first_id, items = table.local_rows()  # [C, D] on the device, ids first_id..first_id + C - 1
+    device = table.device
     num_batches, batches = users.eval_batches(batch_size)  # num_batches: the same on every rank
-    sums = {s: torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64, device=device)
-            for s in SPLITS}  # fmt: skip
+    sums = {(scale, s): torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64, device=device)
+            for scale in scales for s in SPLITS}  # fmt: skip
     for batch in progress(batches, num_batches, "eval", show_progress):
         for name in SPLITS:
             split = eval_split(batch, name, protocol)
-            queries, target_emb = encode_last(encoder, table, split.inputs, split.targets, groups)
-            target_scores = (queries * target_emb).sum(-1, keepdim=True)  # [B, 1]
-            scored, sizes = all_gather_rows(torch.cat([queries, target_scores], dim=1))
-            offset = sum(sizes[:rank])
-            rows, excluded = split.excluded()
-            pairs = torch.stack([rows + offset, excluded], dim=1)  # [H + B, 2]
-            all_pairs, _ = all_gather_rows(to_device(pairs, device))
-            all_queries, all_scores = scored.split([queries.shape[1], 1], dim=1)
-            counts = count_higher(
-                all_queries, items, all_scores, all_pairs[:, 0], all_pairs[:, 1], first_id
-            )
-            counts = all_reduce_sum(counts).to(torch.int64)[offset : offset + queries.shape[0]]
-            masked = to_device(split.target_masked, device)
-            ranks = torch.where(masked, num_items + 1, counts + 1)  # a masked target: a miss
-            sums[name] += metric_sums(ranks)
+            ranks = split_ranks(encoder, table, split, users.num_items, groups, graph, scales)
+            for scale, split_ranked in ranks.items():
+                sums[scale, name] += metric_sums(split_ranked)
     encoder.train(was_training)
-    return {split: metrics_from_sums(all_reduce_sum(s)) for split, s in sums.items()}
+    results = {scale: {s: metrics_from_sums(all_reduce_sum(sums[scale, s])) for s in SPLITS}
+               for scale in scales}  # fmt: skip
+    if weight is None:
+        return results[1.0]
+    best = max(scales, key=lambda scale: results[scale]["valid"]["NDCG@20"])
+    return {**results[best], "transition_scale": best}

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.logpartition import weighted_log_partition
+from trainer.transition_term import ScoreBonus
 
 
 @dataclass
@@ -68,6 +69,7 @@ def full_softmax_rec_loss(
     norm: float | torch.Tensor,
     chunk: int,
     bf16: bool,
+    term: tuple[ScoreBonus, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy over all N items, summed over positions and divided by ``norm``.
 
@@ -79,10 +81,16 @@ def full_softmax_rec_loss(
         queries: ``[P, D]`` mixed query vectors at the real positions.
         target_emb: ``[P, D]`` the rows of the next items.
         items: ``[N, D]`` the whole item table.
+        term: the transition term, ``(additions to the scores, each target's own [P])``
+            (``trainer.transition_term.training_bonus``), or None.
     """
     weights = torch.ones_like(queries[:, 0]) / norm  # [P]
-    lse = weighted_log_partition(queries, items, weights, chunk, bf16, zero_column=True)
-    return lse - (queries * target_emb).sum() / norm
+    bias, target_bias = term if term is not None else (None, None)
+    lse = weighted_log_partition(queries, items, weights, chunk, bf16, True, bias)
+    target = (queries * target_emb).sum()
+    if target_bias is not None:
+        target = target + target_bias.sum()
+    return lse - target / norm
 
 
 def edge_scores(scaled: torch.Tensor, teacher: TeacherRows) -> torch.Tensor:
@@ -154,6 +162,7 @@ def sampled_rec_loss(
     cand_log_q: torch.Tensor,
     cand_emb: torch.Tensor,
     norm: float | torch.Tensor,
+    term: tuple[ScoreBonus, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sampled-softmax next-item loss, summed over positions and divided by ``norm``.
 
@@ -163,9 +172,15 @@ def sampled_rec_loss(
         target_emb: ``[P, D]`` target rows.
         cand_ids: ``[K]`` shared candidate ids; ``cand_log_q``: ``[K]`` their log-Q.
         cand_emb: ``[K, D]`` candidate rows.
+        term: the transition term as ``(additions at (position, candidate index), each
+            target's own addition [P])``, or None.
     """
     pos = (queries * target_emb).sum(-1, keepdim=True)  # [P, 1]
     neg = queries @ cand_emb.T - cand_log_q  # [P, K]
+    if term is not None:
+        bias, target_bias = term
+        neg = neg.index_put((bias.rows, bias.items), bias.values, accumulate=True)
+        pos = pos + target_bias.unsqueeze(1)
     neg = neg.masked_fill(cand_ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos, neg, torch.zeros_like(pos)], dim=1)  # [P, 1 + K + 1]
     return (torch.logsumexp(logits, dim=1) - pos.squeeze(1)).sum() / norm

@@ -103,7 +103,8 @@ class MQSAEncoder(nn.Module):
     """Short-query and long-query branches over the same sequence, mixed by ``alpha``.
 
     ``forward`` returns the mixed query ``alpha * h_short + (1 - alpha) * h_long`` so the scores
-    against the item table are ONE matrix product.
+    against the item table are ONE matrix product. With ``model.transition_term`` the encoder
+    also holds the scalar ``transition_weight`` that :mod:`trainer.transition_term` applies.
     """
 
     def __init__(self, cfg: ModelConfig, max_len: int) -> None:
@@ -126,6 +127,12 @@ class MQSAEncoder(nn.Module):
             if isinstance(module, nn.Linear):  # the reference's dense layers: Glorot, zero bias
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        # the transition term (model.transition_term; None when off): its learned weight w
+        # ([1], not [], for DeepSpeed's broadcast) and the multiple of w that evaluation chose on
+        # validation for ranking (trainer.evaluate.TRANSITION_SCALES), kept for recommend
+        term = cfg.transition_term
+        self.register_parameter("transition_weight", nn.Parameter(torch.ones(1)) if term else None)
+        self.register_buffer("transition_scale", torch.ones(1) if term else None)
 
     def forward(
         self, item_emb: torch.Tensor, mask: torch.Tensor, last_only: bool = False

@@ -33,6 +33,7 @@ from trainer.losses import (
 )
 from trainer.model import MQSAEncoder, dropout
 from trainer.teacher import SparseTeacher
+from trainer.transition_term import ScoreBonus, training_bonus
 
 
 class Objective(nn.Module):
@@ -51,6 +52,8 @@ class Objective(nn.Module):
         self.teacher = teacher
         self.model_cfg, self.train_cfg = cfg.model, cfg.train
         self.use_kd = cfg.model.lambda_kd > 0 and teacher is not None
+        if encoder.transition_weight is not None and teacher is None:
+            raise ValueError("model.transition_term needs the transition graph (a teacher)")
 
     def encode(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rows [U + 1, D], queries [P, D], student [P, D])``: the batch's table rows (row U
@@ -79,6 +82,17 @@ class Objective(nn.Module):
             succ_emb=rows.index_select(0, batch.succ_row),
         )
 
+    def transition_term(self, batch: StepBatch) -> tuple[ScoreBonus, torch.Tensor] | None:
+        """The transition term at the batch's positions (``(additions to their scores over
+        all items, each target's own [P])``), or None when ``model.transition_term`` is off."""
+        weight = self.encoder.transition_weight
+        if weight is None:
+            return None
+        return training_bonus(
+            weight, self.teacher, batch.edge_head, batch.edge, batch.edge_succ,
+            batch.edge_is_target, batch.positions.shape[0],
+        )  # fmt: skip
+
     @staticmethod
     def normaliser(batch: StepBatch) -> torch.Tensor:
         """The global number of real positions (= heads) divided by the world size, on the
@@ -101,9 +115,9 @@ class PaperObjective(Objective):
         rows, queries, student = self.encode(batch)
         items = self.table.all_items()  # [N, D]
         chunk, bf16 = self.train_cfg.score_chunk, self.train_cfg.bf16
-        rec = full_softmax_rec_loss(
-            queries, rows.index_select(0, batch.targets_row), items, norm, chunk, bf16
-        )
+        target_emb = rows.index_select(0, batch.targets_row)  # [P, D]
+        term = self.transition_term(batch)
+        rec = full_softmax_rec_loss(queries, target_emb, items, norm, chunk, bf16, term)
         if not self.use_kd:
             return self.total(rec, None)
         teacher = self.teacher_rows(batch, rows)
@@ -120,9 +134,17 @@ class CatalogObjective(Objective):
         rows, queries, student = self.encode(batch)
         cand_emb = rows.index_select(0, batch.cand_row)  # [K, D]
         target_emb = rows.index_select(0, batch.targets_row)  # [P, D]
+        term = self.transition_term(batch)
+        if term is not None:  # the additions at the candidates that are successors
+            bias, target_bias = term
+            at_candidates = ScoreBonus(
+                batch.hit_head, batch.hit_cand, bias.values.index_select(0, batch.hit_edge)
+            )
+            term = (at_candidates, target_bias)
         rec = sampled_rec_loss(
-            queries, batch.targets, target_emb, batch.cand_ids, batch.cand_log_q, cand_emb, norm
-        )
+            queries, batch.targets, target_emb, batch.cand_ids, batch.cand_log_q, cand_emb, norm,
+            term,
+        )  # fmt: skip
         if not self.use_kd:
             return self.total(rec, None)
         teacher = self.teacher_rows(batch, rows)

@@ -52,20 +52,29 @@ class SparseTeacher:
         excess: ``[E]`` float32, ``p_ij - base_i`` for each successor.
         base: ``[N]`` float32, the probability of a non-successor (``1 / Z_i``; ``1 / N`` for an
             item without successors, whose teacher is uniform).
+        log_count: ``[E]`` float32 ``log(1 + G[i, j])``, the feature of the transition term
+            (``model.transition_term``, :mod:`trainer.transition_term`).
+        log_count_others: ``[E]`` float32 ``log(1 + max(G[i, j] - 1, 0))``: the same without
+            the one transition a training position is itself (no target leakage).
     """
 
     indptr: torch.Tensor
     dst: torch.Tensor
     excess: torch.Tensor
     base: torch.Tensor
+    log_count: torch.Tensor
+    log_count_others: torch.Tensor
 
     @property
     def num_items(self) -> int:
         return self.base.shape[0]
 
     def to(self, device: torch.device) -> SparseTeacher:
-        """The probabilities on ``device``; the graph stays on the host."""
-        return SparseTeacher(self.indptr, self.dst, self.excess.to(device), self.base.to(device))
+        """The probabilities and features on ``device``; the graph stays on the host."""
+        return SparseTeacher(
+            self.indptr, self.dst, self.excess.to(device), self.base.to(device),
+            self.log_count.to(device), self.log_count_others.to(device),
+        )  # fmt: skip
 
     def edges_of(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Host-side: the successor edges of host ids ``heads`` ``[H]`` as
@@ -110,6 +119,10 @@ class SparseTeacher:
             dst=torch.from_numpy(dst),
             excess=torch.from_numpy(excess.astype(np.float32)),
             base=torch.from_numpy(base.astype(np.float32)),
+            log_count=torch.from_numpy(np.log1p(count).astype(np.float32)),
+            log_count_others=torch.from_numpy(
+                np.log1p(np.maximum(count - 1, 0)).astype(np.float32)
+            ),
         )
 
     def rows(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -133,9 +133,11 @@ class Trainer:
         train = self.cfg.train
         result = evaluate(
             self.model.encoder, self.table, self.users, train.eval_batch_size, show,
-            train.eval_protocol, train.length_groups,
+            train.eval_protocol, train.length_groups, self.run.batches.teacher,
         )  # fmt: skip
         result["eval_seconds"] = time.perf_counter() - start
+        if "transition_scale" in result:  # saved with the weights, for export and recommend
+            self.model.encoder.transition_scale.fill_(result["transition_scale"])
         return result
 
     def save_weights(self, name: str) -> None:
@@ -190,6 +192,8 @@ class Trainer:
                         "valid": record["valid"],
                         "test": record["test"],
                     }
+                    if "transition_scale" in record:
+                        state.best["transition_scale"] = record["transition_scale"]
                     state.stale = 0
                     save_best(self.cfg.train.run_dir, self.model, self.table, state.epoch, self.env)
                 else:

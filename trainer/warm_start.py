@@ -13,8 +13,8 @@ appended).
   ``train.warmup_steps`` softens the first steps).
 
 Everything is checked before anything is written: a previous run with another model shape
-(``model.dim``, ``model.num_blocks``, ``data.max_len``) or data that does not extend the previous
-run's data is refused with a :class:`WarmStartError`.
+(``model.dim``, ``model.num_blocks``, ``model.transition_term``, ``data.max_len``) or data that
+does not extend the previous run's data is refused with a :class:`WarmStartError`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from trainer.data import load_transitions
 from trainer.model import MQSAEncoder
 from trainer.run_dir import RunDir
 
-SHAPE_KEYS = (("model", "dim"), ("model", "num_blocks"), ("data", "max_len"))
+SHAPE_KEYS = (
+    ("model", "dim"), ("model", "num_blocks"), ("model", "transition_term"), ("data", "max_len")
+)  # fmt: skip
 
 
 class WarmStartError(UserError):
