@@ -205,8 +205,11 @@ class Recommender:
         self.successors = None
         encoder = self.encoder.encoder
         if encoder.transition_weight is not None:  # as evaluation scored: w x its chosen scale
-            payload = read_checked(self.version_url, TRANSITIONS, self.manifest)
             url = f"{self.version_url}/{TRANSITIONS}"
+            if TRANSITIONS not in self.manifest.files:
+                raise ExportError(f"{url}: the model has a transition term but the export does "
+                                  "not list its transition graph: re-run export")  # fmt: skip
+            payload = read_checked(self.version_url, TRANSITIONS, self.manifest)
             weight = float(encoder.transition_weight.detach() * encoder.transition_scale)
             self.successors = Successors(payload, self.count, weight, url)
         self.index, self.exact = self._load_index()

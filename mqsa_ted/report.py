@@ -63,6 +63,15 @@ SELECTION_METRIC = "NDCG@20"  # valid metric that picks the best epoch (trainer.
 HEADLINE_METRIC = "NDCG@10"  # test metric the lift is stated in
 
 
+def term_line(metrics: dict) -> list[str]:
+    """The transition term's line when the model has one (``model.transition_term``)."""
+    scale = metrics.get("transition_scale")
+    if scale is None:
+        return []
+    return ["", f"Scores include the transition term (`model.transition_term`): its learned "
+                f"weight times {scale:g}, the multiple chosen on validation."]  # fmt: skip
+
+
 def lift_lines(model: dict[str, float], baselines: dict[str, dict[str, float]]) -> list[str]:
     """How the selection works, then the model's test lift over each baseline, best first."""
     lines = [
@@ -190,6 +199,7 @@ def write_report(
         "",
         "Evaluation protocol: "
         + PROTOCOLS.get(protocol, f"{protocol or 'not recorded in metrics.json'}"),
+        *term_line(metrics),
         "",
         table,
         "",

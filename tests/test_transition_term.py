@@ -5,6 +5,7 @@ leakage in training, and ``recommend`` from an export (the exact top-k of the co
 The 1- and 2-rank training and evaluation paths are in tests/test_distributed_train.py."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from core.config import load_config
 from mqsa_ted.export import export_run, load_trained
+from mqsa_ted.manifest import TRANSITIONS, ExportError
 from mqsa_ted.recommend import Recommender
 from tests.synthetic import write_prepared
 from tests.test_export import train
@@ -146,6 +148,11 @@ def test_recommend_returns_the_exact_top_k_of_the_combined_scores(tmp_path):
         assert result.items == want
         np.testing.assert_allclose(result.scores, scores[torch.argsort(
             scores, descending=True, stable=True)[:10]].numpy(), rtol=1e-5, atol=1e-5)  # fmt: skip
+    # the graph is part of the export's trust boundary: a replaced file is refused
+    graph_file = Path(rec.version_url) / TRANSITIONS
+    graph_file.write_bytes(graph_file.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(ExportError, match="does not match the sha256"):
+        Recommender(str(out))
 
 
 def test_a_warm_start_refuses_a_changed_transition_term(tmp_path):
