@@ -27,6 +27,13 @@ pytestmark = [
 MODES = {
     "paper": ["loss.candidates=all"],
     "catalog": ["loss.candidates=sampled", "loss.sampler=mixed", "loss.num_negatives=32"],
+    "paper_transition_term": ["loss.candidates=all", "model.transition_term=true"],
+    "catalog_transition_term": [
+        "loss.candidates=sampled",
+        "loss.sampler=mixed",
+        "loss.num_negatives=32",
+        "model.transition_term=true",
+    ],
 }
 
 
@@ -60,11 +67,14 @@ def test_step_on_cuda_matches_the_host(data_dir, mode):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_evaluation_on_cuda_matches_the_host(data_dir):
+@pytest.mark.parametrize("mode", ["paper", "paper_transition_term"])
+def test_evaluation_on_cuda_matches_the_host(data_dir, mode):
     results = {}
     for device in ("cpu", "cuda"):
-        run = build(data_dir, device, "paper")
-        results[device] = evaluate(run.objective.encoder, run.table, run.users, 50)
+        run = build(data_dir, device, mode)
+        results[device] = evaluate(run.objective.encoder, run.table, run.users, 50,
+                                   graph=run.batches.teacher)  # fmt: skip
+    assert results["cuda"].get("transition_scale") == results["cpu"].get("transition_scale")
     for split in ("valid", "test"):
         for key, value in results["cpu"][split].items():
             assert abs(results["cuda"][split][key] - value) < 1e-6, (split, key)
