@@ -61,6 +61,7 @@ from mqsa_ted.manifest import (
     resolve_version,
 )
 from trainer.model import MQSAEncoder
+from trainer.teacher import csr_offsets
 
 QUERY_BATCH = 1024  # histories encoded and searched together
 ITEM_COLUMNS = {"item_id", "index", "count", "vector"}
@@ -147,8 +148,7 @@ class Successors:
         if bad:
             raise ExportError(f"{url}: edges outside rows 0..{count - 1} or not sorted by src")
         self.bonus = weight * edges.column("log_count").to_numpy().astype(np.float32)
-        self.indptr = np.zeros(count + 1, dtype=np.int64)
-        np.cumsum(np.bincount(src, minlength=count), out=self.indptr[1:])
+        self.indptr = csr_offsets(src, count)  # [N + 1]
 
     def of(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """``(successor rows [S], their additions [S])`` of ``row``."""

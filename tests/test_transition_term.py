@@ -17,9 +17,9 @@ from mqsa_ted.export import export_run, load_trained
 from mqsa_ted.manifest import TRANSITIONS, ExportError
 from mqsa_ted.recommend import Recommender
 from tests.synthetic import write_prepared
+from tests.test_distributed_train import transition_scores
 from tests.test_export import train
 from trainer.batches import BatchBuilder, accidental_hits
-from trainer.data import load_transitions
 from trainer.evaluate import TRANSITION_SCALES
 from trainer.logpartition import weighted_log_partition
 from trainer.losses import full_softmax_rec_loss, sampled_rec_loss
@@ -131,10 +131,7 @@ def test_recommend_returns_the_exact_top_k_of_the_combined_scores(tmp_path):
     assert float(encoder.transition_weight.detach()) != 1.0  # trained from its initial 1
     assert float(encoder.transition_scale) in TRANSITION_SCALES  # chosen on validation
     weight = float(encoder.transition_weight.detach() * encoder.transition_scale)
-    src, dst, count = load_transitions(str(data))
-    graph = torch.zeros(40, 40, dtype=torch.float64)
-    graph.index_put_((torch.from_numpy(src), torch.from_numpy(dst)),
-                     torch.from_numpy(count).double(), accumulate=True)  # fmt: skip
+    log_counts = transition_scores(data, 40)  # [N, N] log(1 + G), built densely
     rec = Recommender(str(out))
     histories = [[3, 17, 5], [8], [30, 2, 2, 11]]
     results = rec.recommend([[f"i{i}" for i in h] for h in histories], k=10)
@@ -142,7 +139,7 @@ def test_recommend_returns_the_exact_top_k_of_the_combined_scores(tmp_path):
         ids = torch.tensor([history])
         with torch.no_grad():
             query = encoder(table.lookup(ids), ids != 40, last_only=True)[0, -1]
-        scores = table.all_items().detach() @ query + weight * torch.log1p(graph[history[-1]])
+        scores = table.all_items().detach() @ query + weight * log_counts[history[-1]]
         scores[history] = -math.inf  # paper protocol: the history is never recommended
         want = [f"i{j}" for j in torch.argsort(scores, descending=True, stable=True)[:10]]
         assert result.items == want
