@@ -180,7 +180,7 @@ class TrainConfig:
     eval_batch_size: int = setting(1024, at_least(1))
     # the encoder runs a batch's users in this many groups of similar length, each trimmed to
     # its longest user (same outputs, fewer padded slots); 1 = the whole batch at once
-    length_groups: int = setting(4, at_least(1))
+    length_groups: int = setting(8, at_least(1))
     # paper: the whole train history is masked and a target inside it is a miss (the reference);
     # repeat_aware: nothing is masked, repeated targets are ranked (data with repeat consumption)
     eval_protocol: str = setting("paper", one_of(EVAL_PROTOCOLS))

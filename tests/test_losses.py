@@ -17,7 +17,10 @@ def test_log_partition_value_and_gradients_match_autograd(zero_column, sign):
     table = (torch.randn(300, 16).abs() * 0.5 * sign).requires_grad_()
     queries = (torch.randn(70, 16).abs() * 3).requires_grad_()
     weights = torch.rand(70)
-    value = weighted_log_partition(queries, table, weights, chunk=32, zero_column=zero_column)
+    anchors = torch.randint(0, 300, (70,))  # any column: the value is read at it
+    value = weighted_log_partition(
+        queries, table, weights, chunk=32, zero_column=zero_column, anchors=anchors
+    )
     value.backward()
     got = queries.grad.clone(), table.grad.clone()
     queries.grad = table.grad = None
@@ -29,6 +32,18 @@ def test_log_partition_value_and_gradients_match_autograd(zero_column, sign):
     torch.testing.assert_close(value, want)
     torch.testing.assert_close(got[0], queries.grad)
     torch.testing.assert_close(got[1], table.grad)
+
+
+def test_log_partition_is_the_same_at_every_anchor_and_needs_one_without_zero_column():
+    torch.manual_seed(2)
+    table, queries = torch.randn(200, 8), torch.randn(40, 8) * 2
+    weights = torch.rand(40)
+    want = (torch.logsumexp(queries @ table.T, dim=1) * weights).sum()
+    for anchors in (torch.zeros(40, dtype=torch.int64), (queries @ table.T).argmin(1)):
+        got = weighted_log_partition(queries, table, weights, 16, anchors=anchors)
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="needs anchors"):
+        weighted_log_partition(queries, table, weights, 16)
 
 
 def test_full_softmax_loss_equals_cross_entropy_over_table_with_padding_row():
@@ -78,7 +93,7 @@ def test_ted_loss_equals_dense_cross_entropy():
     heads = torch.tensor([0, 3, 3, 5, 8])
     student = items[heads] * 2.0
     head_index, succ, excess = teacher.rows(heads)
-    rows = TeacherRows(teacher.base[heads], head_index, excess, items[succ])
+    rows = TeacherRows(teacher.base[heads], head_index, excess, items, succ, heads)
     got = ted_loss(student, items, rows, tau, norm=5.0, chunk=2, bf16=False)
     log_q = torch.log_softmax(student @ items.T / tau, dim=1)
     want = -(teacher.dense()[heads] * log_q).sum(1).mean()

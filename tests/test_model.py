@@ -4,7 +4,7 @@ import torch
 
 from core.config import ModelConfig
 from trainer.batches import length_groups
-from trainer.model import MQSAEncoder, window_mean
+from trainer.model import MQSAEncoder, PackedLayout, dropout, window_mean
 
 
 def test_window_mean_matches_brute_force_loop():
@@ -12,7 +12,8 @@ def test_window_mean_matches_brute_force_loop():
     x = torch.randn(3, 7, 4)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1], [1] * 7], dtype=torch.bool)
     for window in (1, 2, 3, 5):
-        got = window_mean(x, mask, window)
+        layout = PackedLayout.build(mask, torch.arange(3), ((3, 7),), window)
+        got = window_mean(x.flatten(0, 1), layout).view(3, 7, 4)
         for b in range(3):
             for t in range(7):
                 slots = [s for s in range(max(0, t - window + 1), t + 1) if mask[b, s]]
@@ -73,9 +74,25 @@ def test_length_groups_give_every_real_slot_the_whole_batch_output():
         order = length_groups(mask, groups)
         assert len(order.shapes) == min(groups, 8)
         assert sum(b * t for b, t in order.shapes) < mask.numel() or groups == 1
-        hidden = enc.forward_groups(items, mask, order.rows, order.shapes)
+        slots = torch.arange(items.shape[0] * width).view(-1, width)
+        rows = items.flatten(0, 1)
+        hidden = enc.forward_groups(rows, slots, mask, order.rows, order.shapes)
         got = hidden.index_select(0, order.positions(positions, width))
         torch.testing.assert_close(got, full.index_select(0, positions), rtol=1e-5, atol=1e-6)
-        last = enc.forward_groups(items, mask, order.rows, order.shapes, last_only=True)
+        last = enc.forward_groups(rows, slots, mask, order.rows, order.shapes, last_only=True)
         torch.testing.assert_close(last[order.rows.argsort()], enc(items, mask)[:, -1],
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_keeps_the_mean():
+    torch.manual_seed(4)
+    x = torch.ones(301, 333)  # not a multiple of 4 elements: the last draw is cut
+    for p in (0.1, 0.5, 0.9):
+        out = dropout(x, p, training=True)
+        kept = out != 0
+        sigma = (p * (1 - p) / x.numel()) ** 0.5
+        assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
+        rounded = round(p * 65536) / 65536  # the p it draws with
+        torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (1 - rounded)))
+        assert abs(out.mean().item() - 1.0) < 5 * sigma / (1 - p)
+    assert dropout(x, 0.5, training=False) is x

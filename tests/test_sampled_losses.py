@@ -42,7 +42,7 @@ def test_all_items_candidates_equal_paper_losses_value_and_gradients():
     heads = torch.randint(0, N, (20,))
     student = items[heads] * math.sqrt(D)
     head_index, succ, excess = teacher.rows(heads)
-    rows = TeacherRows(teacher.base[heads], head_index, excess, items[succ])
+    rows = TeacherRows(teacher.base[heads], head_index, excess, items, succ, heads)
 
     rec = full_softmax_rec_loss(queries, items[targets], items, 25.0, 7, False)
     kd = ted_loss(student, items, rows, TAU, 20.0, 7, False)
@@ -162,7 +162,7 @@ def test_sampled_ted_partition_and_item_sum():
     others = [j for j in range(N) if j not in succ_ids.tolist()]
     cand_ids = torch.tensor([int(succ_ids[head_index == 0][0]), others[0]])
     cands = Candidates(cand_ids, torch.log(torch.tensor([0.5, 0.25])))
-    rows = TeacherRows(teacher.base[heads], head_index, excess, items[succ_ids])
+    rows = TeacherRows(teacher.base[heads], head_index, excess, items, succ_ids, heads)
     exact = items.sum(0).detach()
     hits = accidental_hits(head_index, succ_ids, cand_ids)[:2]
     assert len(hits[0]) >= 1

@@ -43,7 +43,8 @@ def test_log_partition_with_additions_matches_autograd(zero_column):
     queries = (torch.randn(70, 16) * 2).requires_grad_()
     weights = torch.rand(70)
     bias = random_bias(70, 300, 500)  # rows in every chunk of 32
-    value = weighted_log_partition(queries, table, weights, 32, False, zero_column, bias)
+    anchors = torch.randint(0, 300, (70,))
+    value = weighted_log_partition(queries, table, weights, 32, False, zero_column, bias, anchors)
     got = torch.autograd.grad(value, [queries, table, bias.values])
     logits = (queries @ table.T).index_put((bias.rows, bias.items), bias.values, accumulate=True)
     if zero_column:

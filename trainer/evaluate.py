@@ -183,11 +183,11 @@ def encode_last(
     rows = table.rows(to_device(ids, device), ids)  # [U, D] (collective for a sharded table)
     rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
     index = to_device(index, device)
-    emb = rows[index[: inputs.numel()]].view(*inputs.shape, rows.shape[1])  # [B, T, D]
+    slots = index[: inputs.numel()].view(inputs.shape)  # [B, T] rows of the slots
     mask = inputs != pad
     order = length_groups(mask, groups)
     queries = encoder.forward_groups(
-        emb, to_device(mask, device), to_device(order.rows, device), order.shapes, last_only=True
+        rows, slots, to_device(mask, device), to_device(order.rows, device), order.shapes, True
     )  # [B, D] in group order
     queries = queries.index_select(0, to_device(order.rows.argsort(), device))  # [B, D]
     return queries, rows[index[inputs.numel() :]]

@@ -8,6 +8,8 @@ way (3 matrix products per chunk, the same work as autograd) and keeps only ``[R
 ``[N, D]`` gradient buffers. Between the products, the softmax is torch's fused row-wise kernel
 (max, exp-sum and normalise while a row is in cache): one pass over the chunk's scores instead
 of one per elementwise op, and the row weights are applied to the ``[C, D]`` sides instead.
+The log-partition itself is read from the softmax at one column per row (no row maximum or sum
+of its own), and the reference's zero padding column is a real column of the block.
 
 The ``[chunk, N]`` score buffers are reused between calls: on this class of machine a fresh
 multi-megabyte allocation is paid for in page faults on every step.
@@ -16,10 +18,10 @@ multi-megabyte allocation is paid for in page faults on every step.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from trainer.transition_term import ScoreBonus
 
+_SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # bf16 has float32's exponent range
 _WORKSPACE: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -37,43 +39,44 @@ def _buffer(name: str, size: int, dtype: torch.dtype, device: torch.device) -> t
 class _WeightedLogPartition(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, queries, table, row_weights, bias_values, bias_rows, bias_items,
+        ctx, queries, table, row_weights, bias_values, bias_rows, bias_items, anchors,
         chunk: int, bf16: bool, zero_column: bool,
     ):  # fmt: skip
         needs_grad = any(ctx.needs_input_grad[:4])
         mm_dtype = torch.bfloat16 if bf16 else torch.float32
-        table_mm = table.detach().to(mm_dtype)  # [N, D]
-        table_t = table_mm.T.contiguous()  # [D, N]
-        num_items, device = table.shape[0], queries.device
+        num_items, dim, device = table.shape[0], table.shape[1], queries.device
+        width = num_items + int(zero_column)  # the zero column, if any, is column N
+        table_mm = torch.zeros(width, dim, dtype=mm_dtype, device=device)  # [width, D]
+        table_mm[:num_items] = table.detach()
+        table_t = table_mm.T.contiguous()  # [D, width]
         total = torch.zeros((), dtype=torch.float64, device=device)
         grad_q = torch.empty_like(queries, dtype=torch.float32) if needs_grad else None
-        grad_t = torch.zeros_like(table, dtype=torch.float32) if needs_grad else None
+        grad_t = torch.zeros(width, dim, device=device) if needs_grad else None
         has_bias = bias_values is not None
         grad_bias = torch.zeros_like(bias_values) if has_bias and needs_grad else None
         for start in range(0, queries.shape[0], chunk):
             q = queries[start : start + chunk].detach()  # [C, D]
             w = row_weights[start : start + chunk]  # [C]
             rows = q.shape[0]
-            size = rows * num_items  # one spare element after the [C, N] block
+            size = rows * width  # one spare element after the [C, width] block
             flat_scores = _buffer("scores", size + 1, mm_dtype, device)
-            scores = flat_scores[:size].view(rows, num_items)
-            torch.mm(q.to(mm_dtype), table_t, out=scores)  # [C, N]
+            scores = flat_scores[:size].view(rows, width)
+            torch.mm(q.to(mm_dtype), table_t, out=scores)  # [C, width]
             if has_bias:  # this chunk's additions; the other chunks' go to the spare element
                 local = bias_rows - start
                 inside = (local >= 0) & (local < rows)
-                flat_index = torch.where(inside, local * num_items + bias_items, size)  # [E]
+                flat_index = torch.where(inside, local * width + bias_items, size)  # [E]
                 flat_scores.index_add_(0, flat_index, bias_values.detach().to(mm_dtype))
             flat_probs = _buffer("probs", size + 1, mm_dtype, device)
-            probs = flat_probs[:size].view(rows, num_items)
+            probs = flat_probs[:size].view(rows, width)
             # one fused row-wise pass (max, exp-sum, normalise; float32 inside for bf16)
-            torch.ops.aten._softmax.out(scores, 1, False, out=probs)  # [C, N]
-            # logsumexp = max score - log(largest probability): that probability is
-            # exp(0) / sum >= 1 / N, so its log is exact to the dtype's rounding
-            lse = scores.amax(dim=1).float() - probs.amax(dim=1).float().log()  # [C]
-            if zero_column:  # one more logit 0 (its row is zero: it adds nothing to grads)
-                w = w * torch.sigmoid(lse)  # the N items' share of the partition
-                lse = F.softplus(lse)  # log(exp(lse) + 1)
-            total += (row_weights[start : start + chunk] * lse).sum().double()
+            torch.ops.aten._softmax.out(scores, 1, False, out=probs)  # [C, width]
+            # logsumexp = s_a - log(p_a) at the row's anchor column a (no pass over the row)
+            anchor = torch.arange(rows, device=device) * width
+            anchor += anchors[start : start + rows] if anchors is not None else num_items
+            p_anchor = flat_probs.index_select(0, anchor).float().clamp(min=_SMALLEST_NORMAL)
+            lse = flat_scores.index_select(0, anchor).float() - p_anchor.log()  # [C]
+            total += (w * lse).sum().double()
             if needs_grad:  # d/dq = w * softmax . E, d/dE = softmax^T . (w * q)
                 grad_q[start : start + rows] = torch.mm(probs, table_mm).float() * w[:, None]
                 grad_t += torch.mm(probs.T, (q * w[:, None]).to(mm_dtype)).float()
@@ -81,14 +84,16 @@ class _WeightedLogPartition(torch.autograd.Function):
                     row_w = w.index_select(0, local.clamp(0, rows - 1))
                     picked = flat_probs.index_select(0, flat_index).float() * row_w
                     grad_bias += torch.where(inside, picked, torch.zeros_like(picked))
-        ctx.save_for_backward(grad_q, grad_t, grad_bias)
+        ctx.save_for_backward(grad_q, grad_t[:num_items] if needs_grad else None, grad_bias)
         return total.to(queries.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grad_q, grad_t, grad_bias = ctx.saved_tensors
         grad_bias = grad_bias * grad_out if grad_bias is not None else None
-        return grad_q * grad_out, grad_t * grad_out, None, grad_bias, None, None, None, None, None
+        return (
+            grad_q * grad_out, grad_t * grad_out, None, grad_bias, *([None] * 6)
+        )  # fmt: skip
 
 
 def weighted_log_partition(
@@ -99,9 +104,16 @@ def weighted_log_partition(
     bf16: bool = False,
     zero_column: bool = False,
     bias: ScoreBonus | None = None,
+    anchors: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum_r row_weights[r] * logsumexp_j(queries[r] . table[j] + bias[r, j])`` with exact
     gradients.
+
+    The log-partition of a row is read at one column ``a`` as ``s_a - log(softmax_a)``: exact
+    to rounding while ``softmax_a`` is a normal float, i.e. while ``logsumexp - s_a < 87``. The
+    zero column (``s_a = 0``) anchors every row where there is one; without it, ``anchors``
+    names each row's column (a column with a high score: TED anchors a head at its own item).
+    Past that range the value is a lower bound; the gradients are exact regardless.
 
     Args:
         queries: ``[R, D]`` float32 (differentiable).
@@ -113,10 +125,14 @@ def weighted_log_partition(
             padding row the reference keeps in its score matrix.
         bias: sparse additions to the scores (rows index ``queries``; values differentiable),
             e.g. the transition term (:mod:`trainer.transition_term`).
+        anchors: ``[R]`` int64 column per row; required without ``zero_column``.
     Returns:
         A scalar.
     """
+    if not zero_column and anchors is None:
+        raise ValueError("weighted_log_partition needs anchors when there is no zero column")
     values, rows, items = (bias.values, bias.rows, bias.items) if bias else (None, None, None)
     return _WeightedLogPartition.apply(
-        queries, table, row_weights.detach(), values, rows, items, chunk, bf16, zero_column
-    )
+        queries, table, row_weights.detach(), values, rows, items,
+        None if zero_column else anchors, chunk, bf16, zero_column,
+    )  # fmt: skip

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from trainer.logpartition import weighted_log_partition
 from trainer.transition_term import ScoreBonus
@@ -53,13 +54,18 @@ class TeacherRows:
         base: ``[H]`` each head's non-successor probability.
         head_index: ``[E]`` the head (index into the H heads) of each successor edge.
         excess: ``[E]`` the edge's teacher probability above ``base``.
-        succ_emb: ``[E, D]`` the successors' rows.
+        rows: ``[R, D]`` table rows the successors are among; succ_row: ``[E]`` each edge's
+            successor's row in them. The edges come head after head (``head_index`` sorted).
+        heads: ``[H]`` each head's item (the column that anchors its log-partition: the
+            student of an item scores highest at the item itself).
     """
 
     base: torch.Tensor
     head_index: torch.Tensor
     excess: torch.Tensor
-    succ_emb: torch.Tensor
+    rows: torch.Tensor
+    succ_row: torch.Tensor
+    heads: torch.Tensor
 
 
 def full_softmax_rec_loss(
@@ -95,25 +101,39 @@ def full_softmax_rec_loss(
 
 def edge_scores(scaled: torch.Tensor, teacher: TeacherRows) -> torch.Tensor:
     """``[E]`` the student's logit of each successor edge: ``scaled_h(e) . E_succ(e)``."""
-    return (scaled.index_select(0, teacher.head_index) * teacher.succ_emb).sum(-1)
+    succ_emb = teacher.rows.index_select(0, teacher.succ_row)  # [E, D]
+    return (scaled.index_select(0, teacher.head_index) * succ_emb).sum(-1)
 
 
 def teacher_cross_term(
-    scaled: torch.Tensor, item_sum: torch.Tensor, teacher: TeacherRows, succ: torch.Tensor
+    scaled: torch.Tensor,
+    item_sum: torch.Tensor,
+    teacher: TeacherRows,
+    succ: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum_h sum_j p_hj * (scaled_h . E_j)`` for the sparse teacher, without an ``[H, N]`` term.
 
     ``p_hj = base_h + excess_hj`` (``excess`` on successors only), so the sum is
-    ``sum_h base_h * (scaled_h . sum_j E_j) + sum_edges excess_e * succ_e``.
+    ``sum_h base_h * (scaled_h . sum_j E_j) + sum_edges excess_e * succ_e``. Without the edges'
+    logits the successor part is ``sum_h scaled_h . (sum_{e of h} excess_e E_succ(e))``: one
+    weighted embedding bag per head, no ``[E, D]`` tensor (~3x cheaper on CPU).
 
     Args:
         scaled: ``[H, D]`` student vectors divided by tau.
         item_sum: ``[D]`` ``sum_j E_j`` over all N items.
-        succ: ``[E]`` the edges' student logits (``edge_scores``).
+        succ: ``[E]`` the edges' student logits (``edge_scores``) where they are at hand.
     Returns:
         A scalar.
     """
-    return (teacher.base * (scaled @ item_sum)).sum() + (teacher.excess * succ).sum()
+    base = (teacher.base * (scaled @ item_sum)).sum()
+    if succ is not None:
+        return base + (teacher.excess * succ).sum()
+    heads = torch.arange(scaled.shape[0], device=scaled.device)
+    offsets = torch.searchsorted(teacher.head_index, heads)  # [H] each head's first edge
+    bags = F.embedding_bag(
+        teacher.succ_row, teacher.rows, offsets, mode="sum", per_sample_weights=teacher.excess
+    )  # [H, D]
+    return base + (scaled * bags).sum()
 
 
 def logsumexp_with_edges(
@@ -149,8 +169,8 @@ def ted_loss(
     """
     scaled = student / tau  # [H, D]
     weights = torch.ones_like(student[:, 0]) / norm  # [H]
-    lse = weighted_log_partition(scaled, items, weights, chunk, bf16)
-    cross = teacher_cross_term(scaled, items.sum(0), teacher, edge_scores(scaled, teacher))
+    lse = weighted_log_partition(scaled, items, weights, chunk, bf16, anchors=teacher.heads)
+    cross = teacher_cross_term(scaled, items.sum(0), teacher)
     return lse - cross / norm
 
 
