@@ -46,6 +46,15 @@ def test_log_partition_is_the_same_at_every_anchor_and_needs_one_without_zero_co
         weighted_log_partition(queries, table, weights, 16)
 
 
+def test_log_partition_of_no_rows_is_zero_with_zero_gradients():
+    """A rank whose batch has no positions still takes part in the step."""
+    table = torch.randn(50, 8, requires_grad=True)
+    queries = torch.randn(0, 8, requires_grad=True)
+    value = weighted_log_partition(queries, table, torch.ones(0), 16, zero_column=True)
+    value.backward()
+    assert float(value.detach()) == 0.0 and not table.grad.any() and queries.grad.shape == (0, 8)
+
+
 def test_full_softmax_loss_equals_cross_entropy_over_table_with_padding_row():
     """The reference scores against the table WITH its zero padding row: N + 1 classes."""
     torch.manual_seed(0)

@@ -46,12 +46,13 @@ class _WeightedLogPartition(torch.autograd.Function):
         mm_dtype = torch.bfloat16 if bf16 else torch.float32
         num_items, dim, device = table.shape[0], table.shape[1], queries.device
         width = num_items + int(zero_column)  # the zero column, if any, is column N
-        table_mm = torch.zeros(width, dim, dtype=mm_dtype, device=device)  # [width, D]
+        table_mm = torch.empty(width, dim, dtype=mm_dtype, device=device)  # [width, D]
         table_mm[:num_items] = table.detach()
+        table_mm[num_items:] = 0.0
         table_t = table_mm.T.contiguous()  # [D, width]
         total = torch.zeros((), dtype=torch.float64, device=device)
         grad_q = torch.empty_like(queries, dtype=torch.float32) if needs_grad else None
-        grad_t = torch.zeros(width, dim, device=device) if needs_grad else None
+        grad_t = None  # [width, D] float32, from the first chunk on
         has_bias = bias_values is not None
         grad_bias = torch.zeros_like(bias_values) if has_bias and needs_grad else None
         for start in range(0, queries.shape[0], chunk):
@@ -79,11 +80,14 @@ class _WeightedLogPartition(torch.autograd.Function):
             total += (w * lse).sum().double()
             if needs_grad:  # d/dq = w * softmax . E, d/dE = softmax^T . (w * q)
                 grad_q[start : start + rows] = torch.mm(probs, table_mm).float() * w[:, None]
-                grad_t += torch.mm(probs.T, (q * w[:, None]).to(mm_dtype)).float()
+                part = torch.mm(probs.T, (q * w[:, None]).to(mm_dtype)).float()
+                grad_t = part if grad_t is None else grad_t.add_(part)
                 if has_bias:  # d/d(bias value) = w * softmax at its pair
                     row_w = w.index_select(0, local.clamp(0, rows - 1))
                     picked = flat_probs.index_select(0, flat_index).float() * row_w
                     grad_bias += torch.where(inside, picked, torch.zeros_like(picked))
+        if needs_grad and grad_t is None:  # no rows on this rank
+            grad_t = torch.zeros(width, dim, device=device)
         ctx.save_for_backward(grad_q, grad_t[:num_items] if needs_grad else None, grad_bias)
         return total.to(queries.dtype)
 
