@@ -17,8 +17,8 @@ Writes a new version of the export at ``--out`` (default ``export.out``, else
   weights-only (it falls back to unpickling), so a tampered ``.pt2`` could run code when
   loaded, while ``torch.load(weights_only=True)`` cannot;
 - ``transitions.parquet`` (``model.transition_term`` only): the train transition graph
-  (``src``, ``dst`` rows and ``log_count`` = ``log(1 + count)``), which ``recommend`` adds to
-  the scores of the last item's successors;
+  (``src``, ``dst`` rows and ``log_count`` = ``log(1 + max(count - 1, 0))``), which
+  ``recommend`` adds to the scores of the last item's successors;
 - ``faiss.index`` (optional) with its recall@10 against exact search printed;
 - ``manifest.json``: shapes, model config, evaluation protocol, the source run (``model.pt``'s
   sha256 and mtime, best epoch, config hash) and every file's sha256;

@@ -37,7 +37,8 @@ OWNER_MARKER = "_MQSA_EXPORT"
 ENCODER = "user_encoder.pt"
 ADDED_ITEMS = "added_items.parquet"  # item_id, index of the rows new since the data's base
 FAISS_INDEX = "faiss.index"
-# model.transition_term: the train transition graph, src / dst rows and log(1 + count) per edge
+# model.transition_term: the train transition graph, src / dst rows and the term's feature
+# log(1 + max(count - 1, 0)) per edge
 TRANSITIONS = "transitions.parquet"
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
 

@@ -20,10 +20,10 @@ Queries go through the export's FAISS index (exact flat up to 200k items, IVF or
 export built one); an export written with ``--faiss none`` gets an exact flat index built at
 load. The search fetches ``k`` plus the number of excluded items and drops the excluded ones, so
 a flat index returns exactly the top ``k`` of the items left (fewer when fewer are left).
-A model trained with ``model.transition_term`` adds ``w * log(1 + count)`` to the scores of the
-last item's successors (``transitions.parquet`` of the export): the search then also fetches as
-many items as the last item has successors, and the successors are scored exactly, so the
-result is still the exact top ``k`` under a flat index.
+A model trained with ``model.transition_term`` adds ``w * log(1 + max(count - 1, 0))`` to the
+scores of the last item's successors (``transitions.parquet`` of the export): the search then
+also fetches as many items as the last item has successors, and the successors are scored
+exactly, so the result is still the exact top ``k`` under a flat index.
 
 Trust boundary: an export is data, loaded weights-only (JSON, Parquet, FAISS's binary format and
 ``torch.load(weights_only=True)``): a tampered export cannot run code, and every file must match

@@ -117,12 +117,13 @@ def test_torchrec_sgd_matches_dense_sgd(results):
 
 
 def transition_scores(data_dir: Path, n: int) -> torch.Tensor:
-    """``[N, N]`` ``log(1 + G[i, j])`` from the train transition graph, built densely here."""
+    """``[N, N]`` ``log(1 + max(G[i, j] - 1, 0))`` from the train transition graph, built densely
+    here."""
     src, dst, count = load_transitions(str(data_dir))
     graph = torch.zeros(n, n, dtype=torch.float64)
     graph.index_put_((torch.from_numpy(src), torch.from_numpy(dst)),
                      torch.from_numpy(count).double(), accumulate=True)  # fmt: skip
-    return torch.log1p(graph).float()
+    return torch.log1p((graph - 1).clamp(min=0)).float()
 
 
 def brute_force_metrics(params: dict, data_dir: Path, protocol: str) -> dict:

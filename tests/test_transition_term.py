@@ -1,7 +1,8 @@
-"""The transition term (``model.transition_term``): ``w * log(1 + G[last item, j])`` added to
-every score, against dense references written here: the chunked full softmax (value and every
-gradient, the weight's included), the sampled softmax with every item as a candidate, no target
-leakage in training, and ``recommend`` from an export (the exact top-k of the combined scores).
+"""The transition term (``model.transition_term``): ``w * log(1 + max(G[last item, j] - 1, 0))``
+added to every score, against dense references written here: the chunked full softmax (value and
+every gradient, the weight's included), the sampled softmax with every item as a candidate, no
+target leakage in training, and ``recommend`` from an export (the exact top-k of the combined
+scores).
 The 1- and 2-rank training and evaluation paths are in tests/test_distributed_train.py."""
 
 import math
@@ -76,8 +77,9 @@ def tiny_teacher() -> SparseTeacher:
 
 
 def test_a_position_does_not_see_its_own_transition():
-    """At the position 0 -> 1 the edge (0, 1) counts the 2 OTHER transitions (log 3), the edge
-    (0, 2) all of its count (log 2); the target's own addition is the (0, 1) one."""
+    """At the position 0 -> 1 the edge (0, 1) counts the 2 OTHER transitions (log(1 + 2 - 1)),
+    the edge (0, 2) all of its 1 (log(1 + 0): a single sighting is below the floor); at 1 -> 2
+    the edge's one other transition counts 0 too; the targets' own additions are (0, 1), (1, 2)."""
     teacher = tiny_teacher()
     batch = BatchBuilder(6, teacher)(torch.tensor([[0, 1, 2]]))  # inputs 0, 1 -> targets 1, 2
     weight = torch.tensor([2.0])
@@ -85,9 +87,9 @@ def test_a_position_does_not_see_its_own_transition():
                                 batch.edge_is_target, batch.positions.shape[0])  # fmt: skip
     got = {(int(r), int(i)): float(v) for r, i, v in zip(bonus.rows, bonus.items, bonus.values,
                                                           strict=True)}  # fmt: skip
-    want = {(0, 1): 2 * math.log(3), (0, 2): 2 * math.log(2), (1, 2): 2 * math.log(2)}
+    want = {(0, 1): 2 * math.log(2), (0, 2): 0.0, (1, 2): 0.0}
     assert got == pytest.approx(want)
-    assert own.tolist() == pytest.approx([2 * math.log(3), 2 * math.log(2)])
+    assert own.tolist() == pytest.approx([2 * math.log(2), 0.0])
 
 
 def test_sampled_softmax_with_every_item_equals_the_full_softmax_with_the_term():
@@ -132,7 +134,7 @@ def test_recommend_returns_the_exact_top_k_of_the_combined_scores(tmp_path):
     assert float(encoder.transition_weight.detach()) != 1.0  # trained from its initial 1
     assert float(encoder.transition_scale) in TRANSITION_SCALES  # chosen on validation
     weight = float(encoder.transition_weight.detach() * encoder.transition_scale)
-    log_counts = transition_scores(data, 40)  # [N, N] log(1 + G), built densely
+    log_counts = transition_scores(data, 40)  # [N, N] the feature of G, built densely
     rec = Recommender(str(out))
     histories = [[3, 17, 5], [8], [30, 2, 2, 11]]
     results = rec.recommend([[f"i{i}" for i in h] for h in histories], k=10)

@@ -31,6 +31,14 @@ def csr_edges(indptr: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, t
     return row_index, starts[row_index] + offsets
 
 
+def transition_feature(count: np.ndarray) -> np.ndarray:
+    """``[E]`` float32 ``log(1 + max(count - 1, 0))``: the transition term's feature of an edge
+    seen ``count`` times. One sighting is no evidence of a pattern (on a log that mixes
+    item-to-next steps with taste steps, every item follows the last one about once), so it
+    counts 0; then the log grows with the repeats."""
+    return np.log1p(np.maximum(count - 1, 0)).astype(np.float32)
+
+
 def csr_offsets(src: np.ndarray, num_rows: int) -> np.ndarray:
     """``[num_rows + 1]`` CSR offsets of edges sorted by ``src``."""
     indptr = np.zeros(num_rows + 1, dtype=np.int64)
@@ -52,9 +60,10 @@ class SparseTeacher:
         excess: ``[E]`` float32, ``p_ij - base_i`` for each successor.
         base: ``[N]`` float32, the probability of a non-successor (``1 / Z_i``; ``1 / N`` for an
             item without successors, whose teacher is uniform).
-        log_count: ``[E]`` float32 ``log(1 + G[i, j])``, the feature of the transition term
-            (``model.transition_term``, :mod:`trainer.transition_term`).
-        log_count_others: ``[E]`` float32 ``log(1 + max(G[i, j] - 1, 0))``: the same without
+        log_count: ``[E]`` float32 ``log(1 + max(G[i, j] - 1, 0))``, the feature of the
+            transition term (``model.transition_term``, :mod:`trainer.transition_term`): a
+            transition seen once counts 0 (the noise floor).
+        log_count_others: ``[E]`` float32 ``log(1 + max(G[i, j] - 2, 0))``: the same without
             the one transition a training position is itself (no target leakage).
     """
 
@@ -119,10 +128,8 @@ class SparseTeacher:
             dst=torch.from_numpy(dst),
             excess=torch.from_numpy(excess.astype(np.float32)),
             base=torch.from_numpy(base.astype(np.float32)),
-            log_count=torch.from_numpy(np.log1p(count).astype(np.float32)),
-            log_count_others=torch.from_numpy(
-                np.log1p(np.maximum(count - 1, 0)).astype(np.float32)
-            ),
+            log_count=torch.from_numpy(transition_feature(count)),
+            log_count_others=torch.from_numpy(transition_feature(count - 1)),
         )
 
     def rows(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The transition term (``model.transition_term``): a directed memory of item-to-next patterns.
 
-The score of item ``j`` for a sequence whose last item is ``i`` gets ``w * log(1 + G[i, j])``
-on top of ``query . E_j``: ``G`` is the train transition graph (``transitions/``, the TED
+The score of item ``j`` for a sequence whose last item is ``i`` gets ``w * f(G[i, j])`` on top
+of ``query . E_j``, ``f(c) = log(1 + max(c - 1, 0))`` (``trainer.teacher.transition_feature``:
+a transition seen once counts 0): ``G`` is the train transition graph (``transitions/``, the TED
 teacher's counts, zero for non-successors) and ``w`` is a learned scalar
 (``MQSAEncoder.transition_weight``). An embedding model smooths rare transitions away and a
 dot product is symmetric in spirit; the counts remember every directed ``i -> j`` seen, which is
@@ -22,7 +23,7 @@ putting the known successors first.
 
 No target leakage: at a training position ``p`` (input item ``i``, target ``t``) the transition
 ``i -> t`` is itself one of the counts of ``G[i, t]``, so that edge's feature is
-``log(1 + G[i, t] - 1)`` (``SparseTeacher.log_count_others``): the weight learns how well the
+``f(G[i, t] - 1)`` (``SparseTeacher.log_count_others``): the weight learns how well the
 OTHER transitions predict, as at evaluation, where the target's transition is never in ``G``.
 """
 
