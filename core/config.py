@@ -133,8 +133,9 @@ class ModelConfig:
     tau: float = setting(0.1, above(0))  # distillation temperature
     dropout: float = setting(0.5, within(0, 1, open_high=True))
     l2: float = setting(1e-4, at_least(0))  # l2 * sum(w^2) / 2 over all trainable tensors
-    # add w * log(1 + G[last item, j]) to every score (G: the train transition graph, w learned):
-    # a directed memory of item-to-next patterns; off in paper mode (METHOD.md has no such term)
+    # add w * log(1 + max(G[last item, j] - 1, 0)) to every score (G: the train transition
+    # graph, w learned): a directed memory of item-to-next patterns; off in paper mode
+    # (METHOD.md has no such term)
     transition_term: bool = False
 
 

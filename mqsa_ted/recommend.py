@@ -135,8 +135,8 @@ def read_items(version_url: str, m: Manifest) -> tuple[pa.Array, np.ndarray, np.
 
 
 class Successors:
-    """The transition term's side of an export: each row's successors and ``w * log(1 +
-    count)`` (``trainer.transition_term``), as CSR arrays on the host."""
+    """The transition term's side of an export: each row's successors and ``w *
+    log_count`` (``trainer.transition_term``), as CSR arrays on the host."""
 
     def __init__(self, payload: bytes, count: int, weight: float, url: str) -> None:
         edges = pq.read_table(pa.BufferReader(payload))

@@ -116,7 +116,8 @@ def teacher_cross_term(
     ``p_hj = base_h + excess_hj`` (``excess`` on successors only), so the sum is
     ``sum_h base_h * (scaled_h . sum_j E_j) + sum_edges excess_e * succ_e``. Without the edges'
     logits the successor part is ``sum_h scaled_h . (sum_{e of h} excess_e E_succ(e))``: one
-    weighted embedding bag per head, no ``[E, D]`` tensor (~3x cheaper on CPU).
+    weighted embedding bag per head, no ``[E, D]`` tensor (~1.5x cheaper on CPU, forward and
+    backward, in a micro-benchmark of a Beauty batch's ~50,000 edges).
 
     Args:
         scaled: ``[H, D]`` student vectors divided by tau.

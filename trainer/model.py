@@ -57,7 +57,7 @@ class PackedLayout:
         gather: ``[S]`` each packed slot's flat index ``b * T + t`` in the ``[B, T]`` batch.
         mask: ``[S, 1]`` float, 1 at real items.
         last: ``[B]`` each user's newest slot, group after group.
-        back: ``[S]`` the slot ``window`` steps back in the same user (itself where there is
+        back: ``[S]`` the slot ``window`` steps back in the same user (slot 0 where there is
             none); ``has_back``: ``[S, 1]`` float, 1 where there is one.
         window_count: ``[S, 1]`` real items in each slot's window (at least 1).
         blocked: per group ``[B_g, T_g, T_g]`` bool, True where a query may not see a key (a
@@ -76,9 +76,8 @@ class PackedLayout:
 
     @property
     def sizes(self) -> list[int]:
-        """``[B_g * T_g]`` each group's packed rows (for ``split``: its backward is one cat,
-        each slice's a zero-filled ``[S, D]``)."""
-        return [count * length for count, length in self.groups]
+        """``[B_g * T_g]`` each group's packed rows (``_group_sizes``)."""
+        return _group_sizes(self.groups)
 
     @staticmethod
     def build(
@@ -106,9 +105,7 @@ class PackedLayout:
         mask_f, has_back_f = real.unsqueeze(1).float(), has_back.unsqueeze(1).float()  # [S, 1]
         running = _per_user_cumsum(mask_f, shapes)  # [S, 1]
         blocked, blocked_last = [], []
-        for part, (count, length) in zip(
-            real.split([b * t for b, t in shapes]), shapes, strict=True
-        ):
+        for part, (count, length) in zip(real.split(_group_sizes(shapes)), shapes, strict=True):
             padding = ~part.view(count, 1, length)
             later = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
             blocked.append(later | padding)  # [B_g, T_g, T_g]
@@ -126,6 +123,12 @@ class PackedLayout:
         )
 
 
+def _group_sizes(groups: tuple[tuple[int, int], ...]) -> list[int]:
+    """``[B_g * T_g]`` each group's packed rows: the sizes to ``split`` packed tensors by (a
+    split's backward is one cat; each slice's would zero-fill a whole ``[S, D]`` gradient)."""
+    return [count * length for count, length in groups]
+
+
 def _join(parts: list[torch.Tensor]) -> torch.Tensor:
     """The groups' packed parts as one ``[S, ...]`` tensor (no copy for a single group)."""
     return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -133,7 +136,7 @@ def _join(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _per_user_cumsum(x: torch.Tensor, groups: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """``[S, C]`` running sum of packed rows ``x [S, C]`` over each user's own slots."""
-    parts = x.split([count * length for count, length in groups])
+    parts = x.split(_group_sizes(groups))
     return _join([
         part.view(count, length, x.shape[-1]).cumsum(dim=1).flatten(0, 1)
         for part, (count, length) in zip(parts, groups, strict=True)
