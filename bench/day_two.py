@@ -17,7 +17,7 @@ removed (counted), so every later day brings new items. Then, with real jobs (``
 - day one: a full prepare and ``--scratch-epochs`` of training;
 - each later day: a prepare against the previous day's output (``data.base_dir``, only that
   day's events) and ``--warm-epochs`` of training from the previous day's run
-  (``train.init_from``, ``train.min_steps=0``);
+  (``train.init_from``, ``train.min_steps=0``, and the ``--warm`` overrides);
 - the scratch retrain: a full prepare of all the days' events and ``--scratch-epochs`` of
   training from random weights.
 
@@ -115,7 +115,7 @@ def stage(name: str, events: Path, base: Path | None, init_from: Path | None, ep
     prepare = [f"data.events={events}", *common] + ([f"data.base_dir={base}"] if base else [])
     train = [*common, f"train.run_dir={run_dir}", f"train.epochs={epochs}", "train.progress=false"]
     if init_from:
-        train += [f"train.init_from={init_from}", "train.min_steps=0"]
+        train += [f"train.init_from={init_from}", "train.min_steps=0", *args.warm]
     py, logs = sys.executable, workdir / name
     prep_s, prep_cpu = run([py, "-m", "spark_jobs.prepare", args.config, *prepare],
                            logs / "prepare.log")  # fmt: skip
@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launch", type=float, default=0.0, help="share of items launched per day")
     p.add_argument("--scratch-epochs", type=int, default=40)
     p.add_argument("--warm-epochs", type=int, default=8)
+    p.add_argument("--warm", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="an override for the warm-start runs only (repeatable), e.g. "
+                   "train.new_target_weight=3")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = p.parse_args(argv)
     if len(args.days) < 2 or args.days[-1] != 1.0 or sorted(args.days) != args.days:

@@ -4,7 +4,9 @@ readers the trainer, the baselines and the exports use.
 Layout (docs/data_pipeline.md)::
 
     vocab/        item_id (raw), index (0..N-1), count
-    sequences/    user_id, train_items (list of indices, time order), valid_item, test_item
+    sequences/    user_id, train_items (list of indices, time order), valid_item, test_item;
+                  prepared against a base also new_targets (how many of the last train items
+                  the base did not train on), listed in stats.json's ``sequence_columns``
     transitions/  src, dst, count
     stats.json    counts, every dropped row by reason, the settings that shaped the data,
                   this output's ``version`` and, when prepared against an earlier output
@@ -27,6 +29,7 @@ from core.storage import parquet_files, read_json, read_parquet, url_to_fs
 COMPLETE_MARKER = "_COMPLETE"
 STATS_FILE = "stats.json"
 VOCAB, SEQUENCES, TRANSITIONS = "vocab", "sequences", "transitions"
+NEW_TARGETS = "new_targets"  # the optional column of sequences/ (an incremental prepare)
 
 
 class DataError(UserError):

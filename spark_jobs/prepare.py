@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 
 from core.config import ConfigError, DataConfig, check_prepare, load_config
 from core.errors import UserError
-from core.prepared import STATS_FILE
+from core.prepared import NEW_TARGETS, STATS_FILE
 from spark_jobs.clean import (
     ROW_REASONS,
     annotate,
@@ -189,6 +189,7 @@ class Job:
             info.update(users=sizes["users"], events=sizes["events"], new_users=new_users)
             info.update(short_users=self.dropped["short_users"], partitions=partitions)
         self.incremental = {
+            "sequence_columns": [NEW_TARGETS],  # leave_one_out adds it (seqs has pos)
             "new_users": new_users,
             "new_items": new_items,
             "new_events": sizes["events"] - int(base.stats["events"]),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from core.prepared import NEW_TARGETS
+
 BROADCAST_MAX_ITEMS = 2_000_000  # above this the vocab join shuffles (AQE splits hot items)
 MIN_EVENTS = 3  # leave-one-out needs a train item, a validation and a test target
 
@@ -61,14 +63,21 @@ def short_users(seqs: DataFrame) -> DataFrame:
 
 
 def leave_one_out(seqs: DataFrame) -> DataFrame:
-    """``user_id``, ``train_items`` (all but the last two), ``valid_item``, ``test_item``."""
+    """``user_id``, ``train_items`` (all but the last two), ``valid_item``, ``test_item``; in an
+    incremental run (``seqs`` with ``pos``, :func:`spark_jobs.incremental.combine`) also
+    ``new_targets``: how many of the last train items the base did not train on (its valid and
+    test items and the new events; every train item of a new user)."""
     n = F.size("items")
-    return seqs.select(
+    columns = [
         F.col("user").alias("user_id"),
         F.slice("items", F.lit(1), n - 2).alias("train_items"),
         F.element_at("items", -2).alias("valid_item"),
         F.element_at("items", -1).alias("test_item"),
-    )
+    ]
+    if "pos" in seqs.columns:  # the last item's pos is n - (the base's train length)
+        unseen = F.least(F.greatest(F.element_at("pos", -1) - 2, F.lit(0)), n - 2)
+        columns.append(unseen.cast("long").alias(NEW_TARGETS))
+    return seqs.select(*columns)
 
 
 def train_part(seqs: DataFrame, max_len: int | None) -> DataFrame:

@@ -12,11 +12,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from core.config import DataConfig
+from core.config import DataConfig, load_config
+from core.prepared import DataError
 from mqsa_ted.manifest import ADDED_ITEMS, read_manifest
 from spark_jobs.prepare import prepare
 from spark_jobs.progress import Progress
+from tests.conftest import read_output
+from trainer.data import load_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["data.max_len=12", "model.dim=16", "train.batch_size=32", "train.epochs=1",
@@ -53,6 +57,21 @@ def train_and_export(data: Path, run_dir: Path, export: Path, *extra: str) -> No
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
 
 
+def check_new_targets(day1: Path, day2: Path) -> None:
+    """The trainer reads how many of each user's last targets are new since day one, and
+    refuses ``train.new_target_weight`` on data prepared without a base."""
+    old = {
+        r["user_id"]: len(r["train_items"]) for r in read_output(str(day1), "sequences").to_pylist()
+    }
+    rows = read_output(str(day2), "sequences").to_pylist()
+    want = [len(r["train_items"]) - old.get(r["user_id"], 0) for r in rows]
+    weighted = ["data.max_len=12", "train.new_target_weight=3"]
+    got = load_sequences(load_config(None, [f"data.dir={day2}", *weighted])).new_targets
+    assert got.tolist() == want and 0 < sum(want) < sum(len(r["train_items"]) for r in rows)
+    with pytest.raises(DataError, match="not prepared against a base"):
+        load_sequences(load_config(None, [f"data.dir={day1}", *weighted]))
+
+
 def test_day_two_keeps_ids_and_lists_what_it_added(spark, tmp_path):
     rng = np.random.default_rng(3)
     day1, day2 = tmp_path / "day1.parquet", tmp_path / "day2.parquet"
@@ -67,8 +86,9 @@ def test_day_two_keeps_ids_and_lists_what_it_added(spark, tmp_path):
 
     train_and_export(tmp_path / "v1", tmp_path / "run1", tmp_path / "export")
     before = items_of(tmp_path / "export")
-    train_and_export(tmp_path / "v2", tmp_path / "run2", tmp_path / "export",
-                     f"train.init_from={tmp_path / 'run1'}")  # fmt: skip
+    check_new_targets(tmp_path / "v1", tmp_path / "v2")
+    warm = [f"train.init_from={tmp_path / 'run1'}", "train.new_target_weight=3"]
+    train_and_export(tmp_path / "v2", tmp_path / "run2", tmp_path / "export", *warm)
     after = items_of(tmp_path / "export")
 
     assert {item: after[item] for item in before} == before  # the same row for every old id

@@ -73,6 +73,11 @@ def test_ids_stable_new_items_appended_histories_continued(spark, tmp_path):
         "c": (["x"], "y", "z"),  # no new events: unchanged
         "d": (["v", "u"], "x", "t"),
     }
+    # the train items the base did not train on (its valid and test items, the new events)
+    rows = read_output(new_dir, "sequences").to_pylist()
+    assert {r["user_id"]: r["new_targets"] for r in rows} == {"a": 2, "b": 1, "c": 0, "d": 2}
+    assert stats["sequence_columns"] == ["new_targets"] and "sequence_columns" not in base_stats
+    assert "new_targets" not in read_output(base_dir, "sequences").column_names
     assert (stats["users"], stats["items"], stats["new_users"], stats["new_items"]) == (4, 7, 1, 3)
     assert stats["dropped"]["short_users"] == 1 and stats["dropped"]["short_user_events"] == 2
     assert stats["new_events"] == 7 and stats["events"] == 10 + 7

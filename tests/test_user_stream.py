@@ -78,7 +78,7 @@ def test_epoch_covers_each_rank_share_and_steps_agree(data_dir):
     for rank in range(2):
         users = CountingReads(cfg, rank, 2)
         users.read_groups = []
-        batches = list(users.train_batches(epoch=1))
+        batches = [b.items for b in users.train_batches(epoch=1)]
         steps.add(len(batches))
         assert len(batches) == users.steps_per_epoch()
         assert all(b.shape == (users.batch, 12) for b in batches)
@@ -93,10 +93,14 @@ def test_epoch_covers_each_rank_share_and_steps_agree(data_dir):
 
 def test_shuffle_is_seeded_per_epoch_and_resumable(data_dir):
     users = StreamingUsers(config(data_dir, "data.shuffle_buffer=20"), 1, 2)
-    epoch1 = list(users.train_batches(epoch=1))
-    assert all(torch.equal(a, b) for a, b in zip(epoch1, users.train_batches(1), strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(epoch1, users.train_batches(2), strict=True))
-    resumed = list(users.train_batches(epoch=1, start_step=2))
+
+    def items(epoch: int, start_step: int = 0) -> list[torch.Tensor]:
+        return [b.items for b in users.train_batches(epoch, start_step)]
+
+    epoch1 = items(1)
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, items(1), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch1, items(2), strict=True))
+    resumed = items(1, start_step=2)
     assert len(resumed) == len(epoch1) - 2
     assert all(torch.equal(a, b) for a, b in zip(epoch1[2:], resumed, strict=True))
 
@@ -126,6 +130,6 @@ def test_streams_through_fsspec_urls(data_dir):
     local = StreamingUsers(config(data_dir), 1, 2)
     remote = StreamingUsers(config("memory://stream_data"), 1, 2)
     assert all(
-        torch.equal(a, b)
+        torch.equal(a.items, b.items)
         for a, b in zip(local.train_batches(3), remote.train_batches(3), strict=True)
     )

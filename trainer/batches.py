@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from core.collectives import all_gather_rows, distributed, loader_group
+from trainer.data import TrainRows
 from trainer.samplers import NegativeSampler
 from trainer.teacher import SparseTeacher
 
@@ -39,8 +40,10 @@ class StepBatch:
         positions: ``[P]`` int64 flat slot index ``b * T + t`` of every real input item (these
             slots are scored, and their items are the TED heads).
         targets: ``[P]`` int64 the next item at each position.
-        counts: ``[1]`` float64 ``P``: this rank's part of the loss normalisers (the step sums it
-            over ranks on the device).
+        weights: ``[P]`` float32 each position's weight in both losses: 1, or
+            ``train.new_target_weight`` where the target is new since the base.
+        counts: ``[1]`` float64 the sum of ``weights``: this rank's part of the loss normalisers
+            (the step sums it over ranks on the device).
         rows: ``[U]`` int64 distinct item ids the step reads from the table.
         inputs_row: ``[B, T]`` int64 index into ``rows`` of each input (``U`` at padding: the zero
             row appended by the objective).
@@ -68,6 +71,7 @@ class StepBatch:
     inputs: torch.Tensor
     positions: torch.Tensor
     targets: torch.Tensor
+    weights: torch.Tensor
     counts: torch.Tensor
     rows: torch.Tensor
     inputs_row: torch.Tensor
@@ -171,8 +175,9 @@ class BatchBuilder:
     """Host side of a training step: cut train sequences ``[B, M]`` -> :class:`StepBatch`.
 
     Input = train[:-1], target = train[1:] (METHOD.md), trimmed to the longest sequence; the
-    teacher edges of every head (TED), the step's candidates (catalogue mode) and the distinct
-    rows to read are found here.
+    teacher edges of every head (TED), the step's candidates (catalogue mode), the distinct
+    rows to read and each position's weight (``new_target_weight`` where the target is new since
+    the base of an incremental prepare, else 1) are found here.
     """
 
     def __init__(
@@ -181,15 +186,18 @@ class BatchBuilder:
         teacher: SparseTeacher | None = None,
         sampler: NegativeSampler | None = None,
         groups: int = 1,
+        new_target_weight: float = 1.0,
     ) -> None:
         self.pad = num_items
         self.teacher = teacher
         self.sampler = sampler
         self.groups = groups
+        self.new_target_weight = new_target_weight
 
-    def __call__(self, train: torch.Tensor, epoch: int = 0, step: int = 0) -> StepBatch:
-        """The batch of cut train sequences ``train [B, M]`` at ``(epoch, step)`` (seeds the
-        step's candidate draws)."""
+    def __call__(self, users: TrainRows | torch.Tensor, epoch: int = 0, step: int = 0) -> StepBatch:
+        """The batch of ``users`` (or of bare cut train sequences ``[B, M]``: no target is
+        new) at ``(epoch, step)`` (seeds the step's candidate draws)."""
+        train = users.items if isinstance(users, TrainRows) else users
         pad = self.pad
         shifted = torch.full_like(train, pad)
         shifted[:, 1:] = train[:, :-1]
@@ -199,6 +207,11 @@ class BatchBuilder:
         positions = real_slots.flatten().nonzero().squeeze(1)  # [P]
         targets = targets_full.flatten()[positions]  # [P]
         heads = inputs.flatten()[positions]  # [P]
+        weights = torch.ones(positions.numel())  # [P]
+        if isinstance(users, TrainRows) and self.new_target_weight != 1.0:
+            width = inputs.shape[1]  # right-aligned: a user's last n targets fill the last n slots
+            is_new = torch.arange(width) >= width - users.new_targets.unsqueeze(1)  # [B, T]
+            weights[is_new.flatten()[positions]] = self.new_target_weight
         empty = torch.zeros(0, dtype=torch.int64)
         cand_ids, cand_log_q = empty, torch.zeros(0)
         if self.sampler is not None:
@@ -224,7 +237,8 @@ class BatchBuilder:
             inputs=inputs,
             positions=positions,
             targets=targets,
-            counts=torch.tensor([float(positions.numel())], dtype=torch.float64),
+            weights=weights,
+            counts=weights.sum(dtype=torch.float64).reshape(1),
             rows=rows,
             inputs_row=inputs_row.view_as(inputs),
             targets_row=targets_row,

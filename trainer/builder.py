@@ -89,7 +89,9 @@ def build_components(cfg: Config, env: DistEnv) -> Run:
             print(message, flush=True)
     device_teacher = teacher.to(env.device) if teacher is not None else None
     objective = build_objective(cfg, encoder, table, device_teacher)
-    batches = BatchBuilder(num_items, teacher, sampler, cfg.train.length_groups)
+    batches = BatchBuilder(
+        num_items, teacher, sampler, cfg.train.length_groups, cfg.train.new_target_weight
+    )
     return Run(cfg, env, users, table, batches, objective)
 
 

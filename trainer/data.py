@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from core.config import Config
-from core.prepared import SEQUENCES, TRANSITIONS, DataError, read_dataset, read_stats
+from core.prepared import NEW_TARGETS, SEQUENCES, TRANSITIONS, DataError, read_dataset, read_stats
 
 
 @dataclass
@@ -29,6 +29,8 @@ class Sequences:
         history_offsets: ``[U + 1]`` int64 CSR offsets of each user's WHOLE train history in
             ``history_items`` (evaluation masks all of it, not only the cut ``train``).
         history_items: ``[S]`` int64 every user's train items, oldest first.
+        new_targets: ``[U]`` int64 how many of the last train items the base of an incremental
+            prepare did not train on (0 for data prepared without a base).
     """
 
     train: torch.Tensor
@@ -37,6 +39,7 @@ class Sequences:
     num_items: int
     history_offsets: torch.Tensor
     history_items: torch.Tensor
+    new_targets: torch.Tensor
 
     @property
     def num_users(self) -> int:
@@ -59,7 +62,7 @@ class Sequences:
         )
         return Sequences(
             self.train[rows], self.valid[rows], self.test[rows], self.num_items,
-            offsets, self.history_items[source],
+            offsets, self.history_items[source], self.new_targets[rows],
         )  # fmt: skip
 
     @staticmethod
@@ -76,6 +79,7 @@ class Sequences:
             chunks[0].num_items,
             torch.cat(offsets),
             torch.cat([c.history_items for c in chunks]),
+            torch.cat([c.new_targets for c in chunks]),
         )
 
     def test_inputs(self) -> torch.Tensor:
@@ -84,6 +88,20 @@ class Sequences:
         shifted[:, :-1] = self.train[:, 1:]
         shifted[:, -1] = self.valid
         return shifted
+
+
+@dataclass
+class TrainRows:
+    """One step's users on one rank, as the batch builder reads them (host tensors).
+
+    Attributes:
+        items: ``[b, M]`` int64 cut train sequences, right-aligned, padding id N.
+        new_targets: ``[b]`` int64 how many of each user's last targets are new since the base
+            (``Sequences.new_targets``).
+    """
+
+    items: torch.Tensor
+    new_targets: torch.Tensor
 
 
 def right_align(lists, max_len: int, pad: int) -> np.ndarray:
@@ -103,13 +121,28 @@ def right_align(lists, max_len: int, pad: int) -> np.ndarray:
 SEQUENCE_COLUMNS = ["train_items", "valid_item", "test_item"]
 
 
+def sequence_columns(stats: dict) -> list[str]:
+    """The columns of ``sequences/`` to read: the split, and ``new_targets`` where
+    ``stats.json`` lists it (an incremental prepare)."""
+    optional = [NEW_TARGETS] if NEW_TARGETS in stats.get("sequence_columns", []) else []
+    return SEQUENCE_COLUMNS + optional
+
+
 def prepared_stats(cfg: Config) -> dict:
-    """The committed ``stats.json``, after checking that ``data.max_len`` matches it."""
+    """The committed ``stats.json``, after checking that ``data.max_len`` matches it and that
+    data for ``train.new_target_weight`` says which targets are new."""
     stats = read_stats(cfg.data.dir)
     if "max_len" in stats and int(stats["max_len"]) != cfg.data.max_len:
         raise DataError(
             f"data.max_len={cfg.data.max_len} but {cfg.data.dir} was prepared with "
             f"max_len={stats['max_len']}: re-run prepare or fix the config"
+        )
+    weight = cfg.train.new_target_weight
+    if weight != 1.0 and NEW_TARGETS not in stats.get("sequence_columns", []):
+        raise DataError(
+            f"train.new_target_weight={weight} weights the targets that are new since the base "
+            f"of an incremental prepare, but {cfg.data.dir} was not prepared against a base "
+            "(data.base_dir) by this version: set it to 1 or re-run prepare with a base"
         )
     return stats
 
@@ -126,6 +159,10 @@ def sequences_from_table(table, max_len: int, num_items: int, where: str) -> Seq
         if top >= num_items or min(values.min(initial=0), valid.min(), test.min()) < 0:
             raise DataError(f"{where} holds item index {top} but stats.json says {num_items} items")
     offsets = train_col.offsets.to_numpy().astype(np.int64)
+    if NEW_TARGETS in table.column_names:
+        new_targets = table.column(NEW_TARGETS).to_numpy().astype(np.int64)
+    else:
+        new_targets = np.zeros(len(valid), dtype=np.int64)
     return Sequences(
         train=torch.from_numpy(right_align(train_col, max_len, num_items)),
         valid=torch.from_numpy(valid),
@@ -133,14 +170,16 @@ def sequences_from_table(table, max_len: int, num_items: int, where: str) -> Seq
         num_items=num_items,
         history_offsets=torch.from_numpy(offsets - offsets[0]),
         history_items=torch.from_numpy(values[offsets[0] : offsets[-1]].astype(np.int64)),
+        new_targets=torch.from_numpy(new_targets),
     )
 
 
 def load_sequences(cfg: Config) -> Sequences:
     """Read all of ``sequences/`` and check it against the config and ``stats.json``."""
-    num_items = int(prepared_stats(cfg)["items"])
+    stats = prepared_stats(cfg)
+    num_items = int(stats["items"])
     url = cfg.data.dir.rstrip("/") + "/sequences"
-    table = read_dataset(cfg.data.dir, SEQUENCES, SEQUENCE_COLUMNS)
+    table = read_dataset(cfg.data.dir, SEQUENCES, sequence_columns(stats))
     if table.num_rows == 0:
         raise DataError(f"{cfg.data.dir}/sequences is empty: no user survived prepare")
     return sequences_from_table(table, cfg.data.max_len, num_items, url)

@@ -18,8 +18,10 @@ gradient of ``sum_j E_j`` (a dense update of every row) is estimated by
 ``sum_k E_ck exp(-logQ_k)``, which only touches candidate rows.
 With every item as a candidate once (``log_q = 0``) the catalogue form equals the paper form.
 
-Every normaliser may be a float or a device scalar tensor (the global count of positions,
-summed over ranks on the device): nothing here reads a value back to the host.
+Every loss sums over positions (= heads) with a weight per position (``weights [P]``:
+``StepBatch.weights``, 1 but for the targets that are new since the base); every normaliser
+may be a float or a device scalar tensor (the global sum of those weights, summed over ranks on
+the device): nothing here reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ def full_softmax_rec_loss(
     chunk: int,
     bf16: bool,
     term: tuple[ScoreBonus, torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax cross-entropy over all N items, summed over positions and divided by ``norm``.
+    """Softmax cross-entropy over all N items, a weighted sum over positions divided by
+    ``norm``.
 
     As in the reference, the softmax also holds the zero padding row (one more class whose logit
     is always 0): its training scores are against the whole ``[N + 1, D]`` table; only evaluation
@@ -89,14 +93,20 @@ def full_softmax_rec_loss(
         items: ``[N, D]`` the whole item table.
         term: the transition term, ``(additions to the scores, each target's own [P])``
             (``trainer.transition_term.training_bonus``), or None.
+        weights: ``[P]`` each position's weight (None: all 1).
     """
-    weights = torch.ones_like(queries[:, 0]) / norm  # [P]
+    weights = _ones_if_none(weights, queries)  # [P]
     bias, target_bias = term if term is not None else (None, None)
-    lse = weighted_log_partition(queries, items, weights, chunk, bf16, True, bias)
-    target = (queries * target_emb).sum()
+    lse = weighted_log_partition(queries, items, weights / norm, chunk, bf16, True, bias)
+    target = (queries * target_emb).sum(-1)  # [P]
     if target_bias is not None:
-        target = target + target_bias.sum()
-    return lse - target / norm
+        target = target + target_bias
+    return lse - (weights * target).sum() / norm
+
+
+def _ones_if_none(weights: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """``weights``, or ``[R]`` ones for the rows of ``rows [R, D]`` (on its device)."""
+    return torch.ones_like(rows[:, 0]) if weights is None else weights
 
 
 def edge_scores(scaled: torch.Tensor, teacher: TeacherRows) -> torch.Tensor:
@@ -157,8 +167,10 @@ def ted_loss(
     norm: float | torch.Tensor,
     chunk: int,
     bf16: bool,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Paper TED: cross-entropy(teacher, student) over all N items, summed over heads / ``norm``.
+    """Paper TED: cross-entropy(teacher, student) over all N items, a weighted sum over heads
+    divided by ``norm``.
 
     With student logits ``s_hj = student_h . E_j / tau``, ``CE_h = lse_h - base_h * (student_h .
     sum_j E_j) / tau - sum_succ excess_hj * s_hj``: exact, and the zero-count mass costs one
@@ -167,11 +179,15 @@ def ted_loss(
     Args:
         student: ``[H, D]`` student vectors (dropout(E[head] * sqrt(d))).
         items: ``[N, D]`` the whole item table.
+        weights: ``[H]`` each head's weight (None: all 1).
     """
     scaled = student / tau  # [H, D]
-    weights = torch.ones_like(student[:, 0]) / norm  # [H]
-    lse = weighted_log_partition(scaled, items, weights, chunk, bf16, anchors=teacher.heads)
-    cross = teacher_cross_term(scaled, items.sum(0), teacher)
+    weights = _ones_if_none(weights, student)  # [H]
+    lse = weighted_log_partition(
+        scaled, items, weights / norm, chunk, bf16, anchors=teacher.heads
+    )  # fmt: skip
+    # the cross term is linear in each head's vector: weighting it weights the head
+    cross = teacher_cross_term(scaled * weights[:, None], items.sum(0), teacher)
     return lse - cross / norm
 
 
@@ -184,8 +200,9 @@ def sampled_rec_loss(
     cand_emb: torch.Tensor,
     norm: float | torch.Tensor,
     term: tuple[ScoreBonus, torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sampled-softmax next-item loss, summed over positions and divided by ``norm``.
+    """Sampled-softmax next-item loss, a weighted sum over positions divided by ``norm``.
 
     Args:
         queries: ``[P, D]`` query vectors at the real positions.
@@ -195,6 +212,7 @@ def sampled_rec_loss(
         cand_emb: ``[K, D]`` candidate rows.
         term: the transition term as ``(additions at (position, candidate index), each
             target's own addition [P])``, or None.
+        weights: ``[P]`` each position's weight (None: all 1).
     """
     pos = (queries * target_emb).sum(-1, keepdim=True)  # [P, 1]
     neg = queries @ cand_emb.T - cand_log_q  # [P, K]
@@ -204,7 +222,8 @@ def sampled_rec_loss(
         pos = pos + target_bias.unsqueeze(1)
     neg = neg.masked_fill(cand_ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos, neg, torch.zeros_like(pos)], dim=1)  # [P, 1 + K + 1]
-    return (torch.logsumexp(logits, dim=1) - pos.squeeze(1)).sum() / norm
+    per_position = torch.logsumexp(logits, dim=1) - pos.squeeze(1)  # [P]
+    return (_ones_if_none(weights, queries) * per_position).sum() / norm
 
 
 def sampled_ted_loss(
@@ -216,8 +235,10 @@ def sampled_ted_loss(
     item_sum: torch.Tensor,
     tau: float,
     norm: float | torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """TED cross-entropy with an estimated student log-partition, summed over heads / ``norm``.
+    """TED cross-entropy with an estimated student log-partition, a weighted sum over heads
+    divided by ``norm``.
 
     The partition of head h is its successors' terms, exactly (where the teacher puts its mass
     and where the student's mass concentrates), plus the candidates' estimate of every other
@@ -229,6 +250,7 @@ def sampled_ted_loss(
         cand_log_q: ``[K]`` the candidates' log-Q; ``cand_emb``: ``[K, D]`` their rows.
         hits: ``(head [A], candidate [A])``: candidate k is a successor of head h.
         item_sum: ``[D]`` exact ``sum_j E_j`` (its own gradient, if any, is not used).
+        weights: ``[H]`` each head's weight (None: all 1).
     """
     scaled = student / tau  # [H, D]
     cand = (scaled @ cand_emb.T - cand_log_q).index_put(hits, scaled.new_tensor(float("-inf")))
@@ -236,4 +258,7 @@ def sampled_ted_loss(
     lse = logsumexp_with_edges(cand, succ, teacher.head_index)  # [H]
     estimate = torch.exp(-cand_log_q) @ cand_emb  # [D]
     item_sum = item_sum.detach() + (estimate - estimate.detach())  # exact value, sampled grad
-    return (lse.sum() - teacher_cross_term(scaled, item_sum, teacher, succ)) / norm
+    weights = _ones_if_none(weights, student)  # [H]
+    succ_weighted = succ * weights.index_select(0, teacher.head_index)  # [E]
+    cross = teacher_cross_term(scaled * weights[:, None], item_sum, teacher, succ_weighted)
+    return ((weights * lse).sum() - cross) / norm

@@ -98,8 +98,8 @@ class Objective(nn.Module):
 
     @staticmethod
     def normaliser(batch: StepBatch) -> torch.Tensor:
-        """The global number of real positions (= heads) divided by the world size, on the
-        device: DeepSpeed and TorchRec average gradients over ranks."""
+        """The global sum of the positions' (= heads') weights divided by the world size, on
+        the device: DeepSpeed and TorchRec average gradients over ranks."""
         return (all_reduce_sum(batch.counts) / world()[1]).float().squeeze(0)
 
     def total(self, rec: torch.Tensor, kd: torch.Tensor | None) -> LossTerms:
@@ -120,11 +120,12 @@ class PaperObjective(Objective):
         chunk, bf16 = self.train_cfg.score_chunk, self.train_cfg.bf16
         target_emb = rows.index_select(0, batch.targets_row)  # [P, D]
         term = self.transition_term(batch)
-        rec = full_softmax_rec_loss(queries, target_emb, items, norm, chunk, bf16, term)
+        weights = batch.weights
+        rec = full_softmax_rec_loss(queries, target_emb, items, norm, chunk, bf16, term, weights)
         if not self.use_kd:
             return self.total(rec, None)
         teacher = self.teacher_rows(batch, rows)
-        kd = ted_loss(student, items, teacher, self.model_cfg.tau, norm, chunk, bf16)
+        kd = ted_loss(student, items, teacher, self.model_cfg.tau, norm, chunk, bf16, weights)
         return self.total(rec, kd)
 
 
@@ -146,14 +147,14 @@ class CatalogObjective(Objective):
             term = (at_candidates, target_bias)
         rec = sampled_rec_loss(
             queries, batch.targets, target_emb, batch.cand_ids, batch.cand_log_q, cand_emb, norm,
-            term,
+            term, batch.weights,
         )  # fmt: skip
         if not self.use_kd:
             return self.total(rec, None)
         teacher = self.teacher_rows(batch, rows)
         kd = sampled_ted_loss(
             student, teacher, batch.cand_log_q, cand_emb, (batch.hit_head, batch.hit_cand),
-            self.table.item_sum(), self.model_cfg.tau, norm,
+            self.table.item_sum(), self.model_cfg.tau, norm, batch.weights,
         )  # fmt: skip
         return self.total(rec, kd)
 

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from core.config import Config
-from trainer.data import Sequences, epoch_order, load_sequences, rank_slice
+from trainer.data import Sequences, TrainRows, epoch_order, load_sequences, rank_slice
 from trainer.user_stream import StreamingUsers
 
 
@@ -36,9 +36,9 @@ class UserSource(Protocol):
         """Optimiser steps of one epoch: the same on every rank."""
         ...
 
-    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """This rank's ``[b, M]`` cut train sequences of each step of ``epoch`` from
-        ``start_step`` on (deterministic: a resumed epoch continues with the same batches)."""
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[TrainRows]:
+        """This rank's users of each step of ``epoch`` from ``start_step`` on (deterministic: a
+        resumed epoch continues with the same batches)."""
         ...
 
     def eval_batches(self, batch_size: int) -> tuple[int, Iterator[Sequences]]:
@@ -63,10 +63,11 @@ class InMemoryUsers:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.num_users / self.batch_size)
 
-    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[TrainRows]:
         order = epoch_order(self.num_users, self.seed, epoch)
         for global_users in order.split(self.batch_size)[start_step:]:
-            yield self.seqs.train[rank_slice(global_users, self.rank, self.world)]
+            users = rank_slice(global_users, self.rank, self.world)
+            yield TrainRows(self.seqs.train[users], self.seqs.new_targets[users])
 
     def eval_batches(self, batch_size: int) -> tuple[int, Iterator[Sequences]]:
         users = rank_slice(torch.arange(self.num_users), self.rank, self.world)

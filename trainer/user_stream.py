@@ -28,10 +28,11 @@ import torch
 from core.config import Config
 from core.prepared import SEQUENCES, DataError, dataset_files
 from trainer.data import (
-    SEQUENCE_COLUMNS,
     Sequences,
+    TrainRows,
     batch_share,
     prepared_stats,
+    sequence_columns,
     sequences_from_table,
 )
 
@@ -94,6 +95,7 @@ class StreamingUsers:
     def __init__(self, cfg: Config, rank: int, world: int) -> None:
         stats = prepared_stats(cfg)
         self.num_items = int(stats["items"])
+        self.columns = sequence_columns(stats)
         self.max_len, self.seed, self.rank = cfg.data.max_len, cfg.train.seed, rank
         self.shuffle_buffer = cfg.data.shuffle_buffer
         url = cfg.data.dir.rstrip("/") + "/sequences"
@@ -139,7 +141,7 @@ class StreamingUsers:
     def _read(self, group: RowGroup) -> Sequences:
         fs, path = fsspec.core.url_to_fs(group.path)
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(group.index, columns=SEQUENCE_COLUMNS)
+            table = pq.ParquetFile(f).read_row_group(group.index, columns=self.columns)
         where = f"{group.path} (row group {group.index})"
         return sequences_from_table(table, self.max_len, self.num_items, where)
 
@@ -160,10 +162,10 @@ class StreamingUsers:
     def _shuffle(users: Sequences, rng: np.random.Generator) -> Sequences:
         return users.select(torch.from_numpy(rng.permutation(users.num_users)))
 
-    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[TrainRows]:
         passes = (chunk for p in count() for chunk in self._shuffled_pass(epoch, p))
         batches = islice(rebatch(passes, self.batch), start_step, self.steps)
-        return (b.train for b in batches)
+        return (TrainRows(b.train, b.new_targets) for b in batches)
 
     def eval_batches(self, batch_size: int) -> tuple[int, Iterator[Sequences]]:
         num = math.ceil(max(self.share_rows) / batch_size)
@@ -171,7 +173,7 @@ class StreamingUsers:
         none = torch.empty(0, dtype=torch.int64)
         empty = Sequences(
             torch.empty(0, self.max_len, dtype=torch.int64), none, none, self.num_items,
-            torch.zeros(1, dtype=torch.int64), none,
+            torch.zeros(1, dtype=torch.int64), none, none,
         )  # fmt: skip
         batches = rebatch(chunks, batch_size)
         return num, (next(batches, empty) for _ in range(num))
