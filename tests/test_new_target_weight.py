@@ -1,15 +1,19 @@
 """``train.new_target_weight``: the batch weights exactly the targets that are new since the base,
-and a position of weight k counts in every loss as k copies of it."""
+a position of weight k counts in every loss as k copies of it, and the reader refuses a count
+that does not fit its user."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pyarrow as pa
+import pytest
 import torch
 
+from core.prepared import DataError
 from trainer.batches import BatchBuilder, accidental_hits
-from trainer.data import TrainRows
+from trainer.data import TrainRows, sequences_from_table
 from trainer.losses import (
     TeacherRows,
     full_softmax_rec_loss,
@@ -82,3 +86,16 @@ def test_a_position_of_weight_k_counts_as_k_copies_in_every_loss():
             assert (g is None) == (w is None)
             if g is not None:
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_reader_refuses_a_new_target_count_outside_the_train_items():
+    def table(new_targets: int) -> pa.Table:
+        return pa.table({
+            "train_items": [[0, 1]], "valid_item": [2], "test_item": [3],
+            "new_targets": pa.array([new_targets], pa.int64()),
+        })  # fmt: skip
+
+    assert sequences_from_table(table(2), 4, 5, "here").new_targets.tolist() == [2]
+    for bad in (3, -1):
+        with pytest.raises(DataError, match="here: a new_targets count outside"):
+            sequences_from_table(table(bad), 4, 5, "here")

@@ -161,6 +161,8 @@ def sequences_from_table(table, max_len: int, num_items: int, where: str) -> Seq
     offsets = train_col.offsets.to_numpy().astype(np.int64)
     if NEW_TARGETS in table.column_names:
         new_targets = table.column(NEW_TARGETS).to_numpy().astype(np.int64)
+        if ((new_targets < 0) | (new_targets > np.diff(offsets))).any():
+            raise DataError(f"{where}: a {NEW_TARGETS} count outside 0..its train items")
     else:
         new_targets = np.zeros(len(valid), dtype=np.int64)
     return Sequences(
