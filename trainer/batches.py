@@ -197,8 +197,9 @@ class BatchBuilder:
     def __call__(self, users: TrainRows | torch.Tensor, epoch: int = 0, step: int = 0) -> StepBatch:
         """The batch of ``users`` (or of bare cut train sequences ``[B, M]``: no target is
         new) at ``(epoch, step)`` (seeds the step's candidate draws)."""
-        train = users.items if isinstance(users, TrainRows) else users
-        pad = self.pad
+        if not isinstance(users, TrainRows):
+            users = TrainRows(users, torch.zeros(users.shape[0], dtype=torch.int64))
+        train, pad = users.items, self.pad
         shifted = torch.full_like(train, pad)
         shifted[:, 1:] = train[:, :-1]
         inputs = trim(shifted, pad)  # [B, T]
@@ -208,7 +209,7 @@ class BatchBuilder:
         targets = targets_full.flatten()[positions]  # [P]
         heads = inputs.flatten()[positions]  # [P]
         weights = torch.ones(positions.numel())  # [P]
-        if isinstance(users, TrainRows) and self.new_target_weight != 1.0:
+        if self.new_target_weight != 1.0:
             width = inputs.shape[1]  # right-aligned: a user's last n targets fill the last n slots
             is_new = torch.arange(width) >= width - users.new_targets.unsqueeze(1)  # [B, T]
             weights[is_new.flatten()[positions]] = self.new_target_weight

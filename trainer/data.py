@@ -138,7 +138,7 @@ def prepared_stats(cfg: Config) -> dict:
             f"max_len={stats['max_len']}: re-run prepare or fix the config"
         )
     weight = cfg.train.new_target_weight
-    if weight != 1.0 and NEW_TARGETS not in stats.get("sequence_columns", []):
+    if weight != 1.0 and NEW_TARGETS not in sequence_columns(stats):
         raise DataError(
             f"train.new_target_weight={weight} weights the targets that are new since the base "
             f"of an incremental prepare, but {cfg.data.dir} was not prepared against a base "
