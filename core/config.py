@@ -192,6 +192,9 @@ class TrainConfig:
     # warm start (day two): a previous run whose data this run's data extends (data.base_dir);
     # its encoder and item rows seed this run (trainer/warm_start.py); "" = off
     init_from: str = setting("", LOCATION_OR_EMPTY)
+    # warm start: the previous run's optimizer state for its parameters and item rows comes too
+    # (new items' rows start fresh); false = all optimizer state starts fresh
+    warm_optimizer: bool = True
     # day two: each target that is new since the base (data.base_dir: the base's valid and test
     # items, the new events) counts this many times in both losses; 1 = every target alike
     new_target_weight: float = setting(1.0, within(1, 100))

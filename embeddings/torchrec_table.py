@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import fbgemm_gpu  # noqa: F401  (registers the TBE operators)
 import torch
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch.autograd import Variable
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, init_from_local_shards
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -376,6 +378,56 @@ class TorchRecItemTable(ItemTable):
         """The KeyedOptimizer of the fused update (its ``state_dict`` is DCP-compatible)."""
         return self.dmp.fused_optimizer
 
+    def snapshot_state(self, optimizer: bool = True) -> dict:
+        """What a DCP snapshot of this table holds: ``{"table": sharded weights, "opt": the fused
+        optimizer's sharded state}`` (``opt`` only with ``optimizer``). The local shards are
+        views: loading into them writes the table."""
+        state = {"table": self.state_dict()}
+        if optimizer:
+            state["opt"] = self.fused_optimizer.state_dict()
+        return state
+
+    def prefix_state(self, rows: int, optimizer: bool) -> dict:
+        """:meth:`snapshot_state` of a smaller table, the first ``rows`` global rows of this one
+        (an older version of the catalogue plus its padding row), in fresh buffers: ``dcp.load``
+        fills them from that table's snapshot at any world size (DCP reads the overlapping
+        chunks), then :meth:`keep_prefix` copies them in."""
+        rank = dist.get_rank()
+        state = self.snapshot_state(optimizer)
+
+        def prefix(tensor: ShardedTensor) -> ShardedTensor:
+            shards = []
+            for shard in tensor.local_shards():
+                offsets = list(shard.metadata.shard_offsets)
+                count = min(shard.tensor.shape[0], rows - offsets[0])
+                if count > 0:
+                    buffer = torch.empty_like(shard.tensor[:count])
+                    shards.append(Shard.from_tensor_and_offsets(buffer, offsets, rank))
+            with warnings.catch_warnings():  # TorchRec's state dicts are ShardedTensors too
+                warnings.filterwarnings("ignore", "Please use DTensor", FutureWarning)
+                return init_from_local_shards(
+                    shards, rows, *tensor.size()[1:], process_group=self.pg
+                )
+
+        return _map_sharded(state, prefix)
+
+    @torch.no_grad()
+    def keep_prefix(self, loaded: dict, rows: int) -> None:
+        """Write global rows ``0..rows-1`` of ``loaded`` (a filled :meth:`prefix_state`) into this
+        table's weights and, where ``loaded`` has them, its fused optimizer's state; the other
+        rows keep their values (new items: initial rows, fresh optimizer state)."""
+        current = self.snapshot_state("opt" in loaded)
+
+        def copy(target: ShardedTensor, source: ShardedTensor) -> None:
+            held = {tuple(s.metadata.shard_offsets): s.tensor for s in target.local_shards()}
+            for shard in source.local_shards():
+                offsets = tuple(shard.metadata.shard_offsets)
+                count = min(shard.tensor.shape[0], rows - offsets[0])
+                held[offsets][:count].copy_(shard.tensor[:count])
+
+        _zip_sharded(current, loaded, copy)
+        self._partial, self._pending = None, None
+
     def state_dict(self, *args, **kwargs):
         """The sharded weights (ShardedTensor values), for ``torch.distributed.checkpoint``."""
         return self.dmp.state_dict(*args, **kwargs)
@@ -385,3 +437,18 @@ class TorchRecItemTable(ItemTable):
         self._shards = self._local_shards()
         self._partial, self._pending = None, None
         return result
+
+
+def _map_sharded(state: dict, fn) -> dict:
+    """``state`` (nested dicts) with every ShardedTensor replaced by ``fn(it)``."""
+    return {k: _map_sharded(v, fn) if isinstance(v, dict) else fn(v) if isinstance(v, ShardedTensor)
+            else v for k, v in state.items()}  # fmt: skip
+
+
+def _zip_sharded(a: dict, b: dict, fn) -> None:
+    """``fn(x, y)`` for the ShardedTensors at the same place in the nested dicts ``a`` and ``b``."""
+    for key, value in b.items():
+        if isinstance(value, dict):
+            _zip_sharded(a[key], value, fn)
+        elif isinstance(value, ShardedTensor):
+            fn(a[key], value)

@@ -5,6 +5,7 @@ sizes; a changed model shape or unrelated data is refused before anything is wri
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from core.config import load_config
 from tests.synthetic import write_prepared
 from trainer.data import load_transitions
-from trainer.warm_start import WarmStartError, previous_items
+from trainer.warm_start import WarmStartError, previous_items, warm_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -104,6 +105,36 @@ def test_warm_start_seeds_encoder_old_rows_and_new_rows(days, tmp_path, backend,
     want = expected_new_rows(days, old_table, fresh["table"][OLD:])
     torch.testing.assert_close(got["table"][OLD:], want.float(), rtol=1e-5, atol=1e-6)
     assert not torch.equal(got["table"][OLD:], fresh["table"][OLD:])  # neighbours were used
+    assert fresh["optimizer"] == {} and all(not v.any() for v in fresh["fused"].values())
+    check_optimizer_state(previous, got, backend)
+
+
+def check_optimizer_state(previous: Path, got: dict, backend: str) -> None:
+    """The best epoch's optimizer state came with the weights: the dense part's by name, a
+    sharded table's row by row; the new items' rows start at zero."""
+    saved = torch.load(previous / "optimizer.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["optimizer"] == "Adam"
+    dense = saved["state"]
+    assert set(got["optimizer"]) == set(dense)  # every dense parameter, the table's if dense
+    for name, state in dense.items():
+        for key, value in state.items():
+            mine = got["optimizer"][name][key]
+            if name == "table.weight":
+                assert key == "step" or not mine[OLD:].any(), key  # new rows and padding: fresh
+                mine, value = (mine, value) if key == "step" else (mine[:OLD], value[:OLD])
+            torch.testing.assert_close(mine, value, rtol=0, atol=0, msg=f"{name}.{key}")
+    if backend == "torchrec":
+        import torch.distributed.checkpoint as dcp
+
+        (snapshot,) = previous.glob("best_table-e*")
+        key = "embeddings.item_table.weight"
+        old = {"opt": {"state": {key: {"item_table.momentum1": torch.zeros(OLD + 1)}}}}
+        dcp.load(old, checkpoint_id=str(snapshot), no_dist=True)  # rowwise Adagrad: [N + 1]
+        momentum = old["opt"]["state"][key]["item_table.momentum1"]
+        assert momentum[:OLD].gt(0).any()
+        torch.testing.assert_close(got["fused"]["item_table.momentum1"][:OLD], momentum[:OLD],
+                                   rtol=0, atol=0)  # fmt: skip
+        assert not got["fused"]["item_table.momentum1"][OLD:].any()
 
 
 def test_changed_model_dim_is_refused_and_nothing_is_written(days, tmp_path):
@@ -123,3 +154,24 @@ def test_data_that_does_not_extend_the_previous_run_is_refused(days, tmp_path):
     cfg = load_config(None, [f"data.dir={unrelated}", *BASE, f"train.init_from={previous}"])
     with pytest.raises(WarmStartError, match="was not prepared against the data"):
         previous_items(cfg, str(previous))
+
+
+def test_optimizer_state_starts_fresh_with_the_reason_when_it_cannot_be_carried(days, tmp_path):
+    """A previous run without optimizer.pt (an older version, ZeRO 1/2), one whose optimizer.pt
+    is from another epoch than its best weights, or an optimizer that holds other tensors than
+    the model's (ZeRO 1/2 here): the dense state starts fresh and the log line says why."""
+    previous = tmp_path / "previous"
+    shutil.copytree(trained(days, "dense", 1), previous)
+    cfg = load_config(None, [f"data.dir={days['day2']}", *BASE, f"train.init_from={previous}"])
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    saved = torch.load(previous / "optimizer.pt", weights_only=True)
+    torch.save({**saved, "epoch": 99}, previous / "optimizer.pt")
+    assert warm_optimizer(cfg, model, optimizer).endswith(
+        "optimizer.pt is from epoch 99, the best weights from epoch 1 (stopped while saving?)"
+    )
+    (previous / "optimizer.pt").unlink()
+    assert "kept no optimizer.pt" in warm_optimizer(cfg, model, optimizer)
+    flat = torch.optim.Adam([torch.nn.Parameter(torch.zeros(6))])
+    assert "holds flat partitions" in warm_optimizer(cfg, model, flat)
+    assert not optimizer.state and not flat.state

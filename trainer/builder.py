@@ -34,7 +34,7 @@ from trainer.objectives import Objective, build_objective
 from trainer.samplers import NegativeSampler
 from trainer.teacher import SparseTeacher
 from trainer.user_source import UserSource, build_user_source
-from trainer.warm_start import warm_start
+from trainer.warm_start import warm_optimizer, warm_start
 
 
 @dataclass
@@ -100,6 +100,10 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     run = build_components(cfg, env)
     run.engine, optimizer = build_engine(run.objective, cfg, env)
     run.guard = DivergenceGuard(optimizer, env.device)
+    if cfg.train.init_from:
+        message = warm_optimizer(cfg, run.objective, optimizer)
+        if env.is_main:
+            print(message, flush=True)
     if run.table.has_fused_optimizer:
         run.table.grad_gate = run.guard.gate  # a skipped step leaves the fused update out too
     torch.manual_seed(cfg.train.seed + 7919 * env.rank)  # dropout differs per rank

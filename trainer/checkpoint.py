@@ -68,8 +68,12 @@ from core.storage import (
     write_json,
 )
 from trainer.distributed import DistEnv
+from trainer.optimizer_state import OPTIMIZER_FILE, named_optimizer_state
 
-__all__ = ["CheckpointError", "Checkpointer", "TrainerState", "load_best_table", "save_best"]
+__all__ = [
+    "CheckpointError", "Checkpointer", "TrainerState", "load_best_rows", "load_best_table",
+    "save_best",
+]  # fmt: skip
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
@@ -179,14 +183,10 @@ def writing(url: str) -> Iterator[None]:
         raise write_failure(url, e) from e
 
 
-def sharded_state(table) -> dict:
-    return {"table": table.state_dict(), "opt": table.fused_optimizer.state_dict()}
-
-
 def load_sharded(table, checkpoint_id: str) -> None:
     """Load a DCP checkpoint of a sharded table and its fused optimizer state (any world size
     for row-wise sharding: DCP reshards)."""
-    state = sharded_state(table)
+    state = table.snapshot_state()
     dcp.load(state, checkpoint_id=checkpoint_id)
     table.load_state_dict(state["table"])
     table.fused_optimizer.load_state_dict(state["opt"])
@@ -292,7 +292,7 @@ class Checkpointer:
         with writing(url):
             engine.save_checkpoint(staging, tag=DS_TAG, save_latest=False)
             if table.has_fused_optimizer:
-                dcp.save(sharded_state(table), checkpoint_id=f"{staging}/{TABLE_DIR}")
+                dcp.save(table.snapshot_state(), checkpoint_id=f"{staging}/{TABLE_DIR}")
         rank_state = {
             "rng": torch.get_rng_state(),
             "loss_sums": loss_sums.detach().cpu(),
@@ -408,12 +408,18 @@ class Checkpointer:
         return state, loss_sums
 
 
-def save_best(run_dir: str, model, table, epoch: int, env: DistEnv) -> None:
-    """Keep the best-validation weights: ``model.pt`` (dense part, plus the table when it is
-    dense) and, for a sharded table, ``best_table-eNNNNN/`` (DCP, each rank its shard, with a
+def save_best(run_dir: str, model, table, optimizer, epoch: int, env: DistEnv) -> None:
+    """Keep the best-validation weights and the optimizer state that goes with them (what a warm
+    start carries): ``model.pt`` (dense part, plus the table when it is dense), ``optimizer.pt``
+    (the dense part's state by parameter name, when ``optimizer`` holds the model's own
+    parameters: ZeRO stage 0; :mod:`trainer.optimizer_state`) and, for a sharded table,
+    ``best_table-eNNNNN/`` (DCP, each rank its shard and its fused optimizer state, with a
     COMPLETE marker; the previous one is deleted once the new one is committed)."""
     if env.is_main:
         save_state(f"{run_dir}/model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+        state = named_optimizer_state(model, optimizer, epoch)
+        if state is not None:
+            save_state(f"{run_dir}/{OPTIMIZER_FILE}", state)
     if not table.has_fused_optimizer:
         return
     fs, root = url_to_fs(run_dir)
@@ -422,24 +428,44 @@ def save_best(run_dir: str, model, table, epoch: int, env: DistEnv) -> None:
         raise CheckpointError(f"{target} holds files this project did not write: refusing")
     barrier()
     with writing(target):
-        dcp.save({"table": table.state_dict()}, checkpoint_id=target)
+        dcp.save(table.snapshot_state(), checkpoint_id=target)
     barrier()
     if env.is_main:
-        write_json(f"{target}/{COMPLETE}", {"epoch": epoch, "world": env.world})
+        write_json(f"{target}/{COMPLETE}", {"epoch": epoch, "world": env.world,
+                                            "optimizer_state": True})  # fmt: skip
         old = [full_url(fs, p) for p in sorted(fs.glob(f"{root}/{BEST_TABLE}*"))]
         prune([u for u in old if u != target], "best_table")
     barrier()
 
 
-def load_best_table(run_dir: str, table) -> str:
-    """Load the newest complete ``best_table-e*`` of ``run_dir`` into a sharded ``table``
-    (any world size: DCP reshards); returns its path."""
+def best_table(run_dir: str) -> tuple[str, dict]:
+    """``(URL, COMPLETE marker)`` of the newest complete ``best_table-e*`` of ``run_dir``."""
     fs, root = url_to_fs(run_dir)
     done = sorted(p for p in fs.glob(f"{root}/{BEST_TABLE}*") if fs.exists(f"{p}/{COMPLETE}"))
     if not done:
         raise CheckpointError(f"{run_dir} holds no complete {BEST_TABLE}* snapshot")
     latest = full_url(fs, done[-1])  # a URL: DCP reads a bare "bucket/path" as a local path
+    return latest, read_json(f"{latest}/{COMPLETE}")
+
+
+def load_best_table(run_dir: str, table) -> str:
+    """Load the newest complete ``best_table-e*`` of ``run_dir`` into a sharded ``table``
+    (any world size: DCP reshards); returns its path."""
+    latest, _ = best_table(run_dir)
     state = {"table": table.state_dict()}
     dcp.load(state, checkpoint_id=latest)
     table.load_state_dict(state["table"])
     return latest
+
+
+def load_best_rows(run_dir: str, table, rows: int, optimizer: bool) -> tuple[str, bool]:
+    """Load the newest complete ``best_table-e*`` of ``run_dir``, a table of ``rows`` items, into
+    rows ``0..rows-1`` of the larger sharded ``table`` (any world size), with its fused optimizer
+    state when ``optimizer`` and the snapshot holds it; returns ``(its path, whether the
+    optimizer state was loaded)``. Collective."""
+    latest, marker = best_table(run_dir)
+    with_state = optimizer and bool(marker.get("optimizer_state"))
+    state = table.prefix_state(rows + 1, with_state)  # the snapshot has its padding row too
+    dcp.load(state, checkpoint_id=latest)
+    table.keep_prefix(state, rows)
+    return latest, with_state

@@ -195,7 +195,8 @@ class Trainer:
                     if "transition_scale" in record:
                         state.best["transition_scale"] = record["transition_scale"]
                     state.stale = 0
-                    save_best(self.cfg.train.run_dir, self.model, self.table, state.epoch, self.env)
+                    save_best(self.cfg.train.run_dir, self.model, self.table, self.guard.optimizer,
+                              state.epoch, self.env)  # fmt: skip
                 else:
                     state.stale += 1
             state.history.append(record)

@@ -4,13 +4,17 @@ appended).
 
 - The encoder comes from the previous run's best weights (``model.pt``).
 - Item rows ``0..N_old-1`` come from the previous run's table (dense: ``model.pt``; TorchRec: its
-  ``best_table`` snapshot, loaded at the current world size: DCP reshards, then each rank copies
-  the rows of its own shards through lookups).
+  ``best_table`` snapshot, loaded straight into this run's shards at the current world size: DCP
+  reads the chunks that overlap each rank's rows).
 - A new item's row is the count-weighted mean of the rows of its old neighbours in the current
   transition graph (successors and predecessors); without old neighbours it keeps the seeded
   initial value.
-- Optimizer state starts fresh (for every row: Adam and Adagrad re-learn their moments quickly;
-  ``train.warmup_steps`` softens the first steps).
+- Optimizer state (``train.warm_optimizer``, on by default) comes with the weights it belongs
+  to: the dense part's from ``optimizer.pt`` (ZeRO stage 0; :mod:`trainer.optimizer_state`), a
+  sharded table's fused state from its snapshot, row by row. New items' rows start fresh. Where
+  the previous run kept none (ZeRO 1 or 2, another optimizer, an older version), that part
+  starts fresh and the log says why. Carrying the moments is what lets a few epochs on the new
+  data get close to a retrain (docs/results.md, "Day two").
 
 Everything is checked before anything is written: a previous run with another model shape
 (``model.dim``, ``model.num_blocks``, ``model.transition_term``, ``data.max_len``) or data that
@@ -19,19 +23,22 @@ does not extend the previous run's data is refused with a :class:`WarmStartError
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
+from torch import nn
 
 from core.collectives import to_device
 from core.config import Config, load_config
 from core.errors import UserError
 from core.prepared import read_stats
-from core.storage import load_state, read_json
+from core.storage import load_state, read_json, url_to_fs
 from embeddings.base import ItemTable
-from embeddings.factory import build_item_table
-from trainer.checkpoint import load_best_table
+from trainer.checkpoint import load_best_rows
 from trainer.data import load_transitions
 from trainer.model import MQSAEncoder
+from trainer.optimizer_state import OPTIMIZER_FILE, carry_optimizer_state, holds_model_parameters
 from trainer.run_dir import RunDir
 
 SHAPE_KEYS = (
@@ -103,40 +110,90 @@ def neighbour_means(
 
 @torch.no_grad()
 def warm_start(cfg: Config, encoder: MQSAEncoder, table: ItemTable) -> str:
-    """Seed ``encoder`` and ``table`` from ``train.init_from`` (collective for a sharded
-    table); returns a log line."""
+    """Seed ``encoder`` and ``table`` (and a sharded table's fused optimizer state) from
+    ``train.init_from`` (collective for a sharded table); returns a log line."""
     previous = cfg.train.init_from
     num_old = previous_items(cfg, previous)
     state = load_state(RunDir(previous).path("model.pt"))
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
                              if k.startswith("encoder.")})  # fmt: skip
-    old_cfg = load_config(RunDir(previous).path("config.yaml"))
     if table.has_fused_optimizer:
-        old_table = build_item_table(old_cfg, num_old, table.device)
-        load_best_table(previous, old_table)
+        old_optimizer = load_config(RunDir(previous).path("config.yaml")).embeddings.optimizer
+        carry = cfg.train.warm_optimizer and old_optimizer == cfg.embeddings.optimizer
+        _, carried = load_best_rows(previous, table, num_old, carry)
+        reason = "carried" if carried else "fresh: " + fresh_reason(cfg, old_optimizer)
+        note = f" (their fused {cfg.embeddings.optimizer} state {reason})"
+
+        def old_rows(ids: torch.Tensor) -> torch.Tensor:
+            return table.rows(to_device(ids, table.device), ids).cpu()  # now the old rows
     else:
-        old_table = build_item_table(old_cfg, num_old, "cpu")
-        old_table.weight.copy_(state["table.weight"])
-    seeded = copy_rows(table, old_table, num_old, cfg.data.dir)
+        weight = state["table.weight"]
+        table.assign_rows(torch.arange(num_old), weight[:num_old])
+        note = ""
+
+        def old_rows(ids: torch.Tensor) -> torch.Tensor:
+            return weight[ids]
+
+    seeded = seed_new_rows(table, old_rows, num_old, cfg.data.dir)
     new = table.num_items - num_old
-    return (f"warm start from {previous}: encoder and {num_old} item rows; {new} new items, "
-            f"{seeded} of them from their neighbours (on this rank)")  # fmt: skip
+    return (f"warm start from {previous}: encoder and {num_old} item rows{note}; {new} new "
+            f"items, {seeded} of them from their neighbours (on this rank)")  # fmt: skip
 
 
-def copy_rows(table: ItemTable, old: ItemTable, num_old: int, data_dir: str) -> int:
-    """Rows ``0..num_old-1`` of ``old`` into ``table``; new rows from their neighbours (see the
-    module docstring). Each rank fills the rows it holds (collective lookups for a sharded
-    ``old``); returns how many new rows were seeded from neighbours."""
+def fresh_reason(cfg: Config, old_optimizer: str) -> str:
+    """Why a sharded table's optimizer state was not carried."""
+    if not cfg.train.warm_optimizer:
+        return "train.warm_optimizer=false"
+    if old_optimizer != cfg.embeddings.optimizer:
+        return f"embeddings.optimizer was {old_optimizer} there"
+    return "the previous run's snapshot holds none (an older version)"
+
+
+def seed_new_rows(
+    table: ItemTable, old_rows: Callable[[torch.Tensor], torch.Tensor], num_old: int,
+    data_dir: str,
+) -> int:  # fmt: skip
+    """Each new row this rank holds becomes the mean of its old neighbours' rows (module
+    docstring); ``old_rows(ids [S]) -> [S, D]`` reads the previous run's rows (collective for a
+    sharded table: every rank calls it once). Returns how many rows were seeded."""
     ids = table.held_ids()
-    old_ids = ids[ids < num_old]
-    table.assign_rows(old_ids, old.rows(to_device(old_ids, old.device), old_ids))
     new_ids = ids[ids >= num_old]
     target, neighbour, weight = neighbour_means(data_dir, num_old, new_ids)
     distinct, inverse = neighbour.unique(return_inverse=True)
-    source = old.rows(to_device(distinct, old.device), distinct).cpu()  # [S, D]
+    source = old_rows(distinct)  # [S, D]
     means = torch.zeros(new_ids.numel(), table.dim)
     means.index_add_(0, target, source[inverse] * weight[:, None])
     seeded = torch.zeros(new_ids.numel(), dtype=torch.bool)
     seeded[target] = True
     table.assign_rows(new_ids[seeded], means[seeded])
     return int(seeded.sum())
+
+
+def warm_optimizer(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """Give the dense part's ``optimizer`` the previous run's state from its ``optimizer.pt``
+    (:mod:`trainer.optimizer_state`) where that is possible; returns a log line saying what
+    was carried or why the state starts fresh."""
+    previous = cfg.train.init_from
+    run = RunDir(previous)
+    fresh = "optimizer state of the dense part starts fresh: "
+    if not cfg.train.warm_optimizer:
+        return fresh + "train.warm_optimizer=false"
+    if not holds_model_parameters(model, optimizer):
+        stage = cfg.distributed.zero_stage
+        return fresh + f"the optimizer holds flat partitions (ZeRO stage {stage}), not parameters"
+    fs, path = url_to_fs(run.path(OPTIMIZER_FILE))
+    if not fs.exists(path):
+        return fresh + f"{previous} kept no {OPTIMIZER_FILE} (ZeRO stage > 0 or an older version)"
+    saved = load_state(run.path(OPTIMIZER_FILE))
+    best = read_json(run.path("metrics.json")).get("best_epoch")
+    if saved.get("epoch") != best:
+        when = f"epoch {saved.get('epoch')}, the best weights from epoch {best}"
+        return fresh + f"{previous}/{OPTIMIZER_FILE} is from {when} (stopped while saving?)"
+    if saved.get("optimizer") != type(optimizer).__name__:
+        return fresh + f"it was {saved.get('optimizer')} there, {type(optimizer).__name__} here"
+    try:
+        count = carry_optimizer_state(model, optimizer, saved, previous_items(cfg, previous))
+    except ValueError as e:
+        raise WarmStartError(f"train.init_from={previous}: {e}") from e
+    return (f"optimizer state of the dense part: {count} parameters carried from {previous} "
+            f"(epoch {best}); new items' rows start fresh")  # fmt: skip
