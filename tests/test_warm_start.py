@@ -48,11 +48,12 @@ def days(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "day1": one, "day2": two}
 
 
-def trained(days, backend: str, world: int) -> Path:
-    run_dir = days["root"] / f"run-{backend}-{world}"
+def trained(days, backend: str, world: int, zero: int = 0) -> Path:
+    run_dir = days["root"] / f"run-{backend}-{world}-zero{zero}"
     if not (run_dir / "metrics.json").exists():
         args = ["-m", "trainer.train", "/dev/null", f"data.dir={days['day1']}", *BASE,
-                f"embeddings.backend={backend}", f"train.run_dir={run_dir}"]  # fmt: skip
+                f"embeddings.backend={backend}", f"train.run_dir={run_dir}",
+                f"distributed.zero_stage={zero}"]  # fmt: skip
         run(torchrun(*args) if world == 2 else [sys.executable, *args])
     return run_dir
 
@@ -78,11 +79,14 @@ def expected_new_rows(days, old_table: torch.Tensor, start: torch.Tensor) -> tor
     return rows
 
 
-@pytest.mark.parametrize(("backend", "trained_world", "world"),
-                         [("dense", 1, 1), ("torchrec", 2, 1), ("torchrec", 1, 2)])  # fmt: skip
+@pytest.mark.parametrize(("backend", "trained_world", "world", "zero"),
+                         [("dense", 1, 1, 0), ("torchrec", 2, 1, 0), ("torchrec", 1, 2, 0),
+                          ("dense", 2, 2, 1)])  # fmt: skip
 def test_warm_start_seeds_encoder_old_rows_and_new_rows(days, tmp_path, backend, trained_world,
-                                                        world):  # fmt: skip
-    previous = trained(days, backend, trained_world)
+                                                        world, zero):  # fmt: skip
+    """... and the optimizer state; the last case saves and carries the dense part's state
+    through ZeRO 1's flat partitions (the table's rows split between the two ranks)."""
+    previous = trained(days, backend, trained_world, zero)
     state = torch.load(previous / "model.pt", weights_only=True)
     if backend == "dense":
         old_table = state["table.weight"][:OLD]
@@ -95,13 +99,13 @@ def test_warm_start_seeds_encoder_old_rows_and_new_rows(days, tmp_path, backend,
 
         version, _ = resolve_version(str(export))
         old_table = torch.from_numpy(read_vectors(f"{version}/items", 16).copy())
-    got = started(days, previous, tmp_path / "start.pt", world, f"embeddings.backend={backend}")
+    setup = [f"embeddings.backend={backend}", f"distributed.zero_stage={zero}"]
+    got = started(days, previous, tmp_path / "start.pt", world, *setup)
     for name, value in got["encoder"].items():
         torch.testing.assert_close(value, state[f"encoder.{name}"], rtol=0, atol=0, msg=name)
     assert got["table"].shape == (NEW, 16)
     torch.testing.assert_close(got["table"][:OLD], old_table, rtol=0, atol=0)
-    fresh = started(days, previous, tmp_path / "fresh.pt", world, f"embeddings.backend={backend}",
-                    "train.init_from=")  # fmt: skip
+    fresh = started(days, previous, tmp_path / "fresh.pt", world, *setup, "train.init_from=")
     want = expected_new_rows(days, old_table, fresh["table"][OLD:])
     torch.testing.assert_close(got["table"][OLD:], want.float(), rtol=1e-5, atol=1e-6)
     assert not torch.equal(got["table"][OLD:], fresh["table"][OLD:])  # neighbours were used
@@ -173,5 +177,5 @@ def test_optimizer_state_starts_fresh_with_the_reason_when_it_cannot_be_carried(
     (previous / "optimizer.pt").unlink()
     assert "kept no optimizer.pt" in warm_optimizer(cfg, model, optimizer)
     flat = torch.optim.Adam([torch.nn.Parameter(torch.zeros(6))])
-    assert "holds flat partitions" in warm_optimizer(cfg, model, flat)
+    assert "holds neither the parameters nor ZeRO's partitions" in warm_optimizer(cfg, model, flat)
     assert not optimizer.state and not flat.state

@@ -1,6 +1,7 @@
 """Builds a run warm-started from a previous one and saves what it starts from (1 process or
 under torchrun): the encoder state, the whole item table (gathered from the shards), the dense
-optimizer's state by parameter name and a sharded table's fused optimizer state (gathered).
+optimizer's state by parameter name (as optimizer.pt holds it) and a sharded table's fused
+optimizer state (gathered).
 
 Usage: python tests/warm_start_worker.py OUT.pt section.key=value ...
 """
@@ -14,6 +15,7 @@ from core.config import load_config
 from tests.dist_worker import gathered_table
 from trainer.builder import build_run
 from trainer.distributed import init_distributed, shutdown
+from trainer.optimizer_state import named_optimizer_state
 
 
 def gathered_fused_state(table) -> dict[str, torch.Tensor]:
@@ -36,15 +38,15 @@ def main() -> None:
     run = build_run(load_config(None, overrides), env)
     table = gathered_table(run.table)  # collective
     fused = gathered_fused_state(run.table) if run.table.has_fused_optimizer else {}
-    optimizer = run.guard.optimizer
-    dense = {
-        name: {k: v.detach().cpu() for k, v in optimizer.state[p].items()}
-        for name, p in run.objective.named_parameters()
-        if optimizer.state.get(p)
-    }
+    dense = named_optimizer_state(run.objective, run.guard.optimizer, 0)  # collective (ZeRO 1/2)
     if env.is_main:
         encoder = {k: v.cpu() for k, v in run.objective.encoder.state_dict().items()}
-        saved = {"encoder": encoder, "table": table, "optimizer": dense, "fused": fused}
+        saved = {
+            "encoder": encoder,
+            "table": table,
+            "optimizer": dense["state"] if dense else {},
+            "fused": fused,
+        }
         torch.save(saved, out)
     shutdown()
 

@@ -411,13 +411,13 @@ class Checkpointer:
 def save_best(run_dir: str, model, table, optimizer, epoch: int, env: DistEnv) -> None:
     """Keep the best-validation weights and the optimizer state that goes with them (what a warm
     start carries): ``model.pt`` (dense part, plus the table when it is dense), ``optimizer.pt``
-    (the dense part's state by parameter name, when ``optimizer`` holds the model's own
-    parameters: ZeRO stage 0; :mod:`trainer.optimizer_state`) and, for a sharded table,
-    ``best_table-eNNNNN/`` (DCP, each rank its shard and its fused optimizer state, with a
-    COMPLETE marker; the previous one is deleted once the new one is committed)."""
+    (the dense part's state by parameter name, any ZeRO stage: :mod:`trainer.optimizer_state`)
+    and, for a sharded table, ``best_table-eNNNNN/`` (DCP, each rank its shard and its fused
+    optimizer state, with a COMPLETE marker; the previous one is deleted once the new one is
+    committed)."""
+    state = named_optimizer_state(model, optimizer, epoch)  # collective under ZeRO 1/2
     if env.is_main:
         save_state(f"{run_dir}/model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
-        state = named_optimizer_state(model, optimizer, epoch)
         if state is not None:
             save_state(f"{run_dir}/{OPTIMIZER_FILE}", state)
     if not table.has_fused_optimizer:

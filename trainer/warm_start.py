@@ -10,11 +10,11 @@ appended).
   transition graph (successors and predecessors); without old neighbours it keeps the seeded
   initial value.
 - Optimizer state (``train.warm_optimizer``, on by default) comes with the weights it belongs
-  to: the dense part's from ``optimizer.pt`` (ZeRO stage 0; :mod:`trainer.optimizer_state`), a
-  sharded table's fused state from its snapshot, row by row. New items' rows start fresh. Where
-  the previous run kept none (ZeRO 1 or 2, another optimizer, an older version), that part
-  starts fresh and the log says why. Carrying the moments is what lets a few epochs on the new
-  data get close to a retrain (docs/results.md, "Day two").
+  to: the dense part's from ``optimizer.pt`` (any ZeRO stage and world size on either side;
+  :mod:`trainer.optimizer_state`), a sharded table's fused state from its snapshot, row by row.
+  New items' rows start fresh. Where the previous run kept none (another optimizer, an older
+  version), that part starts fresh and the log says why. Carrying the moments is what lets a
+  few epochs on the new data get close to a retrain (docs/results.md, "Day two").
 
 Everything is checked before anything is written: a previous run with another model shape
 (``model.dim``, ``model.num_blocks``, ``model.transition_term``, ``data.max_len``) or data that
@@ -38,7 +38,12 @@ from embeddings.base import ItemTable
 from trainer.checkpoint import load_best_rows
 from trainer.data import load_transitions
 from trainer.model import MQSAEncoder
-from trainer.optimizer_state import OPTIMIZER_FILE, carry_optimizer_state, holds_model_parameters
+from trainer.optimizer_state import (
+    OPTIMIZER_FILE,
+    carry_optimizer_state,
+    holds_model_parameters,
+    partitioned,
+)
 from trainer.run_dir import RunDir
 
 SHAPE_KEYS = (
@@ -178,12 +183,11 @@ def warm_optimizer(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimiz
     fresh = "optimizer state of the dense part starts fresh: "
     if not cfg.train.warm_optimizer:
         return fresh + "train.warm_optimizer=false"
-    if not holds_model_parameters(model, optimizer):
-        stage = cfg.distributed.zero_stage
-        return fresh + f"the optimizer holds flat partitions (ZeRO stage {stage}), not parameters"
+    if not (holds_model_parameters(model, optimizer) or partitioned(model)):
+        return fresh + "the optimizer holds neither the parameters nor ZeRO's partitions of them"
     fs, path = url_to_fs(run.path(OPTIMIZER_FILE))
     if not fs.exists(path):
-        return fresh + f"{previous} kept no {OPTIMIZER_FILE} (ZeRO stage > 0 or an older version)"
+        return fresh + f"{previous} kept no {OPTIMIZER_FILE} (an older version)"
     saved = load_state(run.path(OPTIMIZER_FILE))
     best = read_json(run.path("metrics.json")).get("best_epoch")
     if saved.get("epoch") != best:
