@@ -68,7 +68,7 @@ from core.storage import (
     write_json,
 )
 from trainer.distributed import DistEnv
-from trainer.optimizer_state import OPTIMIZER_FILE, named_optimizer_state
+from trainer.optimizer_state import OPTIMIZER_FILE, named_optimizer_state, partitioned
 
 __all__ = [
     "CheckpointError", "Checkpointer", "TrainerState", "load_best_rows", "load_best_table",
@@ -415,7 +415,9 @@ def save_best(run_dir: str, model, table, optimizer, epoch: int, env: DistEnv) -
     and, for a sharded table, ``best_table-eNNNNN/`` (DCP, each rank its shard and its fused
     optimizer state, with a COMPLETE marker; the previous one is deleted once the new one is
     committed)."""
-    state = named_optimizer_state(model, optimizer, epoch)  # collective under ZeRO 1/2
+    state = None
+    if env.is_main or partitioned(model):  # collective under ZeRO 1/2, else only rank 0 reads
+        state = named_optimizer_state(model, optimizer, epoch)
     if env.is_main:
         save_state(f"{run_dir}/model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
         if state is not None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.collectives import to_device
+from core.collectives import all_reduce_sum, to_device
 from core.config import Config, load_config
 from core.errors import UserError
 from core.prepared import read_stats
@@ -40,6 +40,7 @@ from trainer.data import load_transitions
 from trainer.model import MQSAEncoder
 from trainer.optimizer_state import (
     OPTIMIZER_FILE,
+    TABLE_WEIGHT,
     carry_optimizer_state,
     holds_model_parameters,
     partitioned,
@@ -140,9 +141,11 @@ def warm_start(cfg: Config, encoder: MQSAEncoder, table: ItemTable) -> str:
             return weight[ids]
 
     seeded = seed_new_rows(table, old_rows, num_old, cfg.data.dir)
+    if table.has_fused_optimizer:  # each rank seeded the rows it holds
+        seeded = int(all_reduce_sum(torch.tensor([seeded], device=table.device))[0])
     new = table.num_items - num_old
     return (f"warm start from {previous}: encoder and {num_old} item rows{note}; {new} new "
-            f"items, {seeded} of them from their neighbours (on this rank)")  # fmt: skip
+            f"items, {seeded} of them from their neighbours")  # fmt: skip
 
 
 def fresh_reason(cfg: Config, old_optimizer: str) -> str:
@@ -199,5 +202,6 @@ def warm_optimizer(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimiz
         count = carry_optimizer_state(model, optimizer, saved, previous_items(cfg, previous))
     except ValueError as e:
         raise WarmStartError(f"train.init_from={previous}: {e}") from e
+    rows = "; new items' rows start fresh" if TABLE_WEIGHT in saved["state"] else ""
     return (f"optimizer state of the dense part: {count} parameters carried from {previous} "
-            f"(epoch {best}); new items' rows start fresh")  # fmt: skip
+            f"(epoch {best}){rows}")  # fmt: skip
