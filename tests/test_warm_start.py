@@ -161,9 +161,10 @@ def test_data_that_does_not_extend_the_previous_run_is_refused(days, tmp_path):
 
 
 def test_optimizer_state_starts_fresh_with_the_reason_when_it_cannot_be_carried(days, tmp_path):
-    """A previous run without optimizer.pt (an older version, ZeRO 1/2), one whose optimizer.pt
-    is from another epoch than its best weights, or an optimizer that holds other tensors than
-    the model's (ZeRO 1/2 here): the dense state starts fresh and the log line says why."""
+    """A previous run without optimizer.pt (an older version), one whose optimizer.pt is from
+    another epoch than its best weights, or an optimizer that holds neither the model's
+    parameters nor ZeRO's partitions: the dense state starts fresh and the log line says why. A
+    damaged optimizer.pt is a named error."""
     previous = tmp_path / "previous"
     shutil.copytree(trained(days, "dense", 1), previous)
     cfg = load_config(None, [f"data.dir={days['day2']}", *BASE, f"train.init_from={previous}"])
@@ -174,6 +175,9 @@ def test_optimizer_state_starts_fresh_with_the_reason_when_it_cannot_be_carried(
     assert warm_optimizer(cfg, model, optimizer).endswith(
         "optimizer.pt is from epoch 99, the best weights from epoch 1 (stopped while saving?)"
     )
+    (previous / "optimizer.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(WarmStartError, match=r"optimizer.pt cannot be read .*warm_optimizer=false"):
+        warm_optimizer(cfg, model, optimizer)
     (previous / "optimizer.pt").unlink()
     assert "kept no optimizer.pt" in warm_optimizer(cfg, model, optimizer)
     flat = torch.optim.Adam([torch.nn.Parameter(torch.zeros(6))])

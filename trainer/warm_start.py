@@ -23,19 +23,21 @@ does not extend the previous run's data is refused with a :class:`WarmStartError
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from core.collectives import all_reduce_sum, to_device
 from core.config import Config, load_config
-from core.errors import UserError
+from core.errors import CheckpointError, UserError
 from core.prepared import read_stats
 from core.storage import load_state, read_json, url_to_fs
 from embeddings.base import ItemTable
-from trainer.checkpoint import load_best_rows
+from trainer.checkpoint import READ_ERRORS, first_line, load_best_rows, load_torch_file
 from trainer.data import load_transitions
 from trainer.model import MQSAEncoder
 from trainer.optimizer_state import (
@@ -126,7 +128,16 @@ def warm_start(cfg: Config, encoder: MQSAEncoder, table: ItemTable) -> str:
     if table.has_fused_optimizer:
         old_optimizer = load_config(RunDir(previous).path("config.yaml")).embeddings.optimizer
         carry = cfg.train.warm_optimizer and old_optimizer == cfg.embeddings.optimizer
-        _, carried = load_best_rows(previous, table, num_old, carry)
+        try:
+            _, carried = load_best_rows(previous, table, num_old, carry)
+        except (*READ_ERRORS, CheckpointException) as e:
+            cause = e
+            if isinstance(e, CheckpointException):  # {rank: (exception, stack)}
+                cause = next(iter(e.failures.values()))[0]
+            raise WarmStartError(
+                f"train.init_from={previous}: its best table snapshot cannot be read "
+                f"({first_line(cause)}); warm-start from another run or train from scratch"
+            ) from e
         reason = "carried" if carried else "fresh: " + fresh_reason(cfg, old_optimizer)
         note = f" (their fused {cfg.embeddings.optimizer} state {reason})"
 
@@ -191,7 +202,15 @@ def warm_optimizer(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimiz
     fs, path = url_to_fs(run.path(OPTIMIZER_FILE))
     if not fs.exists(path):
         return fresh + f"{previous} kept no {OPTIMIZER_FILE} (an older version)"
-    saved = load_state(run.path(OPTIMIZER_FILE))
+    try:
+        with fs.open(path, "rb") as f:
+            saved = load_torch_file(io.BytesIO(f.read()), run.path(OPTIMIZER_FILE), "cpu")
+    except (*READ_ERRORS, CheckpointError) as e:
+        raise WarmStartError(
+            f"train.init_from={previous}: {run.path(OPTIMIZER_FILE)} cannot be read "
+            f"({first_line(e)}); delete it to start the optimizer state fresh, or set "
+            "train.warm_optimizer=false"
+        ) from e
     best = read_json(run.path("metrics.json")).get("best_epoch")
     if saved.get("epoch") != best:
         when = f"epoch {saved.get('epoch')}, the best weights from epoch {best}"
