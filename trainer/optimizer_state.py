@@ -80,8 +80,8 @@ def grown(name: str, p: torch.Tensor, old: dict, num_old: int) -> dict[str, torc
                     f"the saved optimizer state {name}.{key} is {list(value.shape)}, the "
                     f"parameter is {list(p.shape)}"
                 )
-            rows = torch.zeros(p.shape, dtype=value.dtype)
-            rows[:num_old] = value[:num_old]  # new items and the padding row: fresh
+            rows = torch.zeros(p.shape, dtype=value.dtype, device=p.device)
+            rows[:num_old] = value[:num_old].to(p.device)  # new items and padding row: fresh
             value = rows
         out[key] = value.to(p.device)
     return out
