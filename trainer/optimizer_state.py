@@ -43,8 +43,9 @@ def partitioned(model: nn.Module) -> bool:
 def named_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int
 ) -> dict | None:
-    """The content of ``optimizer.pt`` (module docstring), or None when ``optimizer`` has no
-    state yet or is neither ZeRO 0's nor ZeRO 1/2's. Collective under ZeRO 1/2."""
+    """The content of ``optimizer.pt`` (module docstring): under ZeRO 0 every parameter that has
+    a state (none for plain SGD); None when ``optimizer`` is neither ZeRO 0's nor ZeRO 1/2's, or
+    is ZeRO 1/2's before its first step. Collective under ZeRO 1/2."""
     if optimizer is None:
         return None
     if holds_model_parameters(model, optimizer):

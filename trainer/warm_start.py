@@ -23,7 +23,7 @@ does not extend the previous run's data is refused with a :class:`WarmStartError
 
 from __future__ import annotations
 
-import io
+import pickle
 from collections.abc import Callable
 
 import numpy as np
@@ -33,11 +33,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from core.collectives import all_reduce_sum, to_device
 from core.config import Config, load_config
-from core.errors import CheckpointError, UserError
+from core.errors import UserError
 from core.prepared import read_stats
 from core.storage import load_state, read_json, url_to_fs
 from embeddings.base import ItemTable
-from trainer.checkpoint import READ_ERRORS, first_line, load_best_rows, load_torch_file
+from trainer.checkpoint import READ_ERRORS, first_line, load_best_rows
 from trainer.data import load_transitions
 from trainer.model import MQSAEncoder
 from trainer.optimizer_state import (
@@ -203,22 +203,22 @@ def warm_optimizer(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimiz
     if not fs.exists(path):
         return fresh + f"{previous} kept no {OPTIMIZER_FILE} (an older version)"
     try:
-        with fs.open(path, "rb") as f:
-            saved = load_torch_file(io.BytesIO(f.read()), run.path(OPTIMIZER_FILE), "cpu")
-    except (*READ_ERRORS, CheckpointError) as e:
+        saved = load_state(run.path(OPTIMIZER_FILE))  # weights-only: tensors and containers
+    except (*READ_ERRORS, pickle.UnpicklingError) as e:
         raise WarmStartError(
             f"train.init_from={previous}: {run.path(OPTIMIZER_FILE)} cannot be read "
             f"({first_line(e)}); delete it to start the optimizer state fresh, or set "
             "train.warm_optimizer=false"
         ) from e
-    best = read_json(run.path("metrics.json")).get("best_epoch")
+    metrics = read_json(run.path("metrics.json"))  # checked by warm_start (previous_items)
+    best, num_old = metrics.get("best_epoch"), int(metrics["data"]["items"])
     if saved.get("epoch") != best:
         when = f"epoch {saved.get('epoch')}, the best weights from epoch {best}"
         return fresh + f"{previous}/{OPTIMIZER_FILE} is from {when} (stopped while saving?)"
     if saved.get("optimizer") != type(optimizer).__name__:
         return fresh + f"it was {saved.get('optimizer')} there, {type(optimizer).__name__} here"
     try:
-        count = carry_optimizer_state(model, optimizer, saved, previous_items(cfg, previous))
+        count = carry_optimizer_state(model, optimizer, saved, num_old)
     except ValueError as e:
         raise WarmStartError(f"train.init_from={previous}: {e}") from e
     rows = "; new items' rows start fresh" if TABLE_WEIGHT in saved["state"] else ""
