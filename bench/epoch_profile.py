@@ -99,7 +99,7 @@ def profile(trainer: Trainer, steps: int) -> tuple[Stages, dict[str, float], flo
         flops["ted"] += 3 * 2 * p * n * d
     start = time.perf_counter()
     for step, train in sequences:
-        trainer.train_step(trainer.run.batches(train, 1, step))
+        trainer.train_step(trainer.run.batches(train, 1, step), step)
     real = (time.perf_counter() - start) / len(sequences)
     return stages, flops, real
 

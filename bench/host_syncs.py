@@ -129,7 +129,7 @@ def count_case(data_dir: str, overrides: list[str], steps: int) -> collections.C
         batch = trainer.run.batches(train, 1, step)  # built before the step, as when prefetched
         counter = SyncCounter()
         with counter, MethodCounter(counter):
-            trainer.train_step(batch)
+            trainer.train_step(batch, step)
         if step:  # the first step warms up (lazy state)
             total.update(counter.counts)
     return total

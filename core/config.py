@@ -87,6 +87,7 @@ SAMPLERS = ("uniform", "popularity", "in_batch", "mixed", "global_batch")
 DENSE_OPTIMIZERS = ("adam", "sgd")
 FAISS_KINDS = ("auto", "flat", "ivf", "hnsw", "none")
 EVAL_PROTOCOLS = ("paper", "repeat_aware")
+LR_SCHEDULES = ("constant", "linear")
 ZERO_STAGES = (0, 1, 2)  # ZeRO 3 partitions the weights, which the trainer's step does not support
 
 
@@ -173,6 +174,9 @@ class TrainConfig:
     min_steps: int = setting(0, at_least(0))
     # linear learning-rate warm-up over this many steps; 0 = off (the paper)
     warmup_steps: int = setting(0, at_least(0))
+    # after the warm-up: constant (the paper) | linear (down to 0 at the last planned step: a
+    # short warm-started run); applies to train.lr and a sharded table's embeddings.lr alike
+    lr_schedule: str = setting("constant", one_of(LR_SCHEDULES))
     run_dir: str = setting("runs/default", LOCATION)
     bf16: bool = False  # bf16 autocast for the catalogue-wide score products
     # torch intra-op threads per process; 0 = cores / local processes

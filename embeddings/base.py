@@ -54,6 +54,11 @@ class ItemTable(nn.Module):
     def padding_id(self) -> int:
         return self.num_items
 
+    def scale_learning_rate(self, factor: float) -> None:
+        """A fused table: its optimizer's rate is its configured rate times ``factor`` from the
+        next update on (host-side, no device work). Other tables: nothing (the dense optimizer's
+        schedule covers them)."""
+
     @property
     def device(self) -> torch.device:
         """Where lookups return their rows."""

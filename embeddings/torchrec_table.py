@@ -125,7 +125,7 @@ class TorchRecItemTable(ItemTable):
         super().__init__()
         if sharding not in SHARDINGS:
             raise ValueError(f"unknown embeddings.sharding {sharding!r} (known: {SHARDINGS})")
-        self.num_items, self.dim = num_items, dim
+        self.num_items, self.dim, self.lr = num_items, dim, lr
         self.pg = pg or dist.group.WORLD
         self._device = torch.device(device or "cpu")
         collection = EmbeddingCollection(
@@ -377,6 +377,11 @@ class TorchRecItemTable(ItemTable):
     def fused_optimizer(self):
         """The KeyedOptimizer of the fused update (its ``state_dict`` is DCP-compatible)."""
         return self.dmp.fused_optimizer
+
+    def scale_learning_rate(self, factor: float) -> None:
+        for group in self.fused_optimizer.param_groups:
+            group["lr"] = self.lr * factor
+        self.fused_optimizer.step()  # the fused kernel's step only hands the rate to fbgemm
 
     def snapshot_state(self, optimizer: bool = True) -> dict:
         """What a DCP snapshot of this table holds: ``{"table": sharded weights, "opt": the fused

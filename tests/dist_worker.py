@@ -47,8 +47,8 @@ def run_case(data_dir: str, steps: int, overrides: list[str], env) -> dict:
     cfg = load_config(None, [f"data.dir={data_dir}", *BASE, *overrides])
     trainer = Trainer(build_run(cfg, env))
     initial = snapshot(trainer)
-    for batch in islice(trainer.step_batches(epoch=1), steps):
-        trainer.train_step(batch)
+    for step, batch in enumerate(islice(trainer.step_batches(epoch=1), steps)):
+        trainer.train_step(batch, step)
     result = {"initial": initial, "params": snapshot(trainer), "metrics": trainer.evaluate()}
     if cfg.data.stream:
         in_memory = InMemoryUsers(cfg, env.rank, env.world)

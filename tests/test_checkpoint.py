@@ -65,14 +65,21 @@ def config(tmp_path_factory) -> Path:
     return tiny_config(tmp_path_factory.mktemp("ckpt"))
 
 
-@pytest.mark.parametrize("backend", ["dense", "torchrec"])
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(config, tmp_path, backend):
+# the TorchRec run also follows a learning-rate schedule: the resumed run continues it (the
+# dense part's from DeepSpeed's scheduler state, the table's from the step count)
+@pytest.mark.parametrize(
+    "chosen",
+    ["embeddings.backend=dense",
+     "embeddings.backend=torchrec,train.warmup_steps=5,train.lr_schedule=linear"],
+)  # fmt: skip
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(config, tmp_path, chosen):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    chosen = f"embeddings.backend={backend}"
-    run(train_cmd(config, f"train.run_dir={straight}", chosen))
+    chosen = chosen.split(",")
+    run(train_cmd(config, f"train.run_dir={straight}", *chosen))
 
-    proc = subprocess.Popen(train_cmd(config, f"train.run_dir={killed}", chosen), cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = subprocess.Popen(train_cmd(config, f"train.run_dir={killed}", *chosen), cwd=ROOT,
+                            env=ENV, **quiet)  # fmt: skip
     ckpts = killed / "checkpoints"
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
@@ -88,7 +95,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(config, tmp_pat
     (ckpts / "step-999999999" / "ds").mkdir(parents=True)
     (ckpts / "step-999999999" / "trainer_state.json").write_text("{truncated")
 
-    proc = run(train_cmd(config, f"train.run_dir={killed}", chosen, "train.resume=auto"))
+    proc = run(train_cmd(config, f"train.run_dir={killed}", *chosen, "train.resume=auto"))
     assert "resumed from" in proc.stdout + proc.stderr
     assert comparable(killed / "metrics.json") == comparable(straight / "metrics.json")
 

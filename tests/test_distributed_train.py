@@ -25,11 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "dist_worker.py")
 STEPS = "4"
 SGD = "model.l2=0.0,train.optimizer=sgd,train.lr=0.05,embeddings.lr=0.05"
+LINEAR = "train.epochs=1,train.warmup_steps=2,train.lr_schedule=linear"
 CASES = {
     "dense_zero1": "distributed.zero_stage=1",
     "torchrec_rowwise_adagrad": "embeddings.backend=torchrec,embeddings.optimizer=rowwise_adagrad",
     "torchrec_sgd": f"embeddings.backend=torchrec,embeddings.optimizer=sgd,{SGD}",
     "dense_sgd": SGD,
+    # the learning-rate schedule over the run's 4 steps: factors 0.5, 1, 1, 0.5 on both parts
+    "torchrec_sgd_linear": f"embeddings.backend=torchrec,embeddings.optimizer=sgd,{SGD},{LINEAR}",
+    "dense_sgd_linear": f"{SGD},{LINEAR}",
     "catalog_uniform": "embeddings.backend=torchrec,loss.candidates=sampled,"
     "loss.sampler=uniform,loss.num_negatives=16",
     "dense_repeat_aware": "train.eval_protocol=repeat_aware",
@@ -114,6 +118,17 @@ def test_torchrec_sgd_matches_dense_sgd(results):
         dense, torchrec = results["dense_sgd"][world], results["torchrec_sgd"][world]
         assert_same_params(dense["initial"], torchrec["initial"], rtol=0, atol=0)
         assert_same_params(dense["params"], torchrec["params"])
+
+
+def test_the_schedule_scales_the_table_and_the_dense_part_alike(results):
+    for world in (0, 1):
+        dense, torchrec = results["dense_sgd_linear"][world], results["torchrec_sgd_linear"][world]
+        assert_same_params(dense["params"], torchrec["params"])
+        constant = results["dense_sgd"][world]
+        for name in ("item_table", "long_norm.weight"):  # both parts moved less (factors < 1)
+            moved = (dense["params"][name] - dense["initial"][name]).norm()
+            moved_at_constant = (constant["params"][name] - constant["initial"][name]).norm()
+            assert 0 < moved < 0.9 * moved_at_constant, name
 
 
 def transition_scores(data_dir: Path, n: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ Where each part lives:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from trainer.engine import DivergenceGuard, build_engine
 from trainer.model import MQSAEncoder
 from trainer.objectives import Objective, build_objective
 from trainer.samplers import NegativeSampler
+from trainer.schedule import lr_factor, planned_epochs
 from trainer.teacher import SparseTeacher
 from trainer.user_source import UserSource, build_user_source
 from trainer.warm_start import warm_optimizer, warm_start
@@ -50,6 +52,7 @@ class Run:
     engine: object | None = None  # deepspeed.DeepSpeedEngine around ``objective``
     guard: DivergenceGuard | None = None
     checkpointer: Checkpointer | None = None
+    lr_factor: Callable[[int], float] | None = None  # trainer.schedule; None: constant rate
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +101,13 @@ def build_components(cfg: Config, env: DistEnv) -> Run:
 def build_run(cfg: Config, env: DistEnv) -> Run:
     """The whole run: components, the DeepSpeed engine and its guard, the checkpointer."""
     run = build_components(cfg, env)
-    run.engine, optimizer = build_engine(run.objective, cfg, env)
+    steps_per_epoch = run.users.steps_per_epoch()
+    total_steps = planned_epochs(cfg.train, steps_per_epoch) * steps_per_epoch
+    run.lr_factor = lr_factor(cfg.train, total_steps)
+    if cfg.train.lr_schedule != "constant" and env.is_main:
+        print(f"learning rate: {cfg.train.lr_schedule} schedule, 0 at step {total_steps} "
+              f"({cfg.train.warmup_steps} warm-up steps)", flush=True)  # fmt: skip
+    run.engine, optimizer = build_engine(run.objective, cfg, env, run.lr_factor)
     run.guard = DivergenceGuard(optimizer, env.device)
     if cfg.train.init_from:
         message = warm_optimizer(cfg, run.objective, optimizer)

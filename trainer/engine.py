@@ -12,6 +12,7 @@ weight and no optimizer state without the host ever reading the loss.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,8 +32,11 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     return kind(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.model.l2, **fused)
 
 
-def build_engine(model: nn.Module, cfg: Config, env: DistEnv):
-    """``(DeepSpeed engine around model, its torch optimizer)``; ZeRO stage from config."""
+def build_engine(
+    model: nn.Module, cfg: Config, env: DistEnv, lr_factor: Callable[[int], float] | None = None
+):
+    """``(DeepSpeed engine around model, its torch optimizer)``; ZeRO stage from config;
+    ``lr_factor(step)`` scales ``train.lr`` (``trainer.schedule``; None: constant)."""
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -51,12 +55,9 @@ def build_engine(model: nn.Module, cfg: Config, env: DistEnv):
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    warmup = cfg.train.warmup_steps
     scheduler = None
-    if warmup:  # linear warm-up to train.lr, then constant
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup)
-        )
+    if lr_factor is not None:  # trainer.schedule: warm-up, then constant or linear decay
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler
     )

@@ -24,6 +24,7 @@ from trainer.evaluate import evaluate
 from trainer.prefetch import prefetched
 from trainer.progress import progress
 from trainer.run_dir import RunDir
+from trainer.schedule import planned_epochs
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,8 +77,11 @@ class Trainer:
         items = ((train, epoch, start_step + i) for i, train in enumerate(sequences))
         return prefetched(items, lambda item: self.run.batches(*item), self.env.device)
 
-    def train_step(self, batch: StepBatch) -> None:
-        """One optimiser step on this rank's share of a global batch (no host read)."""
+    def train_step(self, batch: StepBatch, step: int) -> None:
+        """Optimiser step ``step`` (0-based, global) on this rank's share of a global batch (no
+        host read)."""
+        if self.run.lr_factor is not None:  # the dense rate follows DeepSpeed's scheduler
+            self.table.scale_learning_rate(self.run.lr_factor(step))
         losses = self.engine(batch)
         self.guard.observe(losses.total)  # a non-finite step is skipped on the device
         self.engine.backward(losses.total)
@@ -108,7 +112,7 @@ class Trainer:
             enabled=self.cfg.train.progress and self.env.is_main,
         )
         for batch in bar:
-            self.train_step(batch)
+            self.train_step(batch, state.global_step)
             state.step_in_epoch += 1
             state.global_step += 1
             if log_every and state.global_step % log_every == 0:
@@ -161,7 +165,7 @@ class Trainer:
     def planned_epochs(self) -> int:
         """``train.epochs``, raised so that at least ``train.min_steps`` steps run."""
         steps = self.users.steps_per_epoch()
-        epochs = max(self.cfg.train.epochs, -(-self.cfg.train.min_steps // steps))
+        epochs = planned_epochs(self.cfg.train, steps)
         if epochs > self.cfg.train.epochs:
             self.log(f"train.min_steps={self.cfg.train.min_steps}: {steps} steps per epoch, "
                      f"training up to {epochs} epochs, not {self.cfg.train.epochs}")  # fmt: skip
