@@ -3,10 +3,12 @@
     # Beauty split in time: each user's first 80% of events is day one, the rest day two
     .venv/bin/python bench/day_two.py --events ../shared/data/beauty/events.parquet \\
         --config configs/beauty.yaml --workdir runs/day_two/beauty --days 0.8 1.0 \\
-        --scratch-epochs 40 --warm-epochs 8 train.eval_every=2
+        --scratch-epochs 30 --warm-epochs 6 --warm train.new_target_weight=3 \\
+        --warm train.lr=2e-3 --warm train.lr_schedule=linear train.eval_every=2
     # a synthetic stream: three days, a share of the items launched on each later day
     .venv/bin/python bench/day_two.py --synthetic series --config configs/demo.yaml \\
-        --workdir runs/day_two/series --days 0.6 0.8 1.0 --launch 0.05 --warm-epochs 4
+        --workdir runs/day_two/series --days 0.6 0.8 1.0 --launch 0.05 --warm-epochs 6 \\
+        --warm train.lr_schedule=linear --warm train.warmup_steps=0
 
 Each user's events (in time order) are cut at the ``--days`` fractions of their count: day ``d``
 holds the events between cut ``d-1`` and cut ``d``. With ``--launch S`` a share ``S`` of the
