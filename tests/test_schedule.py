@@ -3,7 +3,7 @@
 import pytest
 
 from core.config import ConfigError, load_config
-from trainer.schedule import lr_factor, planned_epochs
+from trainer.schedule import describe_schedule, lr_factor, planned_epochs
 
 
 def train_config(*overrides: str):
@@ -35,3 +35,11 @@ def test_planned_epochs_grow_to_min_steps():
 def test_an_unknown_schedule_is_refused_where_it_is_parsed():
     with pytest.raises(ConfigError, match="lr_schedule"):
         train_config("train.lr_schedule=cosine")
+
+
+def test_the_log_names_the_schedule_and_a_warm_up_longer_than_the_run():
+    assert describe_schedule(train_config(), 100) is None
+    line = describe_schedule(train_config("train.lr_schedule=linear", "train.warmup_steps=10"), 100)
+    assert "linear" in line and "at step 100" in line
+    line = describe_schedule(train_config("train.warmup_steps=100"), 30)
+    assert line.startswith("warning: train.warmup_steps=100") and "30 steps" in line

@@ -33,7 +33,7 @@ from trainer.engine import DivergenceGuard, build_engine
 from trainer.model import MQSAEncoder
 from trainer.objectives import Objective, build_objective
 from trainer.samplers import NegativeSampler
-from trainer.schedule import lr_factor, planned_epochs
+from trainer.schedule import describe_schedule, lr_factor, planned_epochs
 from trainer.teacher import SparseTeacher
 from trainer.user_source import UserSource, build_user_source
 from trainer.warm_start import warm_optimizer, warm_start
@@ -104,9 +104,9 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     steps_per_epoch = run.users.steps_per_epoch()
     total_steps = planned_epochs(cfg.train, steps_per_epoch) * steps_per_epoch
     run.lr_factor = lr_factor(cfg.train, total_steps)
-    if cfg.train.lr_schedule != "constant" and env.is_main:
-        print(f"learning rate: {cfg.train.lr_schedule} schedule, 0 at step {total_steps} "
-              f"({cfg.train.warmup_steps} warm-up steps)", flush=True)  # fmt: skip
+    note = describe_schedule(cfg.train, total_steps)
+    if note and env.is_main:
+        print(note, flush=True)
     run.engine, optimizer = build_engine(run.objective, cfg, env, run.lr_factor)
     run.guard = DivergenceGuard(optimizer, env.device)
     if cfg.train.init_from:

@@ -36,3 +36,16 @@ def lr_factor(train: TrainConfig, total_steps: int) -> Callable[[int], float] | 
         return 1.0
 
     return factor
+
+
+def describe_schedule(train: TrainConfig, total_steps: int) -> str | None:
+    """The log line of a non-constant schedule or of a warm-up longer than the run, else None."""
+    warmup = train.warmup_steps
+    if warmup >= total_steps > 0:
+        return (f"warning: train.warmup_steps={warmup} is not shorter than the run's "
+                f"{total_steps} steps: the rate never reaches train.lr (set it lower, e.g. 0 "
+                "for a warm start)")  # fmt: skip
+    if train.lr_schedule != "constant":
+        return (f"learning rate: {train.lr_schedule} schedule after {warmup} warm-up steps, 0 "
+                f"at step {total_steps}")  # fmt: skip
+    return None
