@@ -17,6 +17,7 @@ import torch
 from core.config import load_config
 from tests.synthetic import write_prepared
 from trainer.data import load_transitions
+from trainer.optimizer_state import carry_optimizer_state
 from trainer.warm_start import WarmStartError, previous_items, warm_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +184,13 @@ def test_optimizer_state_starts_fresh_with_the_reason_when_it_cannot_be_carried(
     flat = torch.optim.Adam([torch.nn.Parameter(torch.zeros(6))])
     assert "holds neither the parameters nor ZeRO's partitions" in warm_optimizer(cfg, model, flat)
     assert not optimizer.state and not flat.state
+
+
+def test_a_stateless_optimizer_file_carries_nothing_whatever_the_optimizer_holds():
+    """Plain SGD keeps no state: its optimizer.pt (from a ZeRO 0 run) lists no parameter, and a
+    warm start under ZeRO 1/2 (an optimizer over flat partitions) carries nothing from it."""
+    model = torch.nn.Linear(3, 2)
+    flat = torch.optim.SGD([torch.nn.Parameter(torch.zeros(8))], lr=0.1)
+    saved = {"epoch": 1, "optimizer": "SGD", "state": {}}
+    assert carry_optimizer_state(model, flat, saved, num_old=0) == 0
+    assert not flat.state

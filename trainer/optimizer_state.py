@@ -98,6 +98,8 @@ def carry_optimizer_state(
     fragments as DeepSpeed links it after its first step; then each rank writes its fragments."""
     named = [(name, p, saved["state"][name]) for name, p in model.named_parameters()
              if name in saved["state"]]  # fmt: skip
+    if not named:  # e.g. plain SGD: no state to carry
+        return 0
     if not holds_model_parameters(model, optimizer):
         from deepspeed.utils import safe_set_full_optimizer_state
 
