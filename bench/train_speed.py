@@ -1,6 +1,7 @@
 """Seconds per training epoch and per full evaluation, paper mode, with an in-process baseline.
 
     python bench/train_speed.py --data data/beauty [--config configs/beauty.yaml] [--bf16]
+        [--set train.cpu_kernel=false ...]
 
 The baseline is a step written the way the reference code computes it: scores at all B x M
 slots (padding included) as one autograd ``[B*M, N]`` matrix, and the TED teacher as dense
@@ -64,11 +65,12 @@ def main() -> None:
     parser.add_argument("--baseline-steps", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides, KEY=VALUE")
     args = parser.parse_args()
     cfg = load_config(
         args.config,
         [f"data.dir={args.data}", "train.progress=false", f"train.bf16={args.bf16}",
-         f"train.threads={args.threads}", "train.run_dir=/tmp/train_speed_run"],
+         f"train.threads={args.threads}", "train.run_dir=/tmp/train_speed_run", *args.set],
     )  # fmt: skip
     trainer = Trainer(build_run(cfg, init_distributed()))
     steps = trainer.users.steps_per_epoch()

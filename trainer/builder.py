@@ -25,6 +25,7 @@ import torch
 from core.config import Config
 from embeddings.base import ItemTable
 from embeddings.factory import build_item_table
+from trainer import cpu_kernels
 from trainer.batches import BatchBuilder
 from trainer.checkpoint import Checkpointer
 from trainer.data import load_transitions
@@ -74,9 +75,24 @@ def load_teacher(cfg: Config, num_items: int) -> SparseTeacher | None:
     return SparseTeacher.from_edges(src, dst, count, num_items, cfg.model.tau)
 
 
+def load_cpu_kernel(cfg: Config, env: DistEnv) -> None:
+    """The CPU kernel of the paper-mode softmax (``trainer.cpu_kernels``) where it applies:
+    catalogue-wide losses on CPU in bf16 with ``train.cpu_kernel``; the log says what runs."""
+    paper = cfg.loss.candidates != "sampled"
+    if not (paper and cfg.train.bf16 and cfg.train.cpu_kernel and env.device.type == "cpu"):
+        cpu_kernels.unload()  # none left from an earlier run in this process
+        return
+    if env.is_main:
+        print("CPU kernel: loading (compiled once per machine, ~30 s the first time)", flush=True)
+    message = cpu_kernels.load()
+    if env.is_main:
+        print(message, flush=True)
+
+
 def build_components(cfg: Config, env: DistEnv) -> Run:
     """Everything but the engine, on ``env.device``."""
     set_threads(cfg, env)
+    load_cpu_kernel(cfg, env)
     users = build_user_source(cfg, env.rank, env.world)
     num_items = users.num_items
     teacher = load_teacher(cfg, num_items)

@@ -11,14 +11,20 @@ of one per elementwise op, and the row weights are applied to the ``[C, D]`` sid
 The log-partition itself is read from the softmax at one column per row (no row maximum or sum
 of its own), and the reference's zero padding column is a real column of the block.
 
+On CPU with bf16 and the hand-written kernel loaded (``trainer.cpu_kernels``), the softmax
+also writes its transpose, the left operand of ``softmax^T . (w q)`` in its fast layout.
+
 The ``[chunk, N]`` score buffers are reused between calls: on this class of machine a fresh
 multi-megabyte allocation is paid for in page faults on every step.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
+from trainer import cpu_kernels
 from trainer.transition_term import ScoreBonus
 
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # bf16 has float32's exponent range
@@ -36,6 +42,22 @@ def _buffer(name: str, size: int, dtype: torch.dtype, device: torch.device) -> t
     return buf[:size]
 
 
+def _softmax(
+    scores: torch.Tensor, probs: torch.Tensor, kernel: ModuleType | None
+) -> torch.Tensor | None:
+    """``probs [C, W] = softmax(scores [C, W])`` along rows; with the CPU kernel
+    (``trainer.cpu_kernels``) also returns ``[W, C]`` the transpose, else None."""
+    if kernel is None:
+        torch.ops.aten._softmax.out(scores, 1, False, out=probs)
+        return None
+    rows, width = scores.shape
+    padded = -(-rows // 32) * 32  # the kernel writes whole 64-byte lines of the transpose
+    probs_t = _buffer("probs_t", width * padded, probs.dtype, probs.device)
+    probs_t = probs_t.view(width, padded)[:, :rows]
+    kernel.softmax_rows_and_transpose(scores, probs, probs_t)
+    return probs_t
+
+
 class _WeightedLogPartition(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -45,6 +67,8 @@ class _WeightedLogPartition(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[:4])
         mm_dtype = torch.bfloat16 if bf16 else torch.float32
         num_items, dim, device = table.shape[0], table.shape[1], queries.device
+        # the CPU kernel writes the transpose that only the table's gradient reads
+        kernel = cpu_kernels.kernel() if device.type == "cpu" and bf16 and needs_grad else None
         width = num_items + int(zero_column)  # the zero column, if any, is column N
         table_mm = torch.empty(width, dim, dtype=mm_dtype, device=device)  # [width, D]
         table_mm[:num_items] = table.detach()
@@ -71,7 +95,7 @@ class _WeightedLogPartition(torch.autograd.Function):
             flat_probs = _buffer("probs", size + 1, mm_dtype, device)
             probs = flat_probs[:size].view(rows, width)
             # one fused row-wise pass (max, exp-sum, normalise; float32 inside for bf16)
-            torch.ops.aten._softmax.out(scores, 1, False, out=probs)  # [C, width]
+            probs_t = _softmax(scores, probs, kernel)  # [width, C] too, with the CPU kernel
             # logsumexp = s_a - log(p_a) at the row's anchor column a (no pass over the row)
             anchor = torch.arange(rows, device=device) * width
             anchor += anchors[start : start + rows] if anchors is not None else num_items
@@ -80,7 +104,8 @@ class _WeightedLogPartition(torch.autograd.Function):
             total += (w * lse).sum().double()
             if needs_grad:  # d/dq = w * softmax . E, d/dE = softmax^T . (w * q)
                 grad_q[start : start + rows] = torch.mm(probs, table_mm).float() * w[:, None]
-                part = torch.mm(probs.T, (q * w[:, None]).to(mm_dtype)).float()
+                left = probs.T if probs_t is None else probs_t  # [width, C]
+                part = torch.mm(left, (q * w[:, None]).to(mm_dtype)).float()
                 grad_t = part if grad_t is None else grad_t.add_(part)
                 if has_bias:  # d/d(bias value) = w * softmax at its pair
                     row_w = w.index_select(0, local.clamp(0, rows - 1))

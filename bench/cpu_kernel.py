@@ -1,0 +1,107 @@
+"""The CPU kernel of the paper-mode softmax (trainer/cpu_kernels.py) against torch's softmax,
+side by side in one process: whole training steps, alternated step by step.
+
+    .venv/bin/python bench/cpu_kernel.py --data data/beauty [--config configs/beauty.yaml]
+        [--steps 30] [--rounds 4] [--threads 2]
+
+Builds the paper-mode run (bf16) and its first ``--steps`` batches, then runs each batch twice
+per round, once with the kernel and once with torch's softmax (which goes first alternates), so
+the machine's drift over minutes falls on both alike. Prints the mean step time of each and
+their ratio per round, and the kernel's two jobs at the batches' shapes on their own: the
+softmax (kernel: with its transpose) and the product ``softmax^T . (w q)`` that reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core.config import load_config  # noqa: E402
+from trainer import cpu_kernels  # noqa: E402
+from trainer.builder import build_run  # noqa: E402
+from trainer.distributed import init_distributed  # noqa: E402
+from trainer.trainer import Trainer  # noqa: E402
+
+
+def median_ms(fn, repeat: int = 9) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeat // 2] * 1e3
+
+
+def pieces(kernel, rows: int, width: int, dim: int) -> None:
+    """The softmax and the transposed-side product, each way, at ``[rows, width]``."""
+    scores = (torch.randn(rows, width) * 4).to(torch.bfloat16)
+    probs = torch.empty_like(scores)
+    padded = -(-rows // 32) * 32
+    probs_t = torch.empty(width, padded, dtype=torch.bfloat16)[:, :rows]
+    side = torch.randn(rows, dim).to(torch.bfloat16)
+    for _ in range(3):
+        torch_softmax = median_ms(lambda: torch.ops.aten._softmax.out(scores, 1, False, out=probs))
+        ours = median_ms(lambda: kernel.softmax_rows_and_transpose(scores, probs, probs_t))
+        on_view = median_ms(lambda: torch.mm(probs.T, side))
+        on_rows = median_ms(lambda: torch.mm(probs_t, side))
+        print(
+            f"[{rows} x {width}] softmax: torch {torch_softmax:.2f} ms, kernel (+ transpose) "
+            f"{ours:.2f} ms | softmax^T . (w q): on the transposed view {on_view:.2f} ms, on the "
+            f"kernel's transpose {on_rows:.2f} ms | together {torch_softmax + on_view:.2f} -> "
+            f"{ours + on_rows:.2f} ms (x{(ours + on_rows) / (torch_softmax + on_view):.3f})",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="prepared data dir (spark_jobs.prepare)")
+    parser.add_argument("--config", default="configs/beauty.yaml")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    cfg = load_config(
+        args.config,
+        [f"data.dir={args.data}", "train.progress=false", "train.bf16=true",
+         "train.cpu_kernel=true", f"train.threads={args.threads}",
+         "train.run_dir=/tmp/cpu_kernel_bench_run"],
+    )  # fmt: skip
+    trainer = Trainer(build_run(cfg, init_distributed()))
+    kernel = cpu_kernels.kernel()
+    if kernel is None:
+        sys.exit("the CPU kernel is not loaded here (see the 'CPU kernel:' line above)")
+    batches = trainer.step_batches(0)
+    steps = [next(batches) for _ in range(args.steps)]
+    for i, batch in enumerate(steps[:5]):  # warm-up: allocator, thread pools, buffers
+        trainer.train_step(batch, i)
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for round_ in range(args.rounds):
+        for i, batch in enumerate(steps):
+            for use in (True, False) if (round_ + i) % 2 else (False, True):
+                with nullcontext() if use else cpu_kernels.disabled():
+                    start = time.perf_counter()
+                    trainer.train_step(batch, i)
+                    trainer.loss_sums.sum().item()  # the step's work is done
+                    seconds[use].append(time.perf_counter() - start)
+        ours, theirs = (sum(seconds[u]) / len(seconds[u]) * 1e3 for u in (True, False))
+        print(
+            f"round {round_ + 1}: step with the kernel {ours:.1f} ms, with torch's softmax "
+            f"{theirs:.1f} ms: x{ours / theirs:.3f} (mean over the rounds so far)",
+            flush=True,
+        )
+    rows = int(steps[0].positions.shape[0])
+    pieces(kernel, rows, trainer.users.num_items + 1, cfg.model.dim)
+
+
+if __name__ == "__main__":
+    main()

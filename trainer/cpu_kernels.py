@@ -1,0 +1,94 @@
+"""The hand-written CPU kernel of the paper-mode log-partition (``csrc/softmax_transpose.cpp``).
+
+On CPU with ``train.bf16``, ``trainer.logpartition`` spends most of a step in three bf16 matrix
+products over the whole catalogue and the softmax between them. The kernel writes the softmax of
+a ``[rows, N]`` score block AND its transpose in one pass, so the gradient product
+``softmax^T . (w q)`` reads a row-major ``[N, rows]`` matrix instead of a transposed view (which
+oneDNN runs ~1.5x slower), and the softmax itself takes ~2/3 of torch's. Same values as torch's
+softmax to bf16 rounding (the transpose is exact).
+
+It is built once per machine with the C++ compiler there (``torch.utils.cpp_extension``, ~30 s,
+cached under ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and needs an
+x86 CPU with AVX-512 BF16 (AMD Zen 4+, Intel Cooper Lake / Sapphire Rapids+). Without them, or
+with ``train.cpu_kernel=false``, torch's softmax runs: same results, slower; the log says which.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).with_name("csrc") / "softmax_transpose.cpp"
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
+
+LOADED = "CPU kernel: fused softmax + transpose (AVX-512 BF16) for the catalogue-wide softmax"
+
+_kernel: ModuleType | None = None
+
+
+def missing() -> str | None:
+    """Why this machine cannot build the kernel, or None if it can."""
+    try:
+        flags = next(
+            (line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").open()
+             if line.startswith("flags")),
+            [],
+        )  # fmt: skip
+    except OSError:
+        return "no /proc/cpuinfo to read the CPU's features from"
+    lacking = [flag for flag in CPU_FLAGS if flag not in flags]
+    if lacking:
+        return f"the CPU lacks {', '.join(lacking)}"
+    if not (shutil.which("c++") or shutil.which("g++")):
+        return "no C++ compiler (apt-get install g++)"
+    if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
+        return "no Python headers (apt-get install python3-dev)"
+    return None
+
+
+def load() -> str:
+    """Build (once per machine) and load the kernel; returns the log line saying what runs."""
+    global _kernel
+    if _kernel is not None:
+        return LOADED
+    reason = missing()
+    if reason is not None:
+        return f"CPU kernel: off ({reason}); torch's softmax runs, same results, slower"
+    from torch.utils.cpp_extension import load as build
+
+    try:
+        _kernel = build(
+            "mqsa_softmax_transpose", [str(SOURCE)],
+            extra_cflags=[*COMPILE_FLAGS, "-fopenmp"], extra_ldflags=["-fopenmp"],
+        )  # fmt: skip
+    except (RuntimeError, OSError, ImportError) as e:  # reported, never fatal
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"CPU kernel: off (the build failed: {first}); torch's softmax runs, slower"
+    return LOADED
+
+
+def unload() -> None:
+    """Torch's softmax from here on (``train.cpu_kernel=false`` after a run that loaded it)."""
+    global _kernel
+    _kernel = None
+
+
+def kernel() -> ModuleType | None:
+    """The loaded kernel module, or None (``load`` not called, or it could not build)."""
+    return _kernel
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Torch's softmax inside the block, the kernel after it (side-by-side comparisons)."""
+    global _kernel
+    saved, _kernel = _kernel, None
+    try:
+        yield
+    finally:
+        _kernel = saved
