@@ -2,19 +2,21 @@
 
 On CPU with ``train.bf16``, ``trainer.logpartition`` spends most of a step in three bf16 matrix
 products over the whole catalogue and the softmax between them. The kernel writes the softmax of
-a ``[rows, N]`` score block AND its transpose in one pass, so the gradient product
-``softmax^T . (w q)`` reads a row-major ``[N, rows]`` matrix instead of a transposed view (which
-oneDNN runs ~1.5x slower), and the softmax itself takes ~2/3 of torch's. Same values as torch's
-softmax to bf16 rounding (the transpose is exact).
+a ``[rows, N]`` score block AND its transpose in one pass, in about the time of torch's softmax
+alone; the gradient product ``softmax^T . (w q)`` then reads a row-major ``[N, rows]`` matrix
+instead of a transposed view, which oneDNN runs ~1.5x slower. Same values as torch's softmax to
+bf16 rounding (the transpose is exact).
 
-It is built once per machine with the C++ compiler there (``torch.utils.cpp_extension``, ~30 s,
-cached under ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and needs an
-x86 CPU with AVX-512 BF16 (AMD Zen 4+, Intel Cooper Lake / Sapphire Rapids+). Without them, or
-with ``train.cpu_kernel=false``, torch's softmax runs: same results, slower; the log says which.
+It is built once per machine and torch version with the C++ compiler there
+(``torch.utils.cpp_extension``, ~30 s, cached under ``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) and needs an x86 CPU with AVX-512 BF16 (AMD Zen 4+, Intel Cooper
+Lake / Sapphire Rapids+). Without them, or with ``train.cpu_kernel=false``, torch's softmax runs:
+same results, slower; the log says which.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import sysconfig
 from collections.abc import Iterator
@@ -34,13 +36,10 @@ _kernel: ModuleType | None = None
 def missing() -> str | None:
     """Why this machine cannot build the kernel, or None if it can."""
     try:
-        flags = next(
-            (line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").open()
-             if line.startswith("flags")),
-            [],
-        )  # fmt: skip
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return "no /proc/cpuinfo to read the CPU's features from"
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     lacking = [flag for flag in CPU_FLAGS if flag not in flags]
     if lacking:
         return f"the CPU lacks {', '.join(lacking)}"
@@ -59,11 +58,14 @@ def load() -> str:
     reason = missing()
     if reason is not None:
         return f"CPU kernel: off ({reason}); torch's softmax runs, same results, slower"
+    import torch
     from torch.utils.cpp_extension import load as build
 
+    # one build per torch version: a cached build of another one may not link against this one
+    name = "mqsa_softmax_transpose_torch" + re.sub(r"\W", "_", torch.__version__)
     try:
         _kernel = build(
-            "mqsa_softmax_transpose", [str(SOURCE)],
+            name, [str(SOURCE)],
             extra_cflags=[*COMPILE_FLAGS, "-fopenmp"], extra_ldflags=["-fopenmp"],
         )  # fmt: skip
     except (RuntimeError, OSError, ImportError) as e:  # reported, never fatal
