@@ -1,6 +1,6 @@
 // The softmax between the catalogue-wide products of trainer/logpartition.py, on CPU with bf16:
 // probs [R, W] = row-wise softmax of scores [R, W], and probs_t [W, R] = probs transposed, in one
-// pass over the scores. torch's softmax takes ~1.5x as long, and the product that needs the
+// pass over the scores, in about the time of torch's softmax alone; the product that needs the
 // transposed matrix (softmax^T . (w q)) runs ~1.5x slower on a transposed view than on probs_t.
 // Built by trainer/cpu_kernels.py with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16.
 #include <torch/extension.h>
