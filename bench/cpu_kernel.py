@@ -45,8 +45,8 @@ def pieces(kernel, rows: int, width: int, dim: int) -> None:
     """The softmax and the transposed-side product, each way, at ``[rows, width]``."""
     scores = (torch.randn(rows, width) * 4).to(torch.bfloat16)
     probs = torch.empty_like(scores)
-    padded = -(-rows // 32) * 32
-    probs_t = torch.empty(width, padded, dtype=torch.bfloat16)[:, :rows]
+    stride = cpu_kernels.transpose_stride(rows)
+    probs_t = torch.empty(width, stride, dtype=torch.bfloat16)[:, :rows]
     side = torch.randn(rows, dim).to(torch.bfloat16)
     for _ in range(3):
         torch_softmax = median_ms(lambda: torch.ops.aten._softmax.out(scores, 1, False, out=probs))

@@ -28,8 +28,8 @@ def kernel():
 
 def padded_transpose(rows: int, width: int) -> torch.Tensor:
     """``[width, rows]`` bf16 whose rows are a multiple of 32 apart (as the kernel needs)."""
-    padded = -(-rows // 32) * 32
-    return torch.full((width, padded), 7.0, dtype=torch.bfloat16)[:, :rows]
+    stride = cpu_kernels.transpose_stride(rows)
+    return torch.full((width, stride), 7.0, dtype=torch.bfloat16)[:, :rows]
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,12 @@ def load() -> str:
     return LOADED
 
 
+def transpose_stride(rows: int) -> int:
+    """The row stride of a ``[N, rows]`` transpose buffer the kernel writes into: ``rows``
+    rounded up to 32, as it writes whole 64-byte lines (and checks the stride)."""
+    return -(-rows // 32) * 32
+
+
 def unload() -> None:
     """Torch's softmax from here on (``train.cpu_kernel=false`` after a run that loaded it)."""
     global _kernel

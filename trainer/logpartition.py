@@ -51,9 +51,9 @@ def _softmax(
         torch.ops.aten._softmax.out(scores, 1, False, out=probs)
         return None
     rows, width = scores.shape
-    padded = -(-rows // 32) * 32  # the kernel writes whole 64-byte lines of the transpose
-    probs_t = _buffer("probs_t", width * padded, probs.dtype, probs.device)
-    probs_t = probs_t.view(width, padded)[:, :rows]
+    stride = cpu_kernels.transpose_stride(rows)
+    probs_t = _buffer("probs_t", width * stride, probs.dtype, probs.device)
+    probs_t = probs_t.view(width, stride)[:, :rows]
     kernel.softmax_rows_and_transpose(scores, probs, probs_t)
     return probs_t
 
