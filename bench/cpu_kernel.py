@@ -1,14 +1,16 @@
-"""The CPU kernel of the paper-mode softmax (trainer/cpu_kernels.py) against torch's softmax,
-side by side in one process: whole training steps, alternated step by step.
+"""The CPU kernel of the paper-mode log-partition (trainer/cpu_kernels.py) against torch (oneDNN's
+score product and torch's softmax), side by side in one process: whole training steps,
+alternated step by step.
 
     .venv/bin/python bench/cpu_kernel.py --data data/beauty [--config configs/beauty.yaml]
         [--steps 30] [--rounds 4] [--threads 2]
 
 Builds the paper-mode run (bf16) and its first ``--steps`` batches, then runs each batch twice
-per round, once with the kernel and once with torch's softmax (which goes first alternates), so
-the machine's drift over minutes falls on both alike. Prints the mean step time of each and
-their ratio per round, and the kernel's two jobs at the batches' shapes on their own: the
-softmax (kernel: with its transpose) and the product ``softmax^T . (w q)`` that reads it.
+per round, once with the kernel and once without (which goes first alternates), so the
+machine's drift over minutes falls on both alike. Prints the mean step time of each and their
+ratio per round, and the kernel's jobs at the batches' shapes on their own: the score product,
+the softmax and ``softmax . E`` (the kernel's: in one pass with the transpose) and the product
+``softmax^T . (w q)`` that reads the transpose.
 """
 
 from __future__ import annotations
@@ -42,22 +44,35 @@ def median_ms(fn, repeat: int = 9) -> float:
 
 
 def pieces(kernel, rows: int, width: int, dim: int) -> None:
-    """The softmax and the transposed-side product, each way, at ``[rows, width]``."""
-    scores = (torch.randn(rows, width) * 4).to(torch.bfloat16)
-    probs = torch.empty_like(scores)
+    """The kernel's jobs at ``[rows, width]``, each way: the score product, the softmax and
+    ``softmax . E`` (the kernel's: one pass with the transpose), and ``softmax^T . (w q)``."""
+    queries = torch.randn(rows, dim).to(torch.bfloat16)
+    table = (torch.randn(width, dim) * 0.3).to(torch.bfloat16)
+    table_t, packed = table.T.contiguous(), cpu_kernels.pack_items(table)
+    paired, q_pairs = cpu_kernels.pair_items(table), cpu_kernels.pairs(queries)
+    scores = torch.empty(rows, width, dtype=torch.bfloat16)
+    probs, lse, expected = torch.empty_like(scores), torch.empty(rows), torch.empty(rows, dim)
     stride = cpu_kernels.transpose_stride(rows)
     probs_t = torch.empty(width, stride, dtype=torch.bfloat16)[:, :rows]
     side = torch.randn(rows, dim).to(torch.bfloat16)
     for _ in range(3):
-        torch_softmax = median_ms(lambda: torch.ops.aten._softmax.out(scores, 1, False, out=probs))
-        ours = median_ms(lambda: kernel.softmax_rows_and_transpose(scores, probs, probs_t))
+        onednn = median_ms(lambda: torch.mm(queries, table_t, out=scores))
+        product = median_ms(lambda: kernel.scores(q_pairs, packed, scores))
+        softmax = median_ms(lambda: torch.ops.aten._softmax.out(scores, 1, False, out=probs))
+        times_e = median_ms(lambda: torch.mm(probs, table))
+        fused = median_ms(
+            lambda: kernel.log_partition_block(q_pairs, packed, paired, probs_t, lse, expected)
+        )
         on_view = median_ms(lambda: torch.mm(probs.T, side))
         on_rows = median_ms(lambda: torch.mm(probs_t, side))
+        theirs, ours = onednn + softmax + times_e + on_view, fused + on_rows
         print(
-            f"[{rows} x {width}] softmax: torch {torch_softmax:.2f} ms, kernel (+ transpose) "
-            f"{ours:.2f} ms | softmax^T . (w q): on the transposed view {on_view:.2f} ms, on the "
-            f"kernel's transpose {on_rows:.2f} ms | together {torch_softmax + on_view:.2f} -> "
-            f"{ours + on_rows:.2f} ms (x{(ours + on_rows) / (torch_softmax + on_view):.3f})",
+            f"[{rows} x {width}, D {dim}] scores: oneDNN {onednn:.2f} ms, kernel {product:.2f} "
+            f"| torch's softmax {softmax:.2f} | softmax . E: oneDNN {times_e:.2f} | the "
+            f"kernel's one pass (scores, softmax, transpose, softmax . E) {fused:.2f} | "
+            f"softmax^T . (w q): on the transposed view {on_view:.2f}, on the kernel's "
+            f"transpose {on_rows:.2f} | together {theirs:.2f} -> {ours:.2f} ms "
+            f"(x{ours / theirs:.3f})",
             flush=True,
         )
 
@@ -95,7 +110,7 @@ def main() -> None:
                     seconds[use].append(time.perf_counter() - start)
         ours, theirs = (sum(seconds[u]) / len(seconds[u]) * 1e3 for u in (True, False))
         print(
-            f"round {round_ + 1}: step with the kernel {ours:.1f} ms, with torch's softmax "
+            f"round {round_ + 1}: step with the kernel {ours:.1f} ms, without (oneDNN, torch) "
             f"{theirs:.1f} ms: x{ours / theirs:.3f} (mean over the rounds so far)",
             flush=True,
         )

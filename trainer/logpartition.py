@@ -11,7 +11,9 @@ of one per elementwise op, and the row weights are applied to the ``[C, D]`` sid
 The log-partition itself is read from the softmax at one column per row (no row maximum or sum
 of its own), and the reference's zero padding column is a real column of the block.
 
-On CPU with bf16 and the hand-written kernel loaded (``trainer.cpu_kernels``), the softmax
+On CPU with bf16 and the hand-written kernel loaded (``trainer.cpu_kernels``), the kernel runs
+the score product too, and without a score bonus the product and the softmax in one pass (the
+scores stay in cache; the log-partition comes out of the softmax's own max and sum); the softmax
 also writes its transpose, the left operand of ``softmax^T . (w q)`` in its fast layout.
 
 The ``[chunk, N]`` score buffers are reused between calls: on this class of machine a fresh
@@ -42,6 +44,13 @@ def _buffer(name: str, size: int, dtype: torch.dtype, device: torch.device) -> t
     return buf[:size]
 
 
+def _transpose_buffer(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """A reusable ``[width, rows]`` buffer laid out as the CPU kernel writes transposes."""
+    stride = cpu_kernels.transpose_stride(rows)
+    flat = _buffer("probs_t", width * stride, like.dtype, like.device)
+    return flat.view(width, stride)[:, :rows]
+
+
 def _softmax(
     scores: torch.Tensor, probs: torch.Tensor, kernel: ModuleType | None
 ) -> torch.Tensor | None:
@@ -50,12 +59,26 @@ def _softmax(
     if kernel is None:
         torch.ops.aten._softmax.out(scores, 1, False, out=probs)
         return None
-    rows, width = scores.shape
-    stride = cpu_kernels.transpose_stride(rows)
-    probs_t = _buffer("probs_t", width * stride, probs.dtype, probs.device)
-    probs_t = probs_t.view(width, stride)[:, :rows]
+    probs_t = _transpose_buffer(*scores.shape, probs)
     kernel.softmax_rows_and_transpose(scores, probs, probs_t)
     return probs_t
+
+
+def _anchored_lse(
+    flat_scores: torch.Tensor,
+    flat_probs: torch.Tensor,
+    rows: int,
+    width: int,
+    anchors: torch.Tensor | None,
+    start: int,
+) -> torch.Tensor:
+    """``[C]`` float32 logsumexp of each row of a ``[C, width]`` block, read as ``s_a - log(p_a)``
+    at the row's anchor column ``a`` (its entry of ``anchors`` from ``start`` on, else the zero
+    column ``width - 1``): no pass over the row."""
+    anchor = torch.arange(rows, device=flat_scores.device) * width
+    anchor += anchors[start : start + rows] if anchors is not None else width - 1
+    p_anchor = flat_probs.index_select(0, anchor).float().clamp(min=_SMALLEST_NORMAL)
+    return flat_scores.index_select(0, anchor).float() - p_anchor.log()
 
 
 class _WeightedLogPartition(torch.autograd.Function):
@@ -67,43 +90,58 @@ class _WeightedLogPartition(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[:4])
         mm_dtype = torch.bfloat16 if bf16 else torch.float32
         num_items, dim, device = table.shape[0], table.shape[1], queries.device
-        # the CPU kernel writes the transpose that only the table's gradient reads
+        # the CPU kernel: the products, the softmax and its transpose (read by the table's
+        # gradient only)
         kernel = cpu_kernels.kernel() if device.type == "cpu" and bf16 and needs_grad else None
+        has_bias = bias_values is not None
         width = num_items + int(zero_column)  # the zero column, if any, is column N
         table_mm = torch.empty(width, dim, dtype=mm_dtype, device=device)  # [width, D]
         table_mm[:num_items] = table.detach()
         table_mm[num_items:] = 0.0
-        table_t = table_mm.T.contiguous()  # [D, width]
+        # the products' table operands: packed and paired for the kernel, else transposed
+        packed = cpu_kernels.pack_items(table_mm) if kernel else None
+        paired = cpu_kernels.pair_items(table_mm) if kernel and not has_bias else None
+        table_t = None if kernel else table_mm.T.contiguous()  # [D, width]
         total = torch.zeros((), dtype=torch.float64, device=device)
         grad_q = torch.empty_like(queries, dtype=torch.float32) if needs_grad else None
         grad_t = None  # [width, D] float32, from the first chunk on
-        has_bias = bias_values is not None
         grad_bias = torch.zeros_like(bias_values) if has_bias and needs_grad else None
         for start in range(0, queries.shape[0], chunk):
             q = queries[start : start + chunk].detach()  # [C, D]
             w = row_weights[start : start + chunk]  # [C]
             rows = q.shape[0]
+            q_mm = cpu_kernels.pairs(q.to(mm_dtype)) if kernel else q.to(mm_dtype)  # [C, D]
             size = rows * width  # one spare element after the [C, width] block
-            flat_scores = _buffer("scores", size + 1, mm_dtype, device)
-            scores = flat_scores[:size].view(rows, width)
-            torch.mm(q.to(mm_dtype), table_t, out=scores)  # [C, width]
-            if has_bias:  # this chunk's additions; the other chunks' go to the spare element
-                local = bias_rows - start
-                inside = (local >= 0) & (local < rows)
-                flat_index = torch.where(inside, local * width + bias_items, size)  # [E]
-                flat_scores.index_add_(0, flat_index, bias_values.detach().to(mm_dtype))
-            flat_probs = _buffer("probs", size + 1, mm_dtype, device)
-            probs = flat_probs[:size].view(rows, width)
-            # one fused row-wise pass (max, exp-sum, normalise; float32 inside for bf16)
-            probs_t = _softmax(scores, probs, kernel)  # [width, C] too, with the CPU kernel
-            # logsumexp = s_a - log(p_a) at the row's anchor column a (no pass over the row)
-            anchor = torch.arange(rows, device=device) * width
-            anchor += anchors[start : start + rows] if anchors is not None else num_items
-            p_anchor = flat_probs.index_select(0, anchor).float().clamp(min=_SMALLEST_NORMAL)
-            lse = flat_scores.index_select(0, anchor).float() - p_anchor.log()  # [C]
+            expected = None  # softmax . E [C, D]
+            if kernel and not has_bias:  # in one pass per block of rows, all in cache
+                probs_t = _transpose_buffer(rows, width, table_mm)
+                lse = _buffer("lse", rows, torch.float32, device)  # [C]
+                flat = _buffer("expected", rows * paired.shape[1], torch.float32, device)
+                expected = flat.view(rows, paired.shape[1])  # [C, D'], D' >= D
+                kernel.log_partition_block(q_mm, packed, paired, probs_t, lse, expected)
+                expected = expected[:, :dim]
+            else:
+                flat_probs = _buffer("probs", size + 1, mm_dtype, device)
+                probs = flat_probs[:size].view(rows, width)
+                flat_scores = _buffer("scores", size + 1, mm_dtype, device)
+                scores = flat_scores[:size].view(rows, width)
+                if kernel:
+                    kernel.scores(q_mm, packed, scores)  # [C, width]
+                else:
+                    torch.mm(q_mm, table_t, out=scores)
+                if has_bias:  # this chunk's additions; the other chunks' go to the spare element
+                    local = bias_rows - start
+                    inside = (local >= 0) & (local < rows)
+                    flat_index = torch.where(inside, local * width + bias_items, size)  # [E]
+                    flat_scores.index_add_(0, flat_index, bias_values.detach().to(mm_dtype))
+                # one fused row-wise pass (max, exp-sum, normalise; float32 inside for bf16)
+                probs_t = _softmax(scores, probs, kernel)  # [width, C] too, with the CPU kernel
+                lse = _anchored_lse(flat_scores, flat_probs, rows, width, anchors, start)  # [C]
             total += (w * lse).sum().double()
             if needs_grad:  # d/dq = w * softmax . E, d/dE = softmax^T . (w * q)
-                grad_q[start : start + rows] = torch.mm(probs, table_mm).float() * w[:, None]
+                if expected is None:
+                    expected = torch.mm(probs, table_mm)
+                grad_q[start : start + rows] = expected.float() * w[:, None]
                 left = probs.T if probs_t is None else probs_t  # [width, C]
                 part = torch.mm(left, (q * w[:, None]).to(mm_dtype)).float()
                 grad_t = part if grad_t is None else grad_t.add_(part)
