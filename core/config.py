@@ -179,9 +179,9 @@ class TrainConfig:
     lr_schedule: str = setting("constant", one_of(LR_SCHEDULES))
     run_dir: str = setting("runs/default", LOCATION)
     bf16: bool = False  # bf16 autocast for the catalogue-wide score products
-    # paper mode on CPU with bf16: the hand-written softmax + transpose kernel (trainer/
-    # cpu_kernels.py; built once with the machine's C++ compiler, AVX-512 BF16 CPUs); false, or
-    # where it cannot build: torch's softmax (same results, slower)
+    # paper mode on CPU with bf16: the hand-written kernel of the catalogue-wide products and
+    # softmax (trainer/cpu_kernels.py; built once with the machine's C++ compiler, AVX-512 BF16
+    # CPUs); false, or where it cannot build: oneDNN's products and torch's softmax (slower)
     cpu_kernel: bool = True
     # torch intra-op threads per process; 0 = cores / local processes
     threads: int = setting(0, at_least(0))

@@ -12,8 +12,8 @@ exact).
 It is built once per machine and torch version with the C++ compiler there
 (``torch.utils.cpp_extension``, ~30 s, cached under ``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) and needs an x86 CPU with AVX-512 BF16 (AMD Zen 4+, Intel Cooper
-Lake / Sapphire Rapids+). Without them, or with ``train.cpu_kernel=false``, torch's softmax runs:
-same results, slower; the log says which.
+Lake / Sapphire Rapids+). Without them, or with ``train.cpu_kernel=false``, oneDNN's products
+and torch's softmax run: the same results to bf16 rounding, slower; the log says which.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def load() -> str:
         return LOADED
     reason = missing()
     if reason is not None:
-        return f"CPU kernel: off ({reason}); torch's softmax runs, same results, slower"
+        return f"CPU kernel: off ({reason}); oneDNN and torch's softmax run, slower"
     import torch
     from torch.utils.cpp_extension import load as build
 
@@ -76,7 +76,7 @@ def load() -> str:
         )  # fmt: skip
     except (RuntimeError, OSError, ImportError) as e:  # reported, never fatal
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"CPU kernel: off (the build failed: {first}); torch's softmax runs, slower"
+        return f"CPU kernel: off (the build failed: {first}); oneDNN and torch's softmax run"
     return LOADED
 
 
