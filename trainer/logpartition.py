@@ -34,12 +34,13 @@ _WORKSPACE: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _buffer(name: str, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable flat ``[size]`` scratch tensor on ``device`` (grown when needed, never shrunk;
-    one per name, dtype and device)."""
+    """A reusable flat ``[size]`` scratch tensor on ``device`` (one per name, dtype and device;
+    never shrunk). It grows with 25% headroom, so that batches of varying size rarely allocate
+    again: the pages of a fresh multi-megabyte buffer are paid in faults on first touch."""
     key = (name, dtype, device)
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < size:
-        buf = torch.empty(size, dtype=dtype, device=device)
+        buf = torch.empty(size + size // 4, dtype=dtype, device=device)
         _WORKSPACE[key] = buf
     return buf[:size]
 
