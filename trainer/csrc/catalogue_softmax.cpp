@@ -178,6 +178,24 @@ void transpose_block(const at::BFloat16* probs, int64_t ps, int64_t count, const
   }
 }
 
+// The register tile of both products: acc[r][v] += sum over k in [k0, k1) of the bf16 pair
+// pair_a(r, k) (broadcast) times the 16 bf16 pairs at pairs_b(v, k) (one 64-byte load), in order of k.
+template <int RB, int VECTORS, typename PairA, typename PairsB>
+inline void dot_pairs(__m512 (&acc)[RB][VECTORS], int64_t k0, int64_t k1, PairA pair_a, PairsB pairs_b) {
+  for (int64_t k = k0; k < k1; ++k) {
+    __m512i b[VECTORS];
+#pragma GCC unroll 3
+    for (int v = 0; v < VECTORS; ++v) b[v] = _mm512_loadu_si512(pairs_b(v, k));
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const __m512i a = _mm512_set1_epi32(pair_a(r, k));
+#pragma GCC unroll 3
+      for (int v = 0; v < VECTORS; ++v)
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)a, (__m512bh)b[v]);
+    }
+  }
+}
+
 // One register tile of the product: rows [0, RB) of q (as bf16 pairs, `pairs` per row) times
 // VECTORS tiles of 16 packed items from `items` -> bf16 scores at out[r * ld + 16 * (tile + v)]
 // (whole tiles: `out` has room up to the packed width); the row maxima of the items below
@@ -191,18 +209,9 @@ inline void product_tile(const int32_t* q, int64_t pairs, const int32_t* items, 
 #pragma GCC unroll 3
     for (int v = 0; v < VECTORS; ++v) acc[r][v] = _mm512_setzero_ps();
   const int32_t* b_at = items + tile * pairs * 16;
-  for (int64_t k = 0; k < pairs; ++k) {
-    __m512i b[VECTORS];
-#pragma GCC unroll 3
-    for (int v = 0; v < VECTORS; ++v) b[v] = _mm512_loadu_si512(b_at + (v * pairs + k) * 16);
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      const __m512i a = _mm512_set1_epi32(q[r * pairs + k]);
-#pragma GCC unroll 3
-      for (int v = 0; v < VECTORS; ++v)
-        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)a, (__m512bh)b[v]);
-    }
-  }
+  dot_pairs<RB, VECTORS>(
+      acc, 0, pairs, [&](int r, int64_t k) { return q[r * pairs + k]; },
+      [&](int v, int64_t k) { return b_at + (v * pairs + k) * 16; });
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 3
@@ -251,18 +260,9 @@ inline void expected_tile(const at::BFloat16* probs, int64_t ld, const int32_t* 
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 2
     for (int v = 0; v < VECTORS; ++v) acc[r][v] = _mm512_loadu_ps(acc_io + r * dims + dim0 + 16 * v);
-  for (int64_t j = j0; j < j1; ++j) {
-    __m512i b[VECTORS];
-#pragma GCC unroll 2
-    for (int v = 0; v < VECTORS; ++v) b[v] = _mm512_loadu_si512(paired + j * dims + dim0 + 16 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      const __m512i a = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(probs + r * ld)[j]);
-#pragma GCC unroll 2
-      for (int v = 0; v < VECTORS; ++v)
-        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)a, (__m512bh)b[v]);
-    }
-  }
+  dot_pairs<RB, VECTORS>(
+      acc, j0, j1, [&](int r, int64_t j) { return reinterpret_cast<const int32_t*>(probs + r * ld)[j]; },
+      [&](int v, int64_t j) { return paired + j * dims + dim0 + 16 * v; });
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 2
