@@ -76,7 +76,7 @@ def load_teacher(cfg: Config, num_items: int) -> SparseTeacher | None:
 
 
 def load_cpu_kernel(cfg: Config, env: DistEnv) -> None:
-    """The CPU kernel of the paper-mode softmax (``trainer.cpu_kernels``) where it applies:
+    """The CPU kernel of the paper-mode log-partition (``trainer.cpu_kernels``) where it applies:
     catalogue-wide losses on CPU in bf16 with ``train.cpu_kernel``; the log says what runs."""
     paper = cfg.loss.candidates != "sampled"
     if not (paper and cfg.train.bf16 and cfg.train.cpu_kernel and env.device.type == "cpu"):

@@ -83,7 +83,7 @@ def load() -> str:
 def transpose_stride(rows: int) -> int:
     """The row stride of a ``[N, rows]`` transpose buffer the kernel writes into: ``rows``
     rounded up to 32, as it writes whole 64-byte lines (and checks the stride)."""
-    return -(-rows // 32) * 32
+    return _round_up(rows, 32)
 
 
 def pack_items(table: torch.Tensor) -> torch.Tensor:
@@ -92,9 +92,7 @@ def pack_items(table: torch.Tensor) -> torch.Tensor:
     items' pair ``k`` in one 64-byte load; zeros past ``W`` and ``D``)."""
     import torch
 
-    width, dim = table.shape
-    padded = table.new_zeros(-(-width // 16) * 16, dim + dim % 2)  # [16 T, D'] bf16
-    padded[:width, :dim] = table
+    padded = _zero_padded(table, 16, 2)  # [16 T, D'] bf16
     return padded.view(torch.int32).view(-1, 16, padded.shape[1] // 2).transpose(1, 2).contiguous()
 
 
@@ -104,12 +102,22 @@ def pair_items(table: torch.Tensor) -> torch.Tensor:
     E[2j + 1, d])`` (zeros past ``W`` and ``D``)."""
     import torch
 
-    width, dim = table.shape
-    padded = table.new_zeros(-(-width // 2) * 2, -(-dim // 16) * 16)  # [2 J, D'] bf16
-    padded[:width, :dim] = table
+    padded = _zero_padded(table, 2, 16)  # [2 J, D'] bf16
     return (
         padded.view(-1, 2, padded.shape[1]).transpose(1, 2).contiguous().view(torch.int32)[..., 0]
     )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _zero_padded(table: torch.Tensor, row_multiple: int, col_multiple: int) -> torch.Tensor:
+    """``table [W, D]`` in a zero tensor whose sizes are rounded up to the multiples."""
+    width, dim = table.shape
+    padded = table.new_zeros(_round_up(width, row_multiple), _round_up(dim, col_multiple))
+    padded[:width, :dim] = table
+    return padded
 
 
 def pairs(queries: torch.Tensor) -> torch.Tensor:
@@ -123,7 +131,8 @@ def pairs(queries: torch.Tensor) -> torch.Tensor:
 
 
 def unload() -> None:
-    """Torch's softmax from here on (``train.cpu_kernel=false`` after a run that loaded it)."""
+    """Torch's path (oneDNN's products, torch's softmax) from here on (``train.cpu_kernel=false``
+    after a run that loaded the kernel)."""
     global _kernel
     _kernel = None
 
@@ -135,7 +144,7 @@ def kernel() -> ModuleType | None:
 
 @contextmanager
 def disabled() -> Iterator[None]:
-    """Torch's softmax inside the block, the kernel after it (side-by-side comparisons)."""
+    """Torch's path inside the block, the kernel after it (side-by-side comparisons)."""
     global _kernel
     saved, _kernel = _kernel, None
     try:

@@ -335,14 +335,13 @@ void scores(const torch::Tensor& q, const torch::Tensor& items, torch::Tensor& o
   TORCH_CHECK(out.dim() == 2 && out.size(0) == q.size(0) && out.stride(1) == 1, "out must be [R, W], rows contiguous");
   check_product(q, items, out.size(1));
   const int64_t rows = q.size(0), pairs = q.size(1) / 2, width = out.size(1), ld = out.stride(0);
-  const int64_t tiles = (width + 15) / 16;
+  const int64_t tiles = (width + 15) / 16, whole = width / 16;  // whole: tiles that fit in `out`
   const int32_t* q_pairs = reinterpret_cast<const int32_t*>(q.data_ptr<at::BFloat16>());
   at::BFloat16* dst = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, (rows + kBlockRows - 1) / kBlockRows, 1, [&](int64_t begin, int64_t end) {
     std::vector<at::BFloat16> last_tile(kBlockRows * 16);  // whole tiles past `width` land here
     for (int64_t block = begin; block < end; ++block) {
       const int64_t r0 = kBlockRows * block, count = std::min(kBlockRows, rows - r0);
-      const int64_t whole = width / 16;  // tiles that fit in `out`'s rows
       product_block(q_pairs + r0 * pairs, pairs, count, items.data_ptr<int32_t>(), whole, width,
                     dst + r0 * ld, ld, nullptr);
       if (whole == tiles) continue;
