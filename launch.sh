@@ -83,7 +83,7 @@ print("is_host=true,")
 EOF
 ) || exit 2
 
-exec "$PY" -m torch.distributed.run \
+exec "$PY" -m mqsa_ted.torchrun \
   --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --node_rank="$NODE_RANK" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-${SLURM_JOB_ID:-mqsa-ted}}" \
   --rdzv_conf="${HOST_CONF}join_timeout=$RDZV_TIMEOUT" \

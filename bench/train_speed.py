@@ -8,6 +8,11 @@ slots (padding included) as one autograd ``[B*M, N]`` matrix, and the TED teache
 ``N``-wide rows of the ``N x N`` transition matrix. It runs ``--baseline-steps`` steps on the
 same batches and model, and its epoch time is extrapolated from them. It also prints the minor
 page faults per step (first touches of fresh memory) of the warm-up epoch and the timed ones.
+
+Correctness beside the speed: the timed epochs' mean loss, and the loss of ``--check-batches``
+batches computed on the timed path (bf16, the CPU kernel where it runs) and on torch's float32
+path with the same weights (dropout off). The bench exits 1 when a loss is not finite or the two
+differ by more than ``--tolerance`` (relative; bf16 rounds each score to 2^-8).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import resource
+import sys
 import time
 
 import torch
@@ -24,6 +30,7 @@ from core.config import load_config
 from trainer.builder import build_run
 from trainer.checkpoint import TrainerState
 from trainer.data import epoch_order
+from trainer.diagnose import on_path, paths
 from trainer.distributed import init_distributed
 from trainer.trainer import Trainer
 
@@ -59,12 +66,36 @@ def baseline_step(trainer: Trainer, users: torch.Tensor, teacher: torch.Tensor, 
     opt.step()
 
 
+def path_check(trainer: Trainer, count: int, tolerance: float, mean_loss: float) -> bool:
+    """Print the ``check:`` line: the timed path against torch's float32 path on the first
+    ``count`` batches of an epoch with the same weights; True when it passes."""
+    objective, bf16 = trainer.model, trainer.cfg.train.bf16
+    timed, fp32 = paths(objective, bf16)[0], paths(objective, bf16)[-1]
+    batches = [batch for _, batch in zip(range(count), trainer.step_batches(1), strict=False)]
+    objective.eval()  # no dropout: the same function on both paths
+    totals = []
+    for path in (timed, fp32):
+        with on_path(objective, path):
+            totals.append(sum(float(objective(batch).total) for batch in batches))
+    objective.train()
+    difference = abs(totals[0] - totals[1]) / max(abs(totals[1]), 1e-12)
+    ok = math.isfinite(mean_loss) and math.isfinite(totals[0]) and difference <= tolerance
+    print(
+        f"check: timed epochs' mean loss {mean_loss:.4f}; over {len(batches)} batches with the "
+        f"same weights the timed path ({timed.name}) gives {totals[0] / len(batches):.5f}, "
+        f"torch float32 {totals[1] / len(batches):.5f} per batch: relative difference "
+        f"{difference:.2e} (tolerance {tolerance:g}): {'ok' if ok else 'FAILED'}",
+        flush=True,
+    )
+    return ok
+
+
 def minor_page_faults() -> int:
     """This process's minor page faults so far (first touches of fresh memory)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="prepared data dir (spark_jobs.prepare)")
     parser.add_argument("--config", default="configs/beauty.yaml")
@@ -73,6 +104,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, KEY=VALUE")
+    parser.add_argument("--check-batches", type=int, default=8)
+    parser.add_argument("--tolerance", type=float, default=5e-3)
     args = parser.parse_args()
     cfg = load_config(
         args.config,
@@ -84,9 +117,8 @@ def main() -> None:
     faults = [minor_page_faults()]
     trainer.train_epoch(TrainerState(epoch=0))  # warm-up (allocator, thread pools)
     faults.append(minor_page_faults())
-    epoch_s = []
-    for epoch in range(1, args.epochs + 1):
-        epoch_s.append(trainer.train_epoch(TrainerState(epoch=epoch))["seconds"])
+    records = [trainer.train_epoch(TrainerState(epoch=e)) for e in range(1, args.epochs + 1)]
+    epoch_s = [record["seconds"] for record in records]
     faults.append(minor_page_faults())
     eval_s = trainer.evaluate()["eval_seconds"]
     ours = sum(epoch_s) / len(epoch_s)
@@ -97,6 +129,8 @@ def main() -> None:
         f"minor page faults per step: {(faults[1] - faults[0]) / steps:.0f} in the warm-up "
         f"epoch, {(faults[2] - faults[1]) / (steps * args.epochs):.0f} in the timed ones"
     )
+    mean_loss = sum(record["loss"] for record in records) / len(records)
+    correct = path_check(trainer, args.check_batches, args.tolerance, mean_loss)
     if args.baseline_steps:
         teacher = dense_teacher(trainer)
         opt = torch.optim.Adam(trainer.model.parameters(), lr=cfg.train.lr)
@@ -108,7 +142,8 @@ def main() -> None:
         base = (time.perf_counter() - start) / args.baseline_steps * steps
         print(f"baseline (reference-style step): {base:.2f} s/epoch (extrapolated from "
               f"{args.baseline_steps} steps); speed-up x{base / ours:.1f}")  # fmt: skip
+    return 0 if correct else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

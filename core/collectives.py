@@ -34,6 +34,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_objects(value: object) -> list[object]:
+    """Every rank's small picklable ``value`` in rank order (host-side, through gloo)."""
+    if not distributed():
+        return [value]
+    values: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=host_group())
+    return values
+
+
 def all_gather_rows(
     local: torch.Tensor, group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, list[int]]:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from core import quiet
+from core import openmp, quiet
 from core.config import ConfigError, load_config
 from core.errors import UserError
 from core.prepared import require_complete
@@ -164,7 +164,7 @@ def train(argv: list[str]) -> int:
     nproc = args.nproc or cfg.distributed.nproc_per_node
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            sys.executable, "-m", "mqsa_ted.torchrun", "--standalone",
             f"--nproc_per_node={nproc}", "-m", "mqsa_ted.cli", "train", *worker_argv,
         ]  # fmt: skip
         # one thread per rank unless asked otherwise (train.threads divides the cores)
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command '{name}'; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     quiet.install()  # the accelerator is chosen by trainer.distributed.accelerator (torch)
+    openmp.limit_spinning()  # before torch loads libgomp (core/openmp.py)
     command = COMMANDS[name]
     try:
         if name == "train":

@@ -88,6 +88,7 @@ HOST_MODULES = {
     "trainer/checkpoint.py": "checkpoint I/O: host state read from files",
     "trainer/train.py": "command line",
     "trainer/warm_start.py": "seeds the tables from a previous run at build time, on the host",
+    "trainer/kernel_check.py": "the CPU kernel's self-check at build time: CPU problems",
 }
 # Host-side functions inside device-side modules: (path, function) -> reason.
 HOST_FUNCTIONS = {

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from core.collectives import all_gather_objects
 from core.config import Config
 from embeddings.base import ItemTable
 from embeddings.factory import build_item_table
 from trainer import cpu_kernels
 from trainer.batches import BatchBuilder
 from trainer.checkpoint import Checkpointer
+from trainer.cpu_kernels import CpuKernel
 from trainer.data import load_transitions
 from trainer.distributed import DistEnv
 from trainer.engine import DivergenceGuard, build_engine
@@ -75,24 +77,42 @@ def load_teacher(cfg: Config, num_items: int) -> SparseTeacher | None:
     return SparseTeacher.from_edges(src, dst, count, num_items, cfg.model.tau)
 
 
-def load_cpu_kernel(cfg: Config, env: DistEnv) -> None:
-    """The CPU kernel of the paper-mode log-partition (``trainer.cpu_kernels``) where it applies:
-    catalogue-wide losses on CPU in bf16 with ``train.cpu_kernel``; the log says what runs."""
+def load_cpu_kernel(cfg: Config, env: DistEnv) -> CpuKernel | None:
+    """The run's CPU kernel of the paper-mode log-partition (``trainer.cpu_kernels``) where it
+    applies (catalogue-wide losses on CPU in bf16 with ``train.cpu_kernel``), built if needed and
+    self-checked on every rank; None (torch's path) elsewhere or if any rank could not use it.
+    Rank 0 logs one line saying what runs."""
     paper = cfg.loss.candidates != "sampled"
     if not (paper and cfg.train.bf16 and cfg.train.cpu_kernel and env.device.type == "cpu"):
-        cpu_kernels.unload()  # none left from an earlier run in this process
-        return
+        return None
+    if env.is_main and cpu_kernels.missing() is None and not cpu_kernels.is_built():
+        print("CPU kernel: building (once per source and machine, ~30 s)", flush=True)
+    kernel, message = cpu_kernels.select()
+    messages = all_gather_objects(message)
+    failed = [(rank, m) for rank, m in enumerate(messages) if m != cpu_kernels.LOADED]
     if env.is_main:
-        print("CPU kernel: loading (compiled once per machine, ~30 s the first time)", flush=True)
-    message = cpu_kernels.load()
-    if env.is_main:
-        print(message, flush=True)
+        if failed and env.world > 1:
+            ranks = ", ".join(str(rank) for rank, _ in failed)
+            print(f"{failed[0][1]} (rank(s) {ranks}; every rank takes torch's path)", flush=True)
+        else:
+            print(failed[0][1] if failed else message, flush=True)
+    return None if failed else kernel
+
+
+def precision_warning(cfg: Config, env: DistEnv) -> None:
+    """Rank 0 warns when ``train.bf16`` runs on a CPU that only emulates bf16."""
+    on_cpu = env.is_main and env.device.type == "cpu"
+    if on_cpu and cfg.train.bf16 and not cpu_kernels.native_bf16():
+        print("warning: train.bf16 on a CPU without bf16 instructions (no avx512_bf16, amx_bf16 "
+              "or bf16 in /proc/cpuinfo): torch emulates the bf16 products, slower than float32 "
+              "(docs/results.md); set train.bf16=false", flush=True)  # fmt: skip
 
 
 def build_components(cfg: Config, env: DistEnv) -> Run:
     """Everything but the engine, on ``env.device``."""
     set_threads(cfg, env)
-    load_cpu_kernel(cfg, env)
+    kernel = load_cpu_kernel(cfg, env)
+    precision_warning(cfg, env)
     users = build_user_source(cfg, env.rank, env.world)
     num_items = users.num_items
     teacher = load_teacher(cfg, num_items)
@@ -107,7 +127,7 @@ def build_components(cfg: Config, env: DistEnv) -> Run:
         if env.is_main:
             print(message, flush=True)
     device_teacher = teacher.to(env.device) if teacher is not None else None
-    objective = build_objective(cfg, encoder, table, device_teacher)
+    objective = build_objective(cfg, encoder, table, device_teacher, kernel)
     batches = BatchBuilder(
         num_items, teacher, sampler, cfg.train.length_groups, cfg.train.new_target_weight
     )

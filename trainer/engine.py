@@ -77,15 +77,19 @@ class DivergenceGuard:
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.optimizer = optimizer
         self.skipped_steps = torch.zeros((), device=device)
+        self.first_skipped = torch.full((), -1, dtype=torch.int64, device=device)  # global step
         self.flag = torch.zeros((), device=device)
 
-    def observe(self, total: torch.Tensor) -> torch.Tensor:
-        """The device flag (1.0 = skip) of this step, from its loss ``total``."""
+    def observe(self, total: torch.Tensor, step: int = -1) -> torch.Tensor:
+        """The device flag (1.0 = skip) of optimiser step ``step``, from its loss ``total`` (a
+        gradient that is not finite makes the loss NaN: ``trainer.logpartition``)."""
         bad = all_reduce_sum((~torch.isfinite(total.detach())).reshape(1))
         self.flag = (bad > 0).to(self.skipped_steps.dtype).reshape(())
         if self.optimizer.defaults.get("fused"):
             self.optimizer.found_inf = self.flag
         self.skipped_steps += self.flag
+        first = (self.flag > 0) & (self.first_skipped < 0)
+        self.first_skipped = torch.where(first, step, self.first_skipped)
         return self.flag
 
     def gate(self, grad: torch.Tensor) -> torch.Tensor:
@@ -95,3 +99,7 @@ class DivergenceGuard:
     def skipped(self) -> int:
         """Steps skipped so far (a host read: call only where the trainer logs)."""
         return int(self.skipped_steps)
+
+    def first_skipped_step(self) -> int:
+        """The global step of the first skipped step, -1 if none (a host read)."""
+        return int(self.first_skipped)

@@ -17,32 +17,72 @@ scores stay in cache; the log-partition comes out of the softmax's own max and s
 also writes its transpose, the left operand of ``softmax^T . (w q)`` in its fast layout.
 
 The ``[chunk, N]`` score buffers are reused between calls: on this class of machine a fresh
-multi-megabyte allocation is paid for in page faults on every step.
+multi-megabyte allocation is paid for in page faults on every step. They are zeroed when they
+are allocated, and every region a product may read is written on each call (a matrix product is
+free to read an operand's padding up to its row stride: oneDNN's AMX kernels do), so no
+uninitialised memory can reach a result.
+
+A gradient that is not finite makes the returned value NaN, so the step's guard
+(``trainer.engine.DivergenceGuard``) skips it before any weight changes.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from trainer import cpu_kernels
+from trainer.cpu_kernels import CpuKernel
 from trainer.transition_term import ScoreBonus
 
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # bf16 has float32's exponent range
 _WORKSPACE: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+_HEALTH: list[dict[str, object]] | None = None  # see recording_health
 
 
 def _buffer(name: str, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A reusable flat ``[size]`` scratch tensor on ``device`` (one per name, dtype and device;
-    never shrunk). It grows with 25% headroom, so that batches of varying size rarely allocate
-    again: the pages of a fresh multi-megabyte buffer are paid in faults on first touch."""
+    never shrunk), zeros when allocated. It grows with 25% headroom, so that batches of varying
+    size rarely allocate again: the pages of a fresh multi-megabyte buffer are paid in faults on
+    first touch."""
     key = (name, dtype, device)
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < size:
-        buf = torch.empty(size + size // 4, dtype=dtype, device=device)
+        buf = torch.zeros(size + size // 4, dtype=dtype, device=device)
         _WORKSPACE[key] = buf
     return buf[:size]
+
+
+@contextmanager
+def recording_health() -> Iterator[list[dict[str, object]]]:
+    """Inside the block, every call appends what it found finite: ``{"loss": "recommendation"
+    | "TED", "bonus": bool, "kernel": bool, "bf16": bool, "value": bool, "d/dqueries": bool,
+    "d/dtable": bool, "d/dbonus": bool | None}`` (host reads: for the diagnosis of a non-finite
+    step, ``trainer.diagnose``; never inside a training step)."""
+    global _HEALTH
+    saved, _HEALTH = _HEALTH, []
+    try:
+        yield _HEALTH
+    finally:
+        _HEALTH = saved
+
+
+def _all_finite(tensor: torch.Tensor | None) -> bool | None:
+    return None if tensor is None else bool(torch.isfinite(tensor).all())
+
+
+def fill_workspace(value: float) -> None:
+    """Every scratch buffer filled with ``value`` (NaN: what a reused buffer may hold; the
+    kernel's self-check and tests)."""
+    for buf in _WORKSPACE.values():
+        buf.fill_(value)
+
+
+def reset_workspace() -> None:
+    """Drop the scratch buffers (the next call allocates zeroed ones)."""
+    _WORKSPACE.clear()
 
 
 def _transpose_buffer(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -53,7 +93,7 @@ def _transpose_buffer(rows: int, width: int, like: torch.Tensor) -> torch.Tensor
 
 
 def _softmax(
-    scores: torch.Tensor, probs: torch.Tensor, kernel: ModuleType | None
+    scores: torch.Tensor, probs: torch.Tensor, kernel: CpuKernel | None
 ) -> torch.Tensor | None:
     """``probs [C, W] = softmax(scores [C, W])`` along rows; with the CPU kernel
     (``trainer.cpu_kernels``) also returns ``[W, C]`` the transpose, else None."""
@@ -86,14 +126,14 @@ class _WeightedLogPartition(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, queries, table, row_weights, bias_values, bias_rows, bias_items, anchors,
-        chunk: int, bf16: bool, zero_column: bool,
+        chunk: int, bf16: bool, zero_column: bool, cpu_kernel: CpuKernel | None,
     ):  # fmt: skip
         needs_grad = any(ctx.needs_input_grad[:4])
         mm_dtype = torch.bfloat16 if bf16 else torch.float32
         num_items, dim, device = table.shape[0], table.shape[1], queries.device
         # the CPU kernel: the products, the softmax and its transpose (read by the table's
         # gradient only)
-        kernel = cpu_kernels.kernel() if device.type == "cpu" and bf16 and needs_grad else None
+        kernel = cpu_kernel if device.type == "cpu" and bf16 and needs_grad else None
         has_bias = bias_values is not None
         width = num_items + int(zero_column)  # the zero column, if any, is column N
         table_mm = torch.empty(width, dim, dtype=mm_dtype, device=device)  # [width, D]
@@ -152,6 +192,17 @@ class _WeightedLogPartition(torch.autograd.Function):
                     grad_bias += torch.where(inside, picked, torch.zeros_like(picked))
         if needs_grad and grad_t is None:  # no rows on this rank
             grad_t = torch.zeros(width, dim, device=device)
+        if _HEALTH is not None:
+            _HEALTH.append({
+                "loss": "recommendation" if zero_column else "TED", "bonus": has_bias,
+                "kernel": kernel is not None, "bf16": bf16, "value": _all_finite(total),
+                "d/dqueries": _all_finite(grad_q), "d/dtable": _all_finite(grad_t),
+                "d/dbonus": _all_finite(grad_bias),
+            })  # fmt: skip
+        if needs_grad:  # 0 * (a sum with a NaN or Inf) is NaN: a bad gradient spoils the value
+            total += 0.0 * (grad_q.sum() + grad_t.sum()).double()
+            if grad_bias is not None:
+                total += 0.0 * grad_bias.sum().double()
         ctx.save_for_backward(grad_q, grad_t[:num_items] if needs_grad else None, grad_bias)
         return total.to(queries.dtype)
 
@@ -160,7 +211,7 @@ class _WeightedLogPartition(torch.autograd.Function):
         grad_q, grad_t, grad_bias = ctx.saved_tensors
         grad_bias = grad_bias * grad_out if grad_bias is not None else None
         return (
-            grad_q * grad_out, grad_t * grad_out, None, grad_bias, *([None] * 6)
+            grad_q * grad_out, grad_t * grad_out, None, grad_bias, *([None] * 7)
         )  # fmt: skip
 
 
@@ -173,6 +224,7 @@ def weighted_log_partition(
     zero_column: bool = False,
     bias: ScoreBonus | None = None,
     anchors: torch.Tensor | None = None,
+    kernel: CpuKernel | None = None,
 ) -> torch.Tensor:
     """``sum_r row_weights[r] * logsumexp_j(queries[r] . table[j] + bias[r, j])`` with exact
     gradients.
@@ -194,13 +246,15 @@ def weighted_log_partition(
         bias: sparse additions to the scores (rows index ``queries``; values differentiable),
             e.g. the transition term (:mod:`trainer.transition_term`).
         anchors: ``[R]`` int64 column per row; required without ``zero_column``.
+        kernel: the run's CPU kernel (``trainer.cpu_kernels.select``), used on CPU with bf16
+            when gradients are needed; None: torch's path.
     Returns:
-        A scalar.
+        A scalar (NaN when a gradient is not finite).
     """
     if not zero_column and anchors is None:
         raise ValueError("weighted_log_partition needs anchors when there is no zero column")
     values, rows, items = (bias.values, bias.rows, bias.items) if bias else (None, None, None)
     return _WeightedLogPartition.apply(
         queries, table, row_weights.detach(), values, rows, items,
-        None if zero_column else anchors, chunk, bf16, zero_column,
+        None if zero_column else anchors, chunk, bf16, zero_column, kernel,
     )  # fmt: skip

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.cpu_kernels import CpuKernel
 from trainer.logpartition import weighted_log_partition
 from trainer.transition_term import ScoreBonus
 
@@ -79,6 +80,7 @@ def full_softmax_rec_loss(
     bf16: bool,
     term: tuple[ScoreBonus, torch.Tensor] | None = None,
     weights: torch.Tensor | None = None,
+    kernel: CpuKernel | None = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy over all N items, a weighted sum over positions divided by
     ``norm``.
@@ -94,10 +96,13 @@ def full_softmax_rec_loss(
         term: the transition term, ``(additions to the scores, each target's own [P])``
             (``trainer.transition_term.training_bonus``), or None.
         weights: ``[P]`` each position's weight (None: all 1).
+        kernel: the run's CPU kernel (``trainer.cpu_kernels.select``) or None.
     """
     weights = _ones_if_none(weights, queries)  # [P]
     bias, target_bias = term if term is not None else (None, None)
-    lse = weighted_log_partition(queries, items, weights / norm, chunk, bf16, True, bias)
+    lse = weighted_log_partition(
+        queries, items, weights / norm, chunk, bf16, True, bias, kernel=kernel
+    )  # fmt: skip
     target = (queries * target_emb).sum(-1)  # [P]
     if target_bias is not None:
         target = target + target_bias
@@ -168,6 +173,7 @@ def ted_loss(
     chunk: int,
     bf16: bool,
     weights: torch.Tensor | None = None,
+    kernel: CpuKernel | None = None,
 ) -> torch.Tensor:
     """Paper TED: cross-entropy(teacher, student) over all N items, a weighted sum over heads
     divided by ``norm``.
@@ -180,11 +186,12 @@ def ted_loss(
         student: ``[H, D]`` student vectors (dropout(E[head] * sqrt(d))).
         items: ``[N, D]`` the whole item table.
         weights: ``[H]`` each head's weight (None: all 1).
+        kernel: the run's CPU kernel (``trainer.cpu_kernels.select``) or None.
     """
     scaled = student / tau  # [H, D]
     weights = _ones_if_none(weights, student)  # [H]
     lse = weighted_log_partition(
-        scaled, items, weights / norm, chunk, bf16, anchors=teacher.heads
+        scaled, items, weights / norm, chunk, bf16, anchors=teacher.heads, kernel=kernel
     )  # fmt: skip
     # the cross term is linear in each head's vector: weighting it weights the head
     cross = teacher_cross_term(scaled * weights[:, None], items.sum(0), teacher)

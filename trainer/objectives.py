@@ -23,6 +23,7 @@ from core.collectives import all_reduce_sum, world
 from core.config import Config
 from embeddings.base import ItemTable
 from trainer.batches import StepBatch
+from trainer.cpu_kernels import CpuKernel
 from trainer.losses import (
     LossTerms,
     TeacherRows,
@@ -111,7 +112,15 @@ class Objective(nn.Module):
 
 
 class PaperObjective(Objective):
-    """Paper mode: full softmax and TED over all N items (no ``positions x N`` matrix kept)."""
+    """Paper mode: full softmax and TED over all N items (no ``positions x N`` matrix kept), on
+    the CPU kernel where the run has one."""
+
+    def __init__(
+        self, encoder: MQSAEncoder, table: ItemTable, teacher: SparseTeacher | None,
+        cfg: Config, kernel: CpuKernel | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(encoder, table, teacher, cfg)
+        self.kernel = kernel
 
     def forward(self, batch: StepBatch) -> LossTerms:
         norm = self.normaliser(batch)
@@ -121,11 +130,15 @@ class PaperObjective(Objective):
         target_emb = rows.index_select(0, batch.targets_row)  # [P, D]
         term = self.transition_term(batch)
         weights = batch.weights
-        rec = full_softmax_rec_loss(queries, target_emb, items, norm, chunk, bf16, term, weights)
+        rec = full_softmax_rec_loss(
+            queries, target_emb, items, norm, chunk, bf16, term, weights, self.kernel
+        )
         if not self.use_kd:
             return self.total(rec, None)
         teacher = self.teacher_rows(batch, rows)
-        kd = ted_loss(student, items, teacher, self.model_cfg.tau, norm, chunk, bf16, weights)
+        kd = ted_loss(
+            student, items, teacher, self.model_cfg.tau, norm, chunk, bf16, weights, self.kernel
+        )
         return self.total(rec, kd)
 
 
@@ -160,8 +173,14 @@ class CatalogObjective(Objective):
 
 
 def build_objective(
-    cfg: Config, encoder: MQSAEncoder, table: ItemTable, teacher: SparseTeacher | None
+    cfg: Config,
+    encoder: MQSAEncoder,
+    table: ItemTable,
+    teacher: SparseTeacher | None,
+    kernel: CpuKernel | None = None,
 ) -> Objective:
-    """The objective ``loss.candidates`` asks for."""
-    kind = CatalogObjective if cfg.loss.candidates == "sampled" else PaperObjective
-    return kind(encoder, table, teacher, cfg)
+    """The objective ``loss.candidates`` asks for; paper mode's catalogue-wide products run on
+    ``kernel`` where given (``trainer.cpu_kernels.select``)."""
+    if cfg.loss.candidates == "sampled":
+        return CatalogObjective(encoder, table, teacher, cfg)
+    return PaperObjective(encoder, table, teacher, cfg, kernel)

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from core import quiet
+from core import openmp, quiet
 from core.config import load_config
 from core.errors import UserError
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     die_with_launcher()
     quiet.install()  # the third-party warnings we understand (core/quiet.py)
+    openmp.limit_spinning()  # before torch loads libgomp (core/openmp.py)
     try:
         cfg = load_config(args.config, args.overrides)
     except UserError as e:
@@ -61,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import init_distributed, shutdown
     from trainer.trainer import Trainer, TrainingDiverged
 
+    env = None
     try:
         env = init_distributed()
         result = Trainer(build_run(cfg, env)).fit()
-    except (UserError, TrainingDiverged) as e:
+    except TrainingDiverged as e:  # every rank knows it: one line for the job, from rank 0
+        return refuse(e) if env is None or env.is_main else 2
+    except UserError as e:
         return refuse(e)
     shutdown()
     if env.is_main:

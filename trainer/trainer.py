@@ -20,6 +20,7 @@ from core.storage import save_state
 from trainer.batches import StepBatch
 from trainer.builder import Run
 from trainer.checkpoint import TrainerState, save_best
+from trainer.diagnose import diagnose
 from trainer.evaluate import evaluate
 from trainer.prefetch import prefetched
 from trainer.progress import progress
@@ -83,7 +84,7 @@ class Trainer:
         if self.run.lr_factor is not None:  # the dense rate follows DeepSpeed's scheduler
             self.table.scale_learning_rate(self.run.lr_factor(step))
         losses = self.engine(batch)
-        self.guard.observe(losses.total)  # a non-finite step is skipped on the device
+        self.guard.observe(losses.total, step)  # a non-finite step is skipped on the device
         self.engine.backward(losses.total)
         self.engine.step()
         self.loss_sums += torch.stack([losses.rec, losses.kd]).double()
@@ -162,6 +163,22 @@ class Trainer:
         self.log(f"resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch}")
         return state
 
+    def divergence_report(self, state: TrainerState, error: TrainingDiverged) -> str:
+        """One line for the whole job: which step, what went non-finite on which path, the
+        setting under which a replay of that step was finite (``trainer.diagnose``), where the
+        last good weights are. Collective."""
+        first = self.guard.first_skipped_step()
+        step = first - (state.global_step - state.step_in_epoch)  # in this epoch
+        train = next(iter(self.users.train_batches(state.epoch, step)))
+        batch = self.run.batches(train, state.epoch, step).to(self.env.device)
+        self.model.train()
+        finding = diagnose(self.model, batch, self.cfg.train.bf16, self.cfg.train.lr)
+        return (
+            f"training stopped at epoch {state.epoch}, step {step + 1} of "
+            f"{self.users.steps_per_epoch()} (global step {first + 1}): {finding}. {error}, "
+            f"all skipped; the last good weights: {self.run_dir.path('last_good.pt')}"
+        )
+
     def planned_epochs(self) -> int:
         """``train.epochs``, raised so that at least ``train.min_steps`` steps run."""
         steps = self.users.steps_per_epoch()
@@ -183,11 +200,7 @@ class Trainer:
                 record = self.train_epoch(state)
             except TrainingDiverged as e:
                 self.save_weights("last_good.pt")
-                raise TrainingDiverged(
-                    f"epoch {state.epoch}: {e}; stopped, the last good weights (no non-finite "
-                    f"step touched them) are in {self.run_dir.path('last_good.pt')} "
-                    "(lower train.lr?)"
-                ) from e
+                raise TrainingDiverged(self.divergence_report(state, e)) from e
             if state.epoch % cfg.eval_every == 0 or state.epoch == epochs:
                 record.update(self.evaluate())
                 if record["valid"]["NDCG@20"] > state.best["valid"].get("NDCG@20", -1.0):

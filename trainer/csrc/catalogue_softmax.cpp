@@ -4,15 +4,17 @@
 //
 //   scores(q, items, out):                  out [R, W] = q [R, D] . E^T, rounded to bf16
 //   softmax_rows_and_transpose(s, p, p_t):  p [R, W] = softmax of s's rows, p_t [W, R] = p^T
+//                                           (p_t's padding columns up to its stride: zeros)
 //   log_partition_block(q, items, paired, p_t, lse, expected):
 //       per block of 32 rows, in a thread's buffer that stays in cache: the scores, their softmax
 //       p, p^T into p_t, lse [R] = each row's log-sum-exp and expected [R, D'] = p . E (float32);
 //       neither the scores nor p are written to memory
 //
-// Same numbers as torch: the scores equal oneDNN's bf16 product bitwise (float32 sums over the
-// pairs of D, in order, rounded to nearest even), the softmax is torch's on those bf16 scores to
-// bf16 rounding, the transpose is exact, and expected is the float32 sum that oneDNN's product
-// rounds to bf16. Measured at Beauty's shapes (1,570 x 12,102, D 64, 2 threads): the score
+// The numbers: the scores are float32 sums over the pairs of D, in order, rounded to nearest even
+// bf16 (oneDNN's AVX-512 product gives the same bits; its AMX one sums in another order), the
+// softmax is torch's on those bf16 scores to bf16 rounding, the transpose is exact, and expected
+// is the float32 sum of p . E. trainer/kernel_check.py checks all of it against float64 where it
+// is loaded. Measured at Beauty's shapes (1,570 x 12,102, D 64, 2 threads): the score
 // product ~1.6x faster than oneDNN's (whose K = 64 product runs at ~2/3 of the machine's bf16
 // rate); the product that needs the transpose (softmax^T . (w q)) runs ~1.5x slower on a
 // transposed view than on p_t.
@@ -154,11 +156,13 @@ void transpose16(const __m256i* rows, __m256i* cols) {
 
 // A block's `count` rows of probs (count <= 32, row stride ps) to as many columns of probs_t
 // (64-byte aligned), in 32 x 16 tiles transposed in registers, written as whole 64-byte lines
-// streamed past the cache.
+// streamed past the cache. A last block of fewer than 32 rows writes zeros in the rest of its
+// line: the padding columns of probs_t, which a consumer may read. (oneDNN's AMX matmul reads a
+// K tail as a whole tile up to the row stride and relies on the other operand's zeros; NaN or Inf
+// left there from a reused buffer made 0 * NaN = NaN in the table's gradient.)
 void transpose_block(const at::BFloat16* probs, int64_t ps, int64_t count, const Width& w,
                      at::BFloat16* probs_t, int64_t ts) {
   __m256i tile[32], cols[2][16];
-  const __mmask32 row_mask = count == 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << count) - 1);
   for (int64_t c = 0; c < w.tiles(); ++c) {
     const __mmask16 mask = c < w.full ? static_cast<__mmask16>(0xFFFF) : w.tail;
     for (int64_t r = 0; r < 32; ++r)
@@ -169,11 +173,7 @@ void transpose_block(const at::BFloat16* probs, int64_t ps, int64_t count, const
     const int64_t valid = std::min<int64_t>(16, w.width - 16 * c);
     for (int64_t j = 0; j < valid; ++j) {
       const __m512i line = _mm512_inserti64x4(_mm512_castsi256_si512(cols[0][j]), cols[1][j], 1);
-      at::BFloat16* dst = probs_t + (16 * c + j) * ts;
-      if (count == 32)
-        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), line);
-      else
-        _mm512_mask_storeu_epi16(dst, row_mask, line);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(probs_t + (16 * c + j) * ts), line);
     }
   }
 }
@@ -306,7 +306,8 @@ void check_bf16_cpu(const torch::Tensor& t, const char* what) {
 void check_transpose_buffer(const torch::Tensor& probs_t) {
   check_bf16_cpu(probs_t, "probs_t");
   TORCH_CHECK(probs_t.dim() == 2 && probs_t.stride(1) == 1, "probs_t must be [W, R], rows contiguous");
-  TORCH_CHECK(probs_t.stride(0) % 32 == 0 && reinterpret_cast<uintptr_t>(probs_t.data_ptr()) % 64 == 0,
+  TORCH_CHECK(probs_t.stride(0) % 32 == 0 && probs_t.stride(0) >= probs_t.size(1) &&
+                  reinterpret_cast<uintptr_t>(probs_t.data_ptr()) % 64 == 0,
               "probs_t must start on 64 bytes, rows a multiple of 32 apart");
 }
 
