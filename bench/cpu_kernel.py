@@ -16,6 +16,7 @@ the softmax and ``softmax . E`` (the kernel's: in one pass with the transpose) a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from core.config import load_config  # noqa: E402
 from trainer import cpu_kernels  # noqa: E402
 from trainer.builder import build_run  # noqa: E402
+from trainer.diagnose import path_losses, paths  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
 
@@ -76,7 +78,7 @@ def pieces(kernel, rows: int, width: int, dim: int) -> None:
         )
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="prepared data dir (spark_jobs.prepare)")
     parser.add_argument("--config", default="configs/beauty.yaml")
@@ -116,7 +118,18 @@ def main() -> None:
         )
     rows = int(steps[0].positions.shape[0])
     pieces(kernel, rows, trainer.users.num_items + 1, cfg.model.dim)
+    done = len(steps[:5]) + len(seconds[True]) + len(seconds[False])  # warm-up and timed steps
+    rec, kd = (trainer.loss_sums / done).tolist()
+    tried = paths(trainer.model, True)
+    totals = path_losses(trainer.model, steps[:8], [tried[0], tried[-1]])
+    difference = abs(totals[0] - totals[1]) / max(abs(totals[1]), 1e-12)
+    ok = all(map(math.isfinite, (rec, kd, totals[0]))) and difference <= 5e-3
+    print(f"check: timed steps' mean loss rec {rec:.4f} kd {kd:.4f}; over 8 batches with the same "
+          f"weights the kernel's path gives {totals[0] / 8:.5f}, torch float32 {totals[1] / 8:.5f} "
+          f"per batch: relative difference {difference:.2e} (tolerance 0.005): "
+          f"{'ok' if ok else 'FAILED'}")  # fmt: skip
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,7 +30,7 @@ from core.config import load_config
 from trainer.builder import build_run
 from trainer.checkpoint import TrainerState
 from trainer.data import epoch_order
-from trainer.diagnose import on_path, paths
+from trainer.diagnose import path_losses, paths
 from trainer.distributed import init_distributed
 from trainer.trainer import Trainer
 
@@ -69,15 +69,10 @@ def baseline_step(trainer: Trainer, users: torch.Tensor, teacher: torch.Tensor, 
 def path_check(trainer: Trainer, count: int, tolerance: float, mean_loss: float) -> bool:
     """Print the ``check:`` line: the timed path against torch's float32 path on the first
     ``count`` batches of an epoch with the same weights; True when it passes."""
-    objective, bf16 = trainer.model, trainer.cfg.train.bf16
-    timed, fp32 = paths(objective, bf16)[0], paths(objective, bf16)[-1]
+    tried = paths(trainer.model, trainer.cfg.train.bf16)
+    timed, fp32 = tried[0], tried[-1]
     batches = [batch for _, batch in zip(range(count), trainer.step_batches(1), strict=False)]
-    objective.eval()  # no dropout: the same function on both paths
-    totals = []
-    for path in (timed, fp32):
-        with on_path(objective, path):
-            totals.append(sum(float(objective(batch).total) for batch in batches))
-    objective.train()
+    totals = path_losses(trainer.model, batches, [timed, fp32])
     difference = abs(totals[0] - totals[1]) / max(abs(totals[1]), 1e-12)
     ok = math.isfinite(mean_loss) and math.isfinite(totals[0]) and difference <= tolerance
     print(

@@ -25,7 +25,9 @@ The bench
 3. runs ours: the ``--ours`` command (default ``.venv/bin/python bench/train_speed.py --epochs 2
    --bf16 --baseline-steps 0``) with ``--data DATA`` appended, in ``--ours-cwd`` (default: this
    checkout, also put first on PYTHONPATH), and reads its ``ours: X s/epoch ...; full
-   valid+test eval of N users: Y s`` line;
+   valid+test eval of N users: Y s`` line and its ``check:`` line (train_speed exits 1, and so
+   the bench, when the timed loss is not finite or the timed path disagrees with torch's
+   float32 path on the same batches and weights);
 4. prints the machine, both sides' figures, each labelled with who measured it, and the ratios
    (derived: reference / ours). A fixed pure-Python loop is timed before and after each side:
    when its times differ (a shared host), the figures of that run are not comparable.
@@ -327,10 +329,12 @@ def run_ours(args, data: Path, cwd: Path, tmp: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
     print(f"ours run: cd {cwd} && PYTHONPATH={cwd} {shlex.join(cmd)}", flush=True)
-    found = None
+    found, check = None, ""
     for _, line in run_lines(cmd, cwd, env, args.timeout, tmp / "ours.stderr"):
         if args.verbose:
             print(f"  | {line}", flush=True)
+        if line.startswith("check: "):
+            check = line
         if m := OURS_LINE.search(line):
             found = {
                 "epoch_s": float(m[1]),
@@ -341,6 +345,7 @@ def run_ours(args, data: Path, cwd: Path, tmp: Path) -> dict:
             }
     if found is None:
         raise RunError(f"{shlex.join(cmd)} printed no 'ours: X s/epoch ... eval ...: Y s' line")
+    found["check"] = check  # train_speed's correctness line (it exits 1 when it fails)
     return found
 
 
@@ -415,6 +420,8 @@ def report_ours(ours: dict, ref: dict, args: argparse.Namespace) -> None:
         )
     )
     print(row("evaluation", ours["eval_s"], f"measured by {who}: validation + test, all users"))
+    if ours["check"]:
+        print(f"  {ours['check']}")
     print()
     print("ratios [derived: reference / ours]")
     ratio = "  {:<40} x{:.2f}".format

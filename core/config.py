@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -361,16 +362,26 @@ def check_cross(cfg: Config, sources: dict[str, str] | None = None) -> None:
             )
 
 
+def _did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """``: did you mean 'x'?`` for the nearest known name, or "" when none is near."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f": did you mean '{prefix}{close[0]}'?" if close else ""
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
     dotted = f"{section}.{key}"
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections:
-        raise ConfigError(f"{source}: unknown section '{section}' (known: {', '.join(sections)})")
+        raise ConfigError(
+            f"{source}: unknown section '{section}'{_did_you_mean(section, sections)} "
+            f"(known: {', '.join(sections)})"
+        )
     target = getattr(cfg, section)
     hints = typing.get_type_hints(type(target))
     if key not in hints:
         raise ConfigError(
-            f"{source}: unknown key '{dotted}' (known in '{section}': {', '.join(hints)})"
+            f"{source}: unknown key '{dotted}'{_did_you_mean(key, hints, f'{section}.')} "
+            f"(known in '{section}': {', '.join(hints)})"
         )
     value = _check_value(dotted, value, hints[key], source)
     _check_rules(dotted, value, rules_of(target)[key], source)

@@ -93,7 +93,7 @@ class Manifest:
             raise ExportError(
                 f"{url} is not a format-{FORMAT} export manifest (exports written before "
                 "versioning held a torch.export user_encoder.pt2, which is never loaded: "
-                "torch.export.load can unpickle code); re-run `python -m mqsa_ted.export RUN_DIR`"
+                "torch.export.load can unpickle code); re-run `mqsa-ted export RUN_DIR`"
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         source_fields = {f.name for f in dataclasses.fields(Source)}
@@ -151,7 +151,7 @@ def resolve_version(export_url: str) -> tuple[str, str]:
         raise MissingExportError(
             f"{root} holds no committed export (no {CURRENT}"
             + ("; its manifest.json is from an older export format" if old else "")
-            + "): run `python -m mqsa_ted.export RUN_DIR --out "
+            + "): run `mqsa-ted export RUN_DIR --out "
             + f"{root}` first"
         )
     pointer = read_json(f"{root}/{CURRENT}")
@@ -201,6 +201,6 @@ def check_fresh(manifest: Manifest, run_dir: str | None, export_url: str) -> Non
         raise ExportError(
             f"{export_url} was exported from an older {checkpoint} (sha256 "
             f"{manifest.source.model_sha256[:12]}, epoch {manifest.source.best_epoch}; now "
-            f"{digest[:12]}): re-run `python -m mqsa_ted.export {run} --out {export_url}`, "
+            f"{digest[:12]}): re-run `mqsa-ted export {run} --out {export_url}`, "
             "or pass --allow-stale to use the old export"
         )

@@ -3,7 +3,7 @@
     python -m mqsa_ted.report RUN_DIR [--export EXPORT_DIR] [--users 3]
 
 Reads ``RUN_DIR/config.yaml``, ``metrics.json`` and ``model.pt``, the prepared data of the run,
-and the run's export (default ``RUN_DIR/export``: run ``python -m mqsa_ted.export RUN_DIR``
+and the run's export (default ``RUN_DIR/export``: run ``mqsa-ted export RUN_DIR``
 first). Prints a metrics table (model, most-popular, last-item transitions) with the evaluation
 protocol the metrics were measured under, and top-10 lists for a few users; writes
 ``curves.png`` and ``report.md`` into the run directory. An export whose weights are not the
@@ -157,7 +157,7 @@ def open_export(run_dir: str, export_dir: str, allow_stale: bool) -> Recommender
         return Recommender(export_dir, allow_stale, run_dir=run_dir)
     except MissingExportError as e:
         raise ReportError(
-            f"no export at {export_dir} yet: run `python -m mqsa_ted.export {run_dir}"
+            f"no export at {export_dir} yet: run `mqsa-ted export {run_dir}"
             + (f" --out {export_dir}" if export_dir != RunDir(run_dir).path("export") else "")
             + "` first"
         ) from e

@@ -4,6 +4,7 @@ heavy imports, and the example config's prepare on the committed example log."""
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 import tomllib
@@ -84,3 +85,22 @@ def test_example_config_prepares_the_example_log(spark, tmp_path, monkeypatch):
         len(events),
     )
     assert stats["train_events"] == len(events) - 2 * events["user_id"].nunique()
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "3000"), ("250000", "250000")])
+def test_every_command_limits_openmp_spinning_before_torch_loads(preset, expected):
+    """libgomp reads GOMP_SPINCOUNT when torch loads it: the CLI sets it first (core/openmp.py),
+    and keeps a value the user set."""
+    code = (
+        "import os, sys; from mqsa_ted import cli;"
+        "cli.main(['config', 'configs/demo.yaml', 'train.epochs']);"
+        "import torch; print(os.environ['GOMP_SPINCOUNT'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    env["PYTHONPATH"] = str(ROOT)
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["12", expected]

@@ -55,6 +55,16 @@ def test_bad_config_files_name_the_key_and_file(tmp_path, text, needle):
     assert needle in str(err.value) and str(path) in str(err.value)
 
 
+def test_an_unknown_key_suggests_the_nearest_known_one():
+    with pytest.raises(ConfigError, match="unknown key 'model.dimm': did you mean 'model.dim'"):
+        load_config(None, ["model.dimm=3"])
+    with pytest.raises(ConfigError, match="unknown section 'trian': did you mean 'train'"):
+        load_config(None, ["trian.epochs=3"])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.zzzzzz=3"])
+    assert "did you mean" not in str(err.value)
+
+
 def test_bad_override_names_the_override():
     with pytest.raises(ConfigError, match="override 'model.dimm=3'.*unknown key 'model.dimm'"):
         load_config(None, ["model.dimm=3"])

@@ -118,7 +118,7 @@ def test_failed_export_leaves_the_previous_one_whole(trained_run, tmp_path, monk
     items, manifest = current_items(out)
     assert items.num_rows == 40 and manifest.faiss is None
     (out / CURRENT).unlink()  # as if the very first export had died before its commit
-    with pytest.raises(MissingExportError, match="run `python -m mqsa_ted.export"):
+    with pytest.raises(MissingExportError, match="run `mqsa-ted export"):
         Recommender(str(out))
 
 
@@ -135,7 +135,7 @@ def test_report_before_export_is_a_clear_error(trained_run, tmp_path, capsys):
     assert mqsa_ted.report.main([str(trained_run), "--export", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"error: no export at {out} yet: run `python -m mqsa_ted.export {trained_run} --out {out}`"
+        f"error: no export at {out} yet: run `mqsa-ted export {trained_run} --out {out}`"
         " first"
     ]
 
@@ -167,7 +167,7 @@ def test_stale_export_is_refused_after_retraining(trained_run, tmp_path, capsys)
 
     assert mqsa_ted.recommend.main(query) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"re-run `python -m mqsa_ted.export {run} --out {out}`" in err[0]
+    assert len(err) == 1 and f"re-run `mqsa-ted export {run} --out {out}`" in err[0]
     assert mqsa_ted.report.main([str(run), "--export", str(out)]) == 2
     assert "--allow-stale" in capsys.readouterr().err
     assert mqsa_ted.recommend.main([*query, "--allow-stale"]) == 0

@@ -91,21 +91,24 @@ def load_cpu_kernel(cfg: Config, env: DistEnv) -> CpuKernel | None:
     messages = all_gather_objects(message)
     failed = [(rank, m) for rank, m in enumerate(messages) if m != cpu_kernels.LOADED]
     if env.is_main:
-        if failed and env.world > 1:
+        line = failed[0][1] if failed else message
+        if len(failed) < env.world and failed or len({m for _, m in failed}) > 1:
             ranks = ", ".join(str(rank) for rank, _ in failed)
-            print(f"{failed[0][1]} (rank(s) {ranks}; every rank takes torch's path)", flush=True)
-        else:
-            print(failed[0][1] if failed else message, flush=True)
+            line += f" (on rank(s) {ranks}; every rank takes torch's path)"
+        print(line, flush=True)
     return None if failed else kernel
 
 
 def precision_warning(cfg: Config, env: DistEnv) -> None:
-    """Rank 0 warns when ``train.bf16`` runs on a CPU that only emulates bf16."""
+    """Rank 0 notes when ``train.bf16`` runs on a CPU that only emulates bf16."""
     on_cpu = env.is_main and env.device.type == "cpu"
     if on_cpu and cfg.train.bf16 and not cpu_kernels.native_bf16():
-        print("warning: train.bf16 on a CPU without bf16 instructions (no avx512_bf16, amx_bf16 "
-              "or bf16 in /proc/cpuinfo): torch emulates the bf16 products, slower than float32 "
-              "(docs/results.md); set train.bf16=false", flush=True)  # fmt: skip
+        print(
+            "note: train.bf16 on a CPU without bf16 instructions (no avx512_bf16, amx_bf16 or "
+            "bf16 in /proc/cpuinfo): torch emulates the bf16 products, slower than float32 here "
+            "(docs/configuration.md, train.bf16); train.bf16=false is faster",
+            flush=True,
+        )
 
 
 def build_components(cfg: Config, env: DistEnv) -> Run:

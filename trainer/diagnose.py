@@ -123,3 +123,18 @@ def diagnose(objective: Objective, batch: StepBatch, bf16: bool, lr: float) -> s
     hint = f"try {' or '.join(others)}" if others else "lower train.lr or set train.grad_clip"
     return (f"a replay of the step on the {tried[0].name} path was finite (the failure depends "
             f"on state a replay does not recreate); {hint}")  # fmt: skip
+
+
+def path_losses(
+    objective: Objective, batches: list[StepBatch], tried: list[ComputePath]
+) -> list[float]:
+    """The summed loss of ``batches`` on each path with the same weights and no dropout (the
+    speed benches' correctness check: the timed path against torch's float32)."""
+    was_training = objective.training
+    objective.eval()
+    totals = []
+    for path in tried:
+        with on_path(objective, path):
+            totals.append(sum(float(objective(batch).total.detach()) for batch in batches))
+    objective.train(was_training)
+    return totals

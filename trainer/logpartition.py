@@ -11,8 +11,8 @@ of one per elementwise op, and the row weights are applied to the ``[C, D]`` sid
 The log-partition itself is read from the softmax at one column per row (no row maximum or sum
 of its own), and the reference's zero padding column is a real column of the block.
 
-On CPU with bf16 and the hand-written kernel loaded (``trainer.cpu_kernels``), the kernel runs
-the score product too, and without a score bonus the product and the softmax in one pass (the
+On CPU with bf16 and the run's hand-written kernel (``trainer.cpu_kernels.select``), it runs the
+score product too, and without a score bonus the product and the softmax in one pass (the
 scores stay in cache; the log-partition comes out of the softmax's own max and sum); the softmax
 also writes its transpose, the left operand of ``softmax^T . (w q)`` in its fast layout.
 
