@@ -3,7 +3,8 @@
 ``mqsa-ted train --nproc N`` and ``launch.sh`` start the ranks through this module rather than
 ``torch.distributed.run`` itself: a rank that fails has already printed its one ``error:`` line,
 and torchrun's own report (a ``ChildFailedError`` traceback of ~40 lines that repeats it) is
-left out. The exit status is the first failed rank's (128 + N for a rank killed by signal N).
+left out. The exit status is the first failed rank's (128 + N for a rank killed by signal N, or
+for torchrun itself stopped by signal N).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 def run_torchrun(argv: list[str]) -> int:
     """Run torchrun with ``argv``; 0, or the first failed rank's exit status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -24,6 +26,9 @@ def run_torchrun(argv: list[str]) -> int:
     except ChildFailedError as e:
         code = e.get_first_failure()[1].exitcode
         return code if code > 0 else 128 - code
+    except SignalException as e:  # SIGTERM / SIGINT to torchrun: it has stopped the ranks
+        print(f"torchrun: stopped by {e.sigval.name}", file=sys.stderr)
+        return 128 + int(e.sigval)
     except KeyboardInterrupt:
         return 130
     return 0
