@@ -135,8 +135,7 @@ def test_report_before_export_is_a_clear_error(trained_run, tmp_path, capsys):
     assert mqsa_ted.report.main([str(trained_run), "--export", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"error: no export at {out} yet: run `mqsa-ted export {trained_run} --out {out}`"
-        " first"
+        f"error: no export at {out} yet: run `mqsa-ted export {trained_run} --out {out}` first"
     ]
 
 
