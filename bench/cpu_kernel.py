@@ -21,10 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from core import openmp  # noqa: E402
+
+openmp.limit_spinning()  # as every mqsa-ted command does, before torch loads libgomp
+
+import torch  # noqa: E402
 
 from core.config import load_config  # noqa: E402
 from trainer import cpu_kernels  # noqa: E402

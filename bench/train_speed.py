@@ -23,16 +23,20 @@ import resource
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+from core import openmp
 
-from core.config import load_config
-from trainer.builder import build_run
-from trainer.checkpoint import TrainerState
-from trainer.data import epoch_order
-from trainer.diagnose import path_losses, paths
-from trainer.distributed import init_distributed
-from trainer.trainer import Trainer
+openmp.limit_spinning()  # as every mqsa-ted command does, before torch loads libgomp
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from core.config import load_config  # noqa: E402
+from trainer.builder import build_run  # noqa: E402
+from trainer.checkpoint import TrainerState  # noqa: E402
+from trainer.data import epoch_order  # noqa: E402
+from trainer.diagnose import path_losses, paths  # noqa: E402
+from trainer.distributed import init_distributed  # noqa: E402
+from trainer.trainer import Trainer  # noqa: E402
 
 
 def dense_teacher(trainer: Trainer) -> torch.Tensor:
