@@ -16,7 +16,6 @@ the softmax and ``softmax . E`` (the kernel's: in one pass with the transpose) a
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 from core.config import load_config  # noqa: E402
 from trainer import cpu_kernels  # noqa: E402
 from trainer.builder import build_run  # noqa: E402
-from trainer.diagnose import path_losses, paths  # noqa: E402
+from trainer.diagnose import path_check  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
 
@@ -124,14 +123,8 @@ def main() -> int:
     pieces(kernel, rows, trainer.users.num_items + 1, cfg.model.dim)
     done = len(steps[:5]) + len(seconds[True]) + len(seconds[False])  # warm-up and timed steps
     rec, kd = (trainer.loss_sums / done).tolist()
-    tried = paths(trainer.model, True)
-    totals = path_losses(trainer.model, steps[:8], [tried[0], tried[-1]])
-    difference = abs(totals[0] - totals[1]) / max(abs(totals[1]), 1e-12)
-    ok = all(map(math.isfinite, (rec, kd, totals[0]))) and difference <= 5e-3
-    print(f"check: timed steps' mean loss rec {rec:.4f} kd {kd:.4f}; over 8 batches with the same "
-          f"weights the kernel's path gives {totals[0] / 8:.5f}, torch float32 {totals[1] / 8:.5f} "
-          f"per batch: relative difference {difference:.2e} (tolerance 0.005): "
-          f"{'ok' if ok else 'FAILED'}")  # fmt: skip
+    ok, line = path_check(trainer.model, steps[:8], cfg.train.bf16, 5e-3, {"rec": rec, "kd": kd})
+    print(line)
     return 0 if ok else 1
 
 

@@ -99,8 +99,6 @@ def combinations(variant: str) -> list[dict[str, bool | str]]:
 
 def train_all(args: argparse.Namespace, variant: str, dirs: dict[str, str]) -> list[dict]:
     """Every run of ``variant`` in this process (one process group of one)."""
-    import torch
-
     from core.config import load_config
     from trainer.builder import build_run
     from trainer.distributed import init_distributed
@@ -133,8 +131,6 @@ def train_all(args: argparse.Namespace, variant: str, dirs: dict[str, str]) -> l
                       "seconds": time.perf_counter() - start}  # fmt: skip
             results.append(record)
             print(json.dumps(record), flush=True)
-            del trainer
-            torch.manual_seed(0)
     return results
 
 

@@ -34,7 +34,7 @@ from core.config import load_config  # noqa: E402
 from trainer.builder import build_run  # noqa: E402
 from trainer.checkpoint import TrainerState  # noqa: E402
 from trainer.data import epoch_order  # noqa: E402
-from trainer.diagnose import path_losses, paths  # noqa: E402
+from trainer.diagnose import path_check  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
 
@@ -68,25 +68,6 @@ def baseline_step(trainer: Trainer, users: torch.Tensor, teacher: torch.Tensor, 
     opt.zero_grad()
     loss.backward()
     opt.step()
-
-
-def path_check(trainer: Trainer, count: int, tolerance: float, mean_loss: float) -> bool:
-    """Print the ``check:`` line: the timed path against torch's float32 path on the first
-    ``count`` batches of an epoch with the same weights; True when it passes."""
-    tried = paths(trainer.model, trainer.cfg.train.bf16)
-    timed, fp32 = tried[0], tried[-1]
-    batches = [batch for _, batch in zip(range(count), trainer.step_batches(1), strict=False)]
-    totals = path_losses(trainer.model, batches, [timed, fp32])
-    difference = abs(totals[0] - totals[1]) / max(abs(totals[1]), 1e-12)
-    ok = math.isfinite(mean_loss) and math.isfinite(totals[0]) and difference <= tolerance
-    print(
-        f"check: timed epochs' mean loss {mean_loss:.4f}; over {len(batches)} batches with the "
-        f"same weights the timed path ({timed.name}) gives {totals[0] / len(batches):.5f}, "
-        f"torch float32 {totals[1] / len(batches):.5f} per batch: relative difference "
-        f"{difference:.2e} (tolerance {tolerance:g}): {'ok' if ok else 'FAILED'}",
-        flush=True,
-    )
-    return ok
 
 
 def minor_page_faults() -> int:
@@ -129,7 +110,10 @@ def main() -> int:
         f"epoch, {(faults[2] - faults[1]) / (steps * args.epochs):.0f} in the timed ones"
     )
     mean_loss = sum(record["loss"] for record in records) / len(records)
-    correct = path_check(trainer, args.check_batches, args.tolerance, mean_loss)
+    batches = [b for _, b in zip(range(args.check_batches), trainer.step_batches(1), strict=False)]
+    correct, line = path_check(trainer.model, batches, args.bf16, args.tolerance,
+                               {"per epoch": mean_loss})  # fmt: skip
+    print(line, flush=True)
     if args.baseline_steps:
         teacher = dense_teacher(trainer)
         opt = torch.optim.Adam(trainer.model.parameters(), lr=cfg.train.lr)

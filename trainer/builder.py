@@ -99,7 +99,7 @@ def load_cpu_kernel(cfg: Config, env: DistEnv) -> CpuKernel | None:
     return None if failed else kernel
 
 
-def precision_warning(cfg: Config, env: DistEnv) -> None:
+def precision_note(cfg: Config, env: DistEnv) -> None:
     """Rank 0 notes when ``train.bf16`` runs on a CPU that only emulates bf16."""
     on_cpu = env.is_main and env.device.type == "cpu"
     if on_cpu and cfg.train.bf16 and not cpu_kernels.native_bf16():
@@ -115,7 +115,7 @@ def build_components(cfg: Config, env: DistEnv) -> Run:
     """Everything but the engine, on ``env.device``."""
     set_threads(cfg, env)
     kernel = load_cpu_kernel(cfg, env)
-    precision_warning(cfg, env)
+    precision_note(cfg, env)
     users = build_user_source(cfg, env.rank, env.world)
     num_items = users.num_items
     teacher = load_teacher(cfg, num_items)

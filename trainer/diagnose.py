@@ -13,6 +13,7 @@ were finite. "Lower train.lr" is said only when every path fails on finite weigh
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -125,16 +126,34 @@ def diagnose(objective: Objective, batch: StepBatch, bf16: bool, lr: float) -> s
             f"on state a replay does not recreate); {hint}")  # fmt: skip
 
 
-def path_losses(
-    objective: Objective, batches: list[StepBatch], tried: list[ComputePath]
-) -> list[float]:
-    """The summed loss of ``batches`` on each path with the same weights and no dropout (the
-    speed benches' correctness check: the timed path against torch's float32)."""
+def path_check(
+    objective: Objective,
+    batches: list[StepBatch],
+    bf16: bool,
+    tolerance: float,
+    timed_losses: dict[str, float],
+) -> tuple[bool, str]:
+    """The speed benches' correctness check: ``(passed, the "check: ..." line)``. The run's path
+    and torch's float32 path compute the summed loss of ``batches`` with the same weights and no
+    dropout; it passes when ``timed_losses`` (the timed run's mean losses, by name) and the run's
+    path are finite and the two differ by at most ``tolerance`` (relative)."""
+    tried = paths(objective, bf16)
+    timed, fp32 = tried[0], tried[-1]
     was_training = objective.training
     objective.eval()
     totals = []
-    for path in tried:
+    for path in (timed, fp32):
         with on_path(objective, path):
             totals.append(sum(float(objective(batch).total.detach()) for batch in batches))
     objective.train(was_training)
-    return totals
+    difference = abs(totals[0] - totals[1]) / max(abs(totals[1]), 1e-12)
+    finite = all(math.isfinite(v) for v in (*timed_losses.values(), totals[0]))
+    passed = finite and difference <= tolerance
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in timed_losses.items())
+    count = max(len(batches), 1)
+    return passed, (
+        f"check: timed mean loss {shown}; over {len(batches)} batches with the same weights the "
+        f"timed path ({timed.name}) gives {totals[0] / count:.5f}, torch float32 "
+        f"{totals[1] / count:.5f} per batch: relative difference {difference:.2e} (tolerance "
+        f"{tolerance:g}): {'ok' if passed else 'FAILED'}"
+    )

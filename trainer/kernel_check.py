@@ -3,7 +3,7 @@
 A kernel that is right on one CPU can be wrong on another: other instructions behind the same
 flags, another oneDNN path reading the kernel's buffers (oneDNN's AMX matmul reads an operand's
 padding up to its row stride). So ``trainer.cpu_kernels.select`` runs this check in the process
-that trains, once, before the kernel is used (~0.2 s), on random problems that cover
+that trains, once, before the kernel is used (~35 ms here), on random problems that cover
 
 - partial register tiles and blocks (rows and widths not multiples of 8, 16 or 32; one row,
   one item), odd and small ``D``;

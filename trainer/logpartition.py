@@ -58,8 +58,8 @@ def _buffer(name: str, size: int, dtype: torch.dtype, device: torch.device) -> t
 @contextmanager
 def recording_health() -> Iterator[list[dict[str, object]]]:
     """Inside the block, every call appends what it found finite: ``{"loss": "recommendation"
-    | "TED", "bonus": bool, "kernel": bool, "bf16": bool, "value": bool, "d/dqueries": bool,
-    "d/dtable": bool, "d/dbonus": bool | None}`` (host reads: for the diagnosis of a non-finite
+    | "TED", "bonus": bool, "value": bool, "d/dqueries": bool, "d/dtable": bool, "d/dbonus":
+    bool | None}`` (host reads: for the diagnosis of a non-finite
     step, ``trainer.diagnose``; never inside a training step)."""
     global _HEALTH
     saved, _HEALTH = _HEALTH, []
@@ -195,7 +195,7 @@ class _WeightedLogPartition(torch.autograd.Function):
         if _HEALTH is not None:
             _HEALTH.append({
                 "loss": "recommendation" if zero_column else "TED", "bonus": has_bias,
-                "kernel": kernel is not None, "bf16": bf16, "value": _all_finite(total),
+                "value": _all_finite(total),
                 "d/dqueries": _all_finite(grad_q), "d/dtable": _all_finite(grad_t),
                 "d/dbonus": _all_finite(grad_bias),
             })  # fmt: skip

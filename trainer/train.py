@@ -62,12 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import init_distributed, shutdown
     from trainer.trainer import Trainer, TrainingDiverged
 
-    env = None
     try:
         env = init_distributed()
         result = Trainer(build_run(cfg, env)).fit()
     except TrainingDiverged as e:  # every rank knows it: one line for the job, from rank 0
-        return refuse(e) if env is None or env.is_main else 2
+        return refuse(e) if env.is_main else 2
     except UserError as e:
         return refuse(e)
     shutdown()

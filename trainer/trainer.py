@@ -169,8 +169,7 @@ class Trainer:
         last good weights are. Collective."""
         first = self.guard.first_skipped_step()
         step = first - (state.global_step - state.step_in_epoch)  # in this epoch
-        train = next(iter(self.users.train_batches(state.epoch, step)))
-        batch = self.run.batches(train, state.epoch, step).to(self.env.device)
+        batch = next(self.step_batches(state.epoch, step))
         self.model.train()
         finding = diagnose(self.model, batch, self.cfg.train.bf16, self.cfg.train.lr)
         return (
