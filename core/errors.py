@@ -26,3 +26,10 @@ class StorageError(UserError):
 class CheckpointError(UserError):
     """A checkpoint is missing, unfinished, damaged, refused by the safe loader, or does not match
     the run's config or data."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when it has none): a third-party
+    message inside one of ours stays one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

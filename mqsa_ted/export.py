@@ -1,6 +1,6 @@
 """Export a trained run for retrieval: item vectors, the user encoder's weights, a FAISS index.
 
-    python -m mqsa_ted.export RUN_DIR [--out URL] [--faiss auto|flat|ivf|hnsw|none]
+    mqsa-ted export RUN_DIR [--out URL] [--faiss auto|flat|ivf|hnsw|none]
     torchrun --nproc_per_node=2 -m mqsa_ted.export RUN_DIR ...   # TorchRec runs: per rank
 
 Reads ``RUN_DIR/config.yaml``, ``RUN_DIR/model.pt`` (the best-validation weights; a TorchRec
@@ -28,8 +28,9 @@ Writes a new version of the export at ``--out`` (default ``export.out``, else
   its unfinished directory).
 
 Trust: ``RUN_DIR`` is a trusted artifact of your own training (a TorchRec snapshot's metadata is
-unpickled by torch.distributed.checkpoint); what this command writes is loaded weights-only by
-``recommend`` and ``report``.
+unpickled by torch.distributed.checkpoint); its ``model.pt`` is loaded weights-only all the same
+(one that holds anything but tensors is refused as unsafe, never loaded otherwise). What this
+command writes is loaded weights-only by ``recommend`` and ``report``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from core.errors import UserError
 from core.prepared import VOCAB, read_dataset, read_stats
 from core.storage import (
     atomic_write_bytes,
-    load_state,
+    full_url,
     read_json,
     read_parquet,
     save_state,
@@ -80,6 +81,8 @@ from mqsa_ted.manifest import (
     ExportError,
     Manifest,
     Source,
+    is_link,
+    load_tensors,
     sha256_of,
 )
 from trainer.checkpoint import CheckpointError, load_best_table
@@ -101,10 +104,14 @@ def load_trained(
     """
     run = RunDir(run_dir)
     cfg = load_config(run.path("config.yaml"))
+    checkpoint = run.path("model.pt")
+    fs, path = url_to_fs(checkpoint)
     try:
-        state = load_state(run.path("model.pt"))
+        payload = fs.cat_file(path)
     except FileNotFoundError as e:
-        raise ExportError(f"{run.path('model.pt')} not found: has the run finished?") from e
+        raise ExportError(f"{checkpoint} not found: has the run finished?") from e
+    state = load_tensors(payload, checkpoint, "this trainer did not write it; export a run you "
+                         "trained")  # fmt: skip
     num_items = int(read_stats(cfg.data.dir)["items"])
     table = build_item_table(cfg, num_items, device)
     if table.has_fused_optimizer:
@@ -299,7 +306,9 @@ def commit(out: str, version_url: str, manifest: Manifest) -> None:
     fs, versions = url_to_fs(f"{root}/{VERSIONS}")
     for old in fs.ls(versions, detail=False):
         name = old.rstrip("/").rsplit("/", 1)[1]
-        if name < version and fs.exists(f"{old}/{OWNER_MARKER}"):  # later ones: a concurrent export
+        if is_link(full_url(fs, old)):  # not a directory we created: never followed, never deleted
+            print(f"note: {old} is a symbolic link: left in place, never read")
+        elif name < version and fs.exists(f"{old}/{OWNER_MARKER}"):  # later: a concurrent export
             fs.rm(old, recursive=True)
     if fs.exists(f"{versions.rsplit('/', 1)[0]}/{MANIFEST}"):
         print(f"note: {root} also holds an export in the old unversioned layout (manifest.json, "

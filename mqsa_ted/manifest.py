@@ -11,23 +11,31 @@ A version is written whole into its own directory, then ``CURRENT`` is replaced 
 small object: a rename on local disks and HDFS, a single PUT on object stores; no directory
 rename is needed), so a reader sees the old export or the new one, never a mix. Every file a
 reader opens is named by the manifest with its sha256, and the manifest's sha256 is in
-``CURRENT``: a stale or damaged file is refused, never served.
+``CURRENT``: a stale or damaged file is refused, never served. Every name below ``OUT`` is read
+as a plain file or directory of the export itself (:func:`read_inside`): a symbolic link
+anywhere below ``OUT`` (``CURRENT``, ``versions/ID``, ``items/``, a part) is refused, so an
+export never serves a file from outside its version directory.
 
 Nothing read here executes code: JSON, Parquet, a FAISS index (its own binary format) and the
-user encoder's tensors through ``torch.load(weights_only=True)``.
+user encoder's tensors through ``torch.load(weights_only=True)`` (:func:`load_tensors`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import io
 import json
+import os
+import pickle
 import re
+import stat
 from dataclasses import dataclass
 
 from core.config import EVAL_PROTOCOLS
 from core.errors import UserError
-from core.storage import read_json, url_to_fs
+from core.storage import is_local, url_to_fs
 
 FORMAT = 2  # 1: one unversioned directory with a torch.export ``user_encoder.pt2`` (refused)
 CURRENT = "CURRENT"
@@ -131,30 +139,130 @@ def sha256_of(url: str, block: int = 1 << 23) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+LINK_REFUSED = "an export is read only from its own files, never through a link"
+
+
+def _open_below(directory: int, name: str, shown: str, want_directory: bool) -> int:
+    """``name`` in the open ``directory`` opened without following a link (``shown``: its URL
+    for messages). A missing name raises :class:`FileNotFoundError`, anything else that is not
+    the directory or regular file asked for raises :class:`ExportError`."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK  # O_NONBLOCK: a FIFO cannot hang us
+    try:
+        fd = os.open(name, flags | (os.O_DIRECTORY if want_directory else 0), dir_fd=directory)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(
+            os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode
+        ):
+            raise ExportError(f"{shown} is a symbolic link: {LINK_REFUSED}") from e
+        raise ExportError(f"cannot read {shown}: {e.strerror}") from e
+    kind = os.fstat(fd).st_mode
+    if not (stat.S_ISDIR(kind) if want_directory else stat.S_ISREG(kind)):
+        os.close(fd)
+        raise ExportError(f"{shown} is not a {'directory' if want_directory else 'regular file'}")
+    return fd
+
+
+def read_inside(root: str, relative: str) -> bytes:
+    """The bytes of ``<root>/<relative>`` where every name below ``root`` is a plain directory or
+    file of its own: a symbolic link anywhere on the way (or a special file) raises
+    :class:`ExportError`; a missing name raises :class:`FileNotFoundError`. ``root`` itself may
+    be a link (the user named it). Local paths are walked one directory descriptor at a time with
+    ``O_NOFOLLOW``, so a link swapped in after a check is refused too; object stores hold no
+    links."""
+    if not is_local(root):
+        fs, path = url_to_fs(f"{root.rstrip('/')}/{relative}")
+        return fs.cat_file(path)
+    shown = root.rstrip("/")
+    try:
+        fd = os.open(url_to_fs(root)[1], os.O_RDONLY | os.O_DIRECTORY)
+    except NotADirectoryError as e:
+        raise ExportError(f"{shown} is not a directory") from e
+    names = relative.split("/")
+    try:
+        for depth, name in enumerate(names, 1):
+            shown = f"{shown}/{name}"
+            child = _open_below(fd, name, shown, want_directory=depth < len(names))
+            os.close(fd)
+            fd = child
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # closed by the file object
+            return f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def in_version(version_url: str, name: str) -> tuple[str, str]:
+    """``(export root, path below it)`` of ``name`` in a version (``<root>/versions/<ID>``)."""
+    root, versions, version = version_url.rsplit("/", 2)
+    return root, f"{versions}/{version}/{name}"
+
+
+def is_link(url: str) -> bool:
+    """Whether ``url`` is a symbolic link (never on an object store)."""
+    return is_local(url) and os.path.islink(url_to_fs(url)[1])
+
+
 def read_checked(version_url: str, name: str, manifest: Manifest) -> bytes:
-    """The bytes of ``name`` in a version, refused unless they match the manifest's sha256."""
-    url = f"{version_url}/{name}"
-    fs, path = url_to_fs(url)
-    payload = fs.cat_file(path)
+    """The bytes of ``name`` in a version, refused unless they match the manifest's sha256 and
+    were read from the version's own files (:func:`read_inside`)."""
+    payload = read_inside(*in_version(version_url, name))
     want = manifest.files.get(name, {}).get("sha256")
     if hashlib.sha256(payload).hexdigest() != want:
+        url = f"{version_url}/{name}"
         raise ExportError(f"{url} does not match the sha256 in its manifest (damaged or replaced)")
     return payload
+
+
+def load_tensors(payload: bytes, url: str, remedy: str) -> dict:
+    """The tensors and plain containers in ``payload`` (the bytes of ``url``), through
+    ``torch.load(weights_only=True)``. A file that loader refuses (a pickle that could run code)
+    raises :class:`ExportError` saying it was refused as unsafe (torch's own message, which
+    suggests loading it unsafely, is not passed on), so does one that is no torch file;
+    ``remedy`` ends both messages."""
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # a crafted pickle's protocol: refused just below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:  # the weights-only loader refused what the file holds
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        held = f"a reference to {found[1]}" if found else "more than tensors and plain containers"
+        raise ExportError(
+            f"{url} was refused as unsafe: it is not a weights-only tensor file (it holds "
+            f"{held}, and loading that could run code), so it is never loaded; {remedy}"
+        ) from e
+    except Exception as e:  # not a torch.save file: a zip, truncated, empty, other bytes
+        raise ExportError(f"{url} is not a torch tensor file (damaged or truncated? "
+                          f"{type(e).__name__}); {remedy}") from e  # fmt: skip
+    if not isinstance(state, dict):
+        raise ExportError(f"{url} holds a {type(state).__name__}, not tensors by name; {remedy}")
+    return state
 
 
 def resolve_version(export_url: str) -> tuple[str, str]:
     """``(version URL, manifest sha256)`` that ``<export_url>/CURRENT`` names."""
     root = export_url.rstrip("/")
-    fs, path = url_to_fs(f"{root}/{CURRENT}")
-    if not fs.exists(path):
-        old = fs.exists(path.rsplit("/", 1)[0] + f"/{MANIFEST}")
+    try:
+        payload = read_inside(root, CURRENT)
+    except FileNotFoundError:
+        fs, path = url_to_fs(f"{root}/{MANIFEST}")
+        old = fs.exists(path)
         raise MissingExportError(
             f"{root} holds no committed export (no {CURRENT}"
             + ("; its manifest.json is from an older export format" if old else "")
             + "): run `mqsa-ted export RUN_DIR --out "
             + f"{root}` first"
-        )
-    pointer = read_json(f"{root}/{CURRENT}")
+        ) from None
+    try:
+        pointer = json.loads(payload)
+    except ValueError:
+        pointer = None
     version = pointer.get("version") if isinstance(pointer, dict) else None
     if not isinstance(version, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", version):
         raise ExportError(f"{root}/{CURRENT} does not name a version: damaged, re-run export")
@@ -166,9 +274,8 @@ def read_manifest(export_url: str) -> tuple[str, Manifest]:
     the sha256 that ``CURRENT`` records."""
     version_url, digest = resolve_version(export_url)
     url = f"{version_url}/{MANIFEST}"
-    fs, path = url_to_fs(url)
     try:
-        payload = fs.cat_file(path)
+        payload = read_inside(*in_version(version_url, MANIFEST))
     except FileNotFoundError as e:
         raise ExportError(f"{url} not found: {CURRENT} names a missing version") from e
     if hashlib.sha256(payload).hexdigest() != digest:

@@ -1,20 +1,5 @@
-"""Top-K recommendations from an export, for one history or a Parquet file of histories.
-
-    python -m mqsa_ted.recommend EXPORT_DIR --history id1,id2,... [--k 10]
-    python -m mqsa_ted.recommend EXPORT_DIR --batch histories.parquet --out recs.parquet
-
-Reads the committed version of EXPORT_DIR (``CURRENT`` -> ``versions/ID/``: manifest, item
-parts, the user encoder's tensors, the FAISS index) and, when the manifest's source run is
-readable here, that run's ``model.pt``: an export older than the run's weights is refused
-(``--allow-stale`` serves it anyway). Writes nothing but the ``--out`` Parquet of ``--batch``
-(``user_id``, ``items``, ``scores``); without ``--out`` the results are printed.
-
-A history is raw item ids, oldest first. Unknown ids are named on stderr and skipped; a history
-with no known item is an error unless ``--popular-fallback`` (then the items most frequent in
-the prepared data). The encoder reads the last ``max_len`` known items; which items are never
-recommended follows the run's evaluation protocol (``train.eval_protocol``, in the manifest):
-``paper`` excludes the WHOLE history, ``repeat_aware`` excludes nothing
-(``--exclude-history`` / ``--no-exclude-history`` override it).
+"""The recommender behind ``mqsa-ted recommend`` (its command line and the checks made before
+an export is loaded: :mod:`mqsa_ted.recommend_cli`): top-K items for histories of raw item ids.
 
 Queries go through the export's FAISS index (exact flat up to 200k items, IVF or HNSW when the
 export built one); an export written with ``--faiss none`` gets an exact flat index built at
@@ -26,8 +11,9 @@ also fetches as many items as the last item has successors, and the successors a
 exactly, so the result is still the exact top ``k`` under a flat index.
 
 Trust boundary: an export is data, loaded weights-only (JSON, Parquet, FAISS's binary format and
-``torch.load(weights_only=True)``): a tampered export cannot run code, and every file must match
-the sha256 its manifest records.
+``torch.load(weights_only=True)``): a tampered export cannot run code, every file must match
+the sha256 its manifest records, and every file is read from the version directory itself,
+never through a symbolic link (:func:`mqsa_ted.manifest.read_inside`).
 """
 
 from __future__ import annotations
@@ -46,8 +32,8 @@ import torch
 from torch import nn
 
 from core.config import ModelConfig
-from core.errors import UserError
-from core.storage import load_state, url_to_fs
+from core.errors import first_line
+from core.storage import url_to_fs
 from embeddings.factory import table_from_rows
 from mqsa_ted.manifest import (
     ENCODER,
@@ -56,10 +42,12 @@ from mqsa_ted.manifest import (
     ExportError,
     Manifest,
     check_fresh,
+    load_tensors,
     read_checked,
     read_manifest,
     resolve_version,
 )
+from mqsa_ted.recommend_cli import QueryError, history_ids, main  # noqa: F401 (main: python -m)
 from trainer.model import MQSAEncoder
 from trainer.teacher import csr_offsets
 
@@ -79,10 +67,6 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-class QueryError(UserError):
-    """A query that cannot be answered as asked (``k`` below 1, no known item in a history)."""
 
 
 @dataclass
@@ -107,10 +91,18 @@ class UserEncoder(nn.Module):
         return self.encoder(history, mask, last_only=True)[:, -1]
 
 
+def parquet_table(payload: bytes, url: str) -> pa.Table:
+    """The Parquet file ``payload`` (the checked bytes of ``url``) as a table."""
+    try:
+        return pq.read_table(pa.BufferReader(payload))
+    except pa.ArrowException as e:
+        raise ExportError(f"{url} is not a Parquet file ({first_line(e)}): re-run export") from e
+
+
 def read_items(version_url: str, m: Manifest) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """``(raw ids [N], counts [N], vectors [N, D] float32)`` in row order from a version's
     item parts (each checked against its sha256), vectorised: linear in N."""
-    parts = [pq.read_table(pa.BufferReader(read_checked(version_url, name, m)))
+    parts = [parquet_table(read_checked(version_url, name, m), f"{version_url}/{name}")
              for name in m.parts]  # fmt: skip
     items = pa.concat_tables(parts) if parts else pa.table({})
     if items.num_rows != m.count or not ITEM_COLUMNS <= set(items.column_names):
@@ -139,7 +131,7 @@ class Successors:
     log_count`` (``trainer.transition_term``), as CSR arrays on the host."""
 
     def __init__(self, payload: bytes, count: int, weight: float, url: str) -> None:
-        edges = pq.read_table(pa.BufferReader(payload))
+        edges = parquet_table(payload, url)
         if not {"src", "dst", "log_count"} <= set(edges.column_names):
             raise ExportError(f"{url}: not a transition graph (src, dst, log_count)")
         src, self.dst = (edges.column(c).to_numpy() for c in ("src", "dst"))
@@ -218,16 +210,8 @@ class Recommender:
         """``trainer.model.MQSAEncoder`` rebuilt from the manifest's config, weights loaded
         with ``torch.load(weights_only=True)`` (nothing in the file can run code)."""
         m, url = self.manifest, f"{self.version_url}/{ENCODER}"
-        read_checked(self.version_url, ENCODER, m)
-        try:
-            state = load_state(url)
-        except FileNotFoundError:
-            raise  # a newer commit deleted this version: the caller reads the new one
-        except Exception as e:  # anything torch.load(weights_only=True) refuses
-            raise ExportError(
-                f"{url} is not a weights-only tensor file (torch.load(weights_only=True) "
-                f"refused it: {type(e).__name__}); it is never loaded otherwise: re-run export"
-            ) from e
+        # the bytes checked against the manifest are the bytes loaded (no second read)
+        state = load_tensors(read_checked(self.version_url, ENCODER, m), url, "re-run export")
         try:
             encoder = MQSAEncoder(ModelConfig(**m.model), m.max_len)
             encoder.load_state_dict(state)
@@ -370,42 +354,12 @@ class Recommender:
         return rows[best], scores[best]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m mqsa_ted.recommend",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("export_dir")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--history", help="comma-separated raw item ids, oldest first")
-    source.add_argument("--batch", help="Parquet with columns user_id, history (list of raw ids)")
-    parser.add_argument("--out", help="output Parquet for --batch (default: print)")
-    parser.add_argument("--k", type=int, default=10, help="items per history (at least 1)")
-    parser.add_argument(
-        "--popular-fallback",
-        action="store_true",
-        help="answer a history without known items with the most popular ones",
-    )
-    parser.add_argument(
-        "--exclude-history",
-        action=argparse.BooleanOptionalAction,
-        help="never recommend history items (default: the run's protocol, "
-        "paper: yes, repeat_aware: no)",
-    )
-    parser.add_argument("--allow-stale", action="store_true",
-                        help="serve an export older than its run's current model.pt")  # fmt: skip
-    return parser.parse_args(argv)
-
-
 def run(args: argparse.Namespace) -> None:
-    """The command's work (raises :class:`UserError` for anything the user can fix)."""
-    if args.k < 1:
-        raise QueryError(f"--k must be at least 1, got {args.k}")
+    """The command's work once :func:`mqsa_ted.recommend_cli.check` has passed (raises
+    :class:`UserError` for anything the user can fix)."""
     rec = Recommender(args.export_dir, args.allow_stale, exclude_history=args.exclude_history)
     if args.history is not None:
-        history = [s.strip() for s in args.history.split(",") if s.strip()]
-        (result,) = rec.recommend([history], args.k, args.popular_fallback)
+        (result,) = rec.recommend([history_ids(args.history)], args.k, args.popular_fallback)
         if result.unknown:
             print(f"skipped unknown item ids: {', '.join(result.unknown)}", file=sys.stderr)
         if result.popular:
@@ -413,10 +367,9 @@ def run(args: argparse.Namespace) -> None:
         for rank, (item, score) in enumerate(zip(result.items, result.scores, strict=True), 1):
             print(f"{rank:3d}  {item}  {score:.4f}")
         return
-    fs, path = url_to_fs(args.batch)
-    with fs.open(path, "rb") as f:
-        histories = pq.read_table(f, columns=["user_id", "history"])
-    results = rec.recommend(histories.column("history").to_pylist(), args.k, args.popular_fallback)
+    histories = read_batch(args.batch)
+    lists = [h or [] for h in histories.column("history").to_pylist()]  # null: no history
+    results = rec.recommend(lists, args.k, args.popular_fallback)
     unknown = sorted({i for r in results for i in r.unknown})
     if unknown:
         print(f"skipped {len(unknown)} unknown item ids: {', '.join(unknown[:20])}"
@@ -437,14 +390,15 @@ def run(args: argparse.Namespace) -> None:
         print(out.to_pandas().to_string())
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def read_batch(url: str) -> pa.Table:
+    """``user_id`` and ``history`` of a ``--batch`` Parquet file (one ``error:`` line if it
+    cannot be read, e.g. replaced since it was checked)."""
+    fs, path = url_to_fs(url)
     try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=["user_id", "history"])
+    except (pa.ArrowException, OSError) as e:
+        raise QueryError(f"--batch {url} cannot be read as Parquet ({first_line(e)})") from e
 
 
 if __name__ == "__main__":
