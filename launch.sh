@@ -34,15 +34,6 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
   MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 fi
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  # One process per GPU that torch sees (what trainer.distributed.accelerator trains on), unless
-  # DS_ACCELERATOR=cpu; else the config's distributed.nproc_per_node.
-  GPUS=0
-  if [ "${DS_ACCELERATOR:-}" != cpu ]; then
-    GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-  fi
-  if [ "${GPUS:-0}" -gt 0 ]; then NPROC_PER_NODE=$GPUS; else NPROC_PER_NODE=$CONFIG_NPROC; fi
-fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
@@ -53,35 +44,19 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # Node 0 hosts the rendezvous store when the endpoint is on this machine (the other nodes only
 # connect). If its port is taken (another job?), torchrun would join that job's store and wait
-# silently: refuse at once instead. An endpoint elsewhere is left to torchrun's own host choice.
-HOST_CONF=$("$PY" - "$RDZV_ENDPOINT" "$NODE_RANK" <<'EOF'
-import errno, socket, sys
-endpoint, node_rank = sys.argv[1], int(sys.argv[2])
-host, _, port = endpoint.rpartition(":")
-host = host.strip("[]")
-def bind(address):
-    with socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(address)
-try:
-    bind((host, 0))
-except OSError:
-    sys.exit(0)  # not an address of this machine
-if node_rank != 0:
-    print("is_host=false,")
-    sys.exit(0)
-try:
-    bind((host, int(port)))
-    bind(("", int(port)))
-except OSError as e:
-    if e.errno != errno.EADDRINUSE:
-        raise
-    print(f"error: rendezvous port {port} on {host} is already in use (another job?): "
-          "set MASTER_PORT (or RDZV_ENDPOINT) to a free port", file=sys.stderr)
-    sys.exit(2)
-print("is_host=true,")
-EOF
-) || exit 2
+# silently: refuse at once, before anything imports torch (mqsa_ted/rendezvous.py, shared with
+# `mqsa-ted train --nproc`). An endpoint elsewhere is left to torchrun's own host choice.
+HOST_CONF=$("$PY" -m mqsa_ted.rendezvous "$RDZV_ENDPOINT" "$NODE_RANK") || exit 2
+
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  # One process per GPU that torch sees (what trainer.distributed.accelerator trains on), unless
+  # DS_ACCELERATOR=cpu; else the config's distributed.nproc_per_node.
+  GPUS=0
+  if [ "${DS_ACCELERATOR:-}" != cpu ]; then
+    GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  fi
+  if [ "${GPUS:-0}" -gt 0 ]; then NPROC_PER_NODE=$GPUS; else NPROC_PER_NODE=$CONFIG_NPROC; fi
+fi
 
 exec "$PY" -m mqsa_ted.torchrun \
   --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --node_rank="$NODE_RANK" \

@@ -11,107 +11,141 @@
 
 Each subcommand runs the ``main(argv)`` of its module (``spark_jobs.prepare``,
 ``trainer.train``, ...), imported only once the subcommand is chosen and, for those that take a
-CONFIG, the config has been read and checked: a typo costs no Spark or torch start-up. Every
+CONFIG, the config has been read and checked (``recommend`` checks its arguments and inputs
+the same way: :mod:`mqsa_ted.recommend_cli`): a typo costs no Spark or torch start-up. Every
 command first installs the filters of the third-party warnings we understand
 (:mod:`core.quiet`). ``train`` with more than one process re-runs itself under torchrun on this
-machine (``--nproc``, default ``distributed.nproc_per_node``); several machines: ``launch.sh``.
+machine (``--nproc``, default ``distributed.nproc_per_node``): torchrun picks a free rendezvous
+port, or uses the one ``MASTER_PORT`` / ``RDZV_ENDPOINT`` name once :mod:`mqsa_ted.rendezvous`
+has found it free (before torch is imported); several machines: ``launch.sh``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from core import openmp, quiet
-from core.config import ConfigError, load_config
+from core.config import Config, ConfigError, load_config
 from core.errors import UserError
 from core.prepared import require_complete
+from mqsa_ted.rendezvous import RendezvousError, endpoint_of, host_conf
+
+
+def read_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """:func:`core.config.load_config`, with a path that cannot be read as a file (a directory,
+    no permission) refused as a :class:`ConfigError` too."""
+    try:
+        return load_config(path, list(overrides))
+    except OSError as e:
+        hint = " (give a YAML file, e.g. configs/demo.yaml)" if os.path.isdir(path) else ""
+        raise ConfigError(f"cannot read the config {path}: {e.strerror or e}{hint}") from e
+
+
+def positionals(argv: list[str]) -> list[str]:
+    """The arguments before the first option (``--...``)."""
+    found = []
+    for arg in argv:
+        if arg.startswith("-"):
+            break
+        found.append(arg)
+    return found
+
+
+def check_config(argv: list[str]) -> None:
+    """Read the CONFIG and overrides at the start of ``argv`` (raises :class:`ConfigError`).
+
+    Options (``--...``) and anything after them are left to the command.
+    """
+    given = positionals(argv)
+    if given:
+        read_config(given[0], given[1:])
+
+
+def check_config_file(argv: list[str]) -> None:
+    """Read the CONFIG that starts ``argv``, if any (``mqsa-ted config``: what follows it is a
+    key, not an override)."""
+    given = positionals(argv)
+    if given:
+        read_config(given[0])
 
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: the module whose ``main(argv)`` runs it, and what it reads and writes."""
+    """A subcommand: the module whose ``main(argv)`` runs it, what it reads and writes, and the
+    cheap checks of its arguments made before that module (torch, Spark) is imported."""
 
     module: str
-    usage: str
     summary: str
     reads: str
     writes: str
-    takes_config: bool = False
+    check: Callable[[list[str]], None] | None = None
 
-    def describe(self, name: str) -> str:
-        """The block ``--help`` prints before the module's own options."""
-        return (
-            f"usage: mqsa-ted {name} {self.usage}\n\n{self.summary}\n\n"
-            f"reads:  {self.reads}\nwrites: {self.writes}\n"
-        )
+    def about(self) -> str:
+        """What ``--help`` prints between the usage line and the module's own description."""
+        return f"{self.summary}\n\nreads:  {self.reads}\nwrites: {self.writes}\n"
 
 
 COMMANDS: dict[str, Command] = {
     "prepare": Command(
         "spark_jobs.prepare",
-        "CONFIG [section.key=value ...]",
         "Turn an event log into user sequences, a leave-one-out split and the item-transition "
         "graph (Spark).",
         "data.events: the event log (Parquet, CSV or JSON lines; columns data.user_col, "
         "data.item_col, data.time_col)",
         "data.dir: vocab/, sequences/, transitions/, stats.json",
-        takes_config=True,
+        check_config,
     ),
     "train": Command(
         "trainer.train",
-        "CONFIG [section.key=value ...] [--nproc N]",
         "Train MQSA-TED on the prepared data; valid + test full-ranking evaluation every "
         "train.eval_every epochs; the best valid NDCG@20 epoch is kept.",
         "data.dir (written by prepare); train.resume: a checkpoint to continue from",
         "train.run_dir: config.yaml, metrics.json, model.pt (best epoch), checkpoints/",
-        takes_config=True,
+        check_config,
     ),
     "export": Command(
         "mqsa_ted.export",
-        "RUN_DIR [--out URL] [--faiss auto|flat|ivf|hnsw|none]",
         "Export a trained run for retrieval.",
         "RUN_DIR/config.yaml, RUN_DIR/model.pt (+ TorchRec checkpoint), data.dir/vocab/",
-        "--out (default export.out, else RUN_DIR/export): items/*.parquet, user_encoder.pt2, "
-        "faiss.index, manifest.json",
+        "--out (default export.out, else RUN_DIR/export): a new version with items/*.parquet, "
+        "user_encoder.pt, faiss.index, manifest.json, then CURRENT",
     ),
     "recommend": Command(
-        "mqsa_ted.recommend",
-        "EXPORT_DIR (--history id1,id2,... | --batch FILE.parquet [--out FILE.parquet]) [--k K]",
+        "mqsa_ted.recommend_cli",
         "Top-K items for a history of raw item ids (oldest first).",
         "EXPORT_DIR (written by export); --batch: Parquet with user_id, history",
         "the top-K list on standard output, or --out (Parquet: user_id, items, scores)",
     ),
     "report": Command(
         "mqsa_ted.report",
-        "RUN_DIR [--export EXPORT_DIR] [--users N]",
         "The run against the baselines (lift, curves) and sample recommendations.",
         "RUN_DIR/metrics.json, RUN_DIR/config.yaml, data.dir (for the baselines), the export",
         "RUN_DIR/report.md, RUN_DIR/curves.png (and the report on standard output)",
     ),
     "baselines": Command(
         "trainer.baselines",
-        "CONFIG [section.key=value ...]",
         "Most popular and last item -> most frequent next, under the model's protocol.",
         "data.dir (written by prepare)",
         "valid and test metrics as JSON on standard output",
-        takes_config=True,
+        check_config,
     ),
     "config": Command(
         "core.config",
-        "CONFIG [section.key] [--set section.key=value ...]",
         "Print the resolved config, or one value of it.",
         "CONFIG (YAML)",
         "standard output",
+        check_config_file,
     ),
     "synth": Command(
         "spark_jobs.synth",
-        "--out URL --events N [--users U] [--items I] [--seed S] [--kind KIND] "
-        "[--format parquet|csv|json] [--time seconds|iso]",
         "Write a seeded synthetic event log with planted structure.",
         "nothing",
         "--out: part-NNNNN.<format> files and _COMPLETE",
@@ -131,27 +165,26 @@ def top_level_help() -> str:
     )
 
 
-def check_config(argv: list[str]) -> None:
-    """Read the CONFIG and overrides at the start of ``argv`` (raises :class:`ConfigError`).
-
-    Options (``--...``) and anything after them are left to the command.
-    """
-    positional = []
-    for arg in argv:
-        if arg.startswith("-"):
-            break
-        positional.append(arg)
-    if positional:
-        load_config(positional[0], positional[1:])
+def rendezvous_args(env: Mapping[str, str]) -> list[str]:
+    """torchrun's rendezvous arguments for ``train --nproc`` on this machine: ``--standalone``
+    (torchrun picks a free port) unless ``MASTER_PORT`` or ``RDZV_ENDPOINT`` name one, which
+    must then be free here (:func:`mqsa_ted.rendezvous.host_conf`, no torch import)."""
+    endpoint = endpoint_of(env)
+    if endpoint is None:
+        return ["--standalone"]
+    conf = host_conf(endpoint, node_rank=0)
+    if not conf:
+        raise RendezvousError(
+            f"rendezvous endpoint {endpoint} is not an address of this machine: "
+            "mqsa-ted train --nproc runs on this machine only (several machines: ./launch.sh)"
+        )
+    return ["--nnodes=1", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+            f"--rdzv_id=mqsa-ted-{os.getpid()}", f"--rdzv_conf={conf}join_timeout=60"]  # fmt: skip
 
 
 def train(argv: list[str]) -> int:
     """``mqsa-ted train``: in this process, or under torchrun when more processes are asked."""
-    parser = argparse.ArgumentParser(
-        prog="mqsa-ted train",
-        description=COMMANDS["train"].describe("train"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argparse.ArgumentParser()
     parser.add_argument("config", help="YAML config file (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.epochs=3")
     parser.add_argument("--nproc", type=int, default=0,
@@ -159,12 +192,14 @@ def train(argv: list[str]) -> int:
                         "several machines: ./launch.sh")  # fmt: skip
     args = parser.parse_args(argv)
     worker_argv = [args.config, *args.overrides]
-    cfg = load_config(args.config, args.overrides)
-    require_complete(cfg.data.dir)  # before starting processes that would each fail on it
+    cfg = read_config(args.config, args.overrides)
     nproc = args.nproc or cfg.distributed.nproc_per_node
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+    spawn = nproc > 1 and "LOCAL_RANK" not in os.environ
+    rendezvous = rendezvous_args(os.environ) if spawn else []  # before torch is imported
+    require_complete(cfg.data.dir)  # before starting processes that would each fail on it
+    if spawn:
         command = [
-            sys.executable, "-m", "mqsa_ted.torchrun", "--standalone",
+            sys.executable, "-m", "mqsa_ted.torchrun", *rendezvous,
             f"--nproc_per_node={nproc}", "-m", "mqsa_ted.cli", "train", *worker_argv,
         ]  # fmt: skip
         # one thread per rank unless asked otherwise (train.threads divides the cores)
@@ -173,6 +208,38 @@ def train(argv: list[str]) -> int:
     from trainer.train import main as train_main
 
     return train_main(worker_argv)
+
+
+@contextlib.contextmanager
+def program(name: str) -> Iterator[None]:
+    """Run the block with ``sys.argv[0]`` = ``mqsa-ted NAME``: argparse's usage and error lines
+    of the command's module then name the command the user typed."""
+    before = sys.argv[0] if sys.argv else ""
+    if not sys.argv:
+        sys.argv.append("")
+    sys.argv[0] = f"mqsa-ted {name}"
+    try:
+        yield
+    finally:
+        sys.argv[0] = before
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Run subcommand ``name`` with ``argv`` (its module imported only now)."""
+    with program(name):
+        if name == "train":
+            return train(argv)
+        return importlib.import_module(COMMANDS[name].module).main(argv)
+
+
+def command_help(name: str, argv: list[str]) -> str:
+    """``mqsa-ted NAME --help``: the usage line of the command's own parser, what it reads and
+    writes, then the parser's description and options (one usage line in all)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        run_command(name, argv)
+    usage, _, rest = out.getvalue().partition("\n\n")
+    return f"{usage}\n\n{COMMANDS[name].about()}\n{rest}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,19 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quiet.install()  # the accelerator is chosen by trainer.distributed.accelerator (torch)
     openmp.limit_spinning()  # before torch loads libgomp (core/openmp.py)
-    command = COMMANDS[name]
+    if "-h" in rest or "--help" in rest:
+        print(command_help(name, rest), end="")
+        return 0
     try:
-        if name == "train":
-            return train(rest)
-        if "-h" in rest or "--help" in rest:
-            print(command.describe(name))
-        elif command.takes_config:
-            check_config(rest)
-    except (ConfigError, UserError) as e:
+        check = COMMANDS[name].check
+        if check is not None:
+            check(rest)
+        return run_command(name, rest)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    module = importlib.import_module(command.module)
-    return module.main(rest)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run report: the model against the baselines, training curves, sample recommendations.
 
-    python -m mqsa_ted.report RUN_DIR [--export EXPORT_DIR] [--users 3]
+    mqsa-ted report RUN_DIR [--export EXPORT_DIR] [--users 3]
 
 Reads ``RUN_DIR/config.yaml``, ``metrics.json`` and ``model.pt``, the prepared data of the run,
 and the run's export (default ``RUN_DIR/export``: run ``mqsa-ted export RUN_DIR``
@@ -169,7 +169,7 @@ def read_metrics(run_dir: str) -> dict:
         with fsspec.open(path, "r") as f:
             return json.load(f)
     except FileNotFoundError as e:
-        raise ReportError(f"{path} not found: train first (`python -m trainer.train`)") from e
+        raise ReportError(f"{path} not found: train first (`mqsa-ted train CONFIG`)") from e
 
 
 def write_report(
@@ -227,7 +227,6 @@ def write_report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mqsa_ted.report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
