@@ -100,3 +100,13 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's small integer ``value`` (host-side, through gloo: never
+    waits on the device)."""
+    if not distributed():
+        return value
+    out = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=host_group())
+    return int(out[0])

@@ -65,6 +65,10 @@ NON_EMPTY = Rule("a non-empty string", bool)
 LOCATION = Rule(
     "a non-empty URL other than a filesystem or bucket root", lambda v: v and not is_root(v)
 )
+RESUME = Rule(
+    "auto, fresh or a checkpoint URL (<checkpoint root>/step-NNNNNNNNN)",
+    lambda v: v in ("auto", "fresh") or (bool(v) and not is_root(v) and "step-" in v),
+)
 LOCATION_OR_EMPTY = Rule(
     "empty (the default place) or a URL other than a filesystem or bucket root",
     lambda v: not v or not is_root(v),
@@ -197,7 +201,9 @@ class TrainConfig:
     progress: bool = True
     # steps between logged losses (the only host reads of a step); 0 = epochs
     log_every: int = setting(100, at_least(0))
-    resume: str = ""  # "" = start fresh | auto = newest complete checkpoint | a checkpoint URL
+    # auto = continue from the newest complete checkpoint of this run (of the same data and model
+    # settings; none: start) | fresh = start over, deleting this run's checkpoints | a checkpoint
+    resume: str = setting("auto", RESUME)
     # warm start (day two): a previous run whose data this run's data extends (data.base_dir);
     # its encoder and item rows seed this run (trainer/warm_start.py); "" = off
     init_from: str = setting("", LOCATION_OR_EMPTY)
@@ -436,7 +442,10 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     return cfg
 
 
-def config_hash(cfg: Config, sections: tuple[str, ...] = ("data", "model")) -> str:
+HASHED_SECTIONS = ("data", "model")  # what a checkpoint must share with the run resuming it
+
+
+def config_hash(cfg: Config, sections: tuple[str, ...] = HASHED_SECTIONS) -> str:
     """A short stable hash of the sections that define the data and the model's shape."""
     import hashlib
 

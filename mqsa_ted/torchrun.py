@@ -17,18 +17,20 @@ def run_torchrun(argv: list[str]) -> int:
     """Run torchrun with ``argv``; 0, or the first failed rank's exit status."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    import torch.distributed.elastic.agent.server.api  # noqa: F401  (its logger, made below)
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(argv)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):  # each sets its own level on import
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(args)
     except ChildFailedError as e:
         code = e.get_first_failure()[1].exitcode
         return code if code > 0 else 128 - code
-    except SignalException as e:  # SIGTERM / SIGINT to torchrun: it has stopped the ranks
-        print(f"torchrun: stopped by {e.sigval.name}", file=sys.stderr)
-        return 128 + int(e.sigval)
+    except SignalException as e:  # SIGTERM / SIGINT to torchrun: it forwarded the signal, the
+        return 128 + int(e.sigval)  # ranks checkpointed and said so in one line (or were killed)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from fsspec.utils import get_protocol
 from py4j.protocol import Py4JJavaError
 
+from core.lease import Lease
 from core.prepared import COMPLETE_MARKER, is_data_file
 from core.storage import StorageError, full_url, url_to_fs
 from spark_jobs.errors import PrepareError
@@ -147,6 +149,10 @@ def staged_input(url: str, spark: SparkSession) -> Iterator[str]:
         shutil.rmtree(local_root, ignore_errors=True)
 
 
+# the setting that names each kind of output, for the line that refuses a second job on it
+LEASE_SETTINGS = {"prepared-data": "data.dir", "synthetic-events": "data.events"}
+
+
 class OutputStaging:
     """A hidden sibling of an output directory that is renamed over it on :meth:`commit`.
 
@@ -167,12 +173,17 @@ class OutputStaging:
         self.staging = f"{self.parent}/.{self.name}.staging-{token}"
         self.aside = f"{self.parent}/.{self.name}.old-{token}"
         self.lock = RunLock(self.fs, f"{self.parent}/.{self.name}.lock-{token}")
+        self.lease = Lease(url, kind, LEASE_SETTINGS.get(kind, "output path"))
         self.local: str | None = None
         self.swept: dict[str, int] = {}
 
     def start(self) -> None:
-        """Sweep the leftovers of dead runs, check the target, lock, create the staging
+        """Take the output's lease (one job at a time: a second one is refused naming the
+        first), sweep the leftovers of dead runs, check the target, lock, create the staging
         directory and mark it as ours."""
+        self.lease.acquire()
+        if self.lease.note:
+            print(self.lease.note, file=sys.stderr, flush=True)
         self.swept = sweep(self.fs, self.parent, self.name, self.kind)
         self._check_target()
         self.lock.acquire()
@@ -251,6 +262,7 @@ class OutputStaging:
         if self.fs.exists(self.staging):
             self.fs.rm(self.staging, recursive=True)
         self.lock.release()
+        self.lease.release()
 
 
 @contextmanager

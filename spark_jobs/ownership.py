@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from core.lease import pid_alive
 from core.prepared import COMPLETE_MARKER
 from core.storage import StorageError, atomic_write_bytes, full_url, read_json
 
@@ -57,19 +58,6 @@ def owned_kind(url: str) -> str | None:
 def is_owned(url: str, kind: str) -> bool:
     """Whether the directory ``url`` carries our ownership marker of ``kind``."""
     return owned_kind(url) == kind
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (one of another user counts)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def lock_is_live(fs: fsspec.AbstractFileSystem, path: str, now: float) -> bool:

@@ -108,7 +108,8 @@ def test_resume_refuses_a_checkpoint_of_another_model(config, tmp_path):
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert "does not match this run: config_hash" in proc.stderr
+    assert "does not match this run: model.dim is 16 there and 8 here" in proc.stderr
+    assert "train.resume=fresh" in proc.stderr
 
 
 def test_checkpoint_moves_between_two_ranks_and_one(config, tmp_path):

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import DataConfig
+from core.lease import LeaseHeld
 from core.prepared import COMPLETE_MARKER, DataError, dataset_files, read_stats
 from spark_jobs.errors import PrepareError
 from spark_jobs.io import OutputStaging, staged_output
@@ -148,10 +149,10 @@ def test_staging_of_a_killed_prepare_is_swept(spark, tmp_path):
 
     live = OutputStaging(str(out), PREPARED_DATA)  # a run in progress (this process, alive)
     live.start()
-    try:
-        with staged_output(str(out), PREPARED_DATA) as other:
-            other.write_json("stats.json", {})
-        assert other.swept["running"] == 1
+    try:  # a second run on the output is refused by the live one's lease, touching nothing
+        with pytest.raises(LeaseHeld, match="is in use by another job"):
+            with staged_output(str(out), PREPARED_DATA):
+                pass
         assert os.path.isdir(live.staging) and os.path.isfile(live.lock.path)
     finally:
         live.cleanup()

@@ -21,16 +21,19 @@ Trust boundary: a checkpoint root is an artifact of the run that wrote it. Every
 it is loaded with ``torch.load(weights_only=True)`` and an allowlist of exactly the DeepSpeed
 classes its ZeRO 0-2 files hold (:func:`deepspeed_classes`); DeepSpeed's engine is given a
 checkpoint engine that loads that way too (:class:`WeightsOnlyCheckpointEngine`). Before any
-load, every torch file of the chosen checkpoint is unpickled that way without reading its tensors
-(:func:`screen`); a file the loader refuses, or one that is no ``torch.save`` archive, stops the
-resume with :class:`CheckpointError`: this trainer did not write it. The metadata of a sharded
+load, each rank unpickles that way, without reading tensors, the torch files of the chosen
+checkpoint that it wrote (:func:`screen`, :meth:`Checkpointer.own_problem`); a file the loader
+refuses, or one that is no ``torch.save`` archive, stops the resume with
+:class:`CheckpointError`: this trainer did not write it. The metadata of a sharded
 table's DCP checkpoint is a pickle that torch reads as is: resume only from roots you trust as
 much as your own runs (docs/security.md).
 
-Resume: ``train.resume=auto`` takes the newest complete checkpoint that passes
+Resume: ``train.resume=auto`` takes the newest complete checkpoint of ours that passes
 :meth:`Checkpointer.problem` (every file of the manifest present with its size, every torch
-file and the trainer state readable); a damaged one is skipped with a warning naming it and the
-one used instead. A checkpoint named explicitly must pass, or the resume stops.
+file and the trainer state readable, each rank checking the files it wrote: one collective
+combines the verdicts); a damaged one is skipped with a warning naming it and the one used
+instead. A checkpoint named explicitly must pass, or the resume stops. Each rank then reads only
+what it loads (:class:`ResumeReader`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import dataclasses
 import io
 import os
 import pickle
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -48,10 +52,11 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
-from core.collectives import all_reduce_sum, barrier
-from core.config import Config, config_hash
+from core.collectives import all_gather_objects, barrier
+from core.config import HASHED_SECTIONS, Config, config_hash
 from core.errors import CheckpointError, UserError
 from core.storage import (
     OWNER_MARKER,
@@ -183,11 +188,11 @@ def writing(url: str) -> Iterator[None]:
         raise write_failure(url, e) from e
 
 
-def load_sharded(table, checkpoint_id: str) -> None:
-    """Load a DCP checkpoint of a sharded table and its fused optimizer state (any world size
-    for row-wise sharding: DCP reshards)."""
+def load_sharded(table, reader: FileSystemReader) -> None:
+    """Load a DCP checkpoint of a sharded table and its fused optimizer state through ``reader``
+    (any world size for row-wise sharding: DCP reshards)."""
     state = table.snapshot_state()
-    dcp.load(state, checkpoint_id=checkpoint_id)
+    dcp.load(state, storage_reader=reader)
     table.load_state_dict(state["table"])
     table.fused_optimizer.load_state_dict(state["opt"])
 
@@ -214,17 +219,69 @@ class TrainerState:
     history: list = field(default_factory=list)
 
 
-@contextlib.contextmanager
-def local_copy(url: str) -> Iterator[str]:
-    """A local directory holding the checkpoint ``url``: itself when local, else a temporary
-    download removed afterwards."""
-    fs, path = url_to_fs(url)
-    if is_local(url):
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as local:
-        fs.get(f"{path}/", local, recursive=True)
-        yield local
+WRITER_PATTERNS = (
+    re.compile(r"rank-(\d+)\.pt"),  # this trainer's per-rank RNG and loss sums
+    re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_.*"),  # a DeepSpeed ZeRO optimizer partition
+    re.compile(r"__(\d+)_\d+\.distcp"),  # a DCP shard file of the sharded table
+)
+
+
+def writer_rank(name: str) -> int:
+    """The rank that wrote the checkpoint file ``name`` (a path relative to the checkpoint):
+    the files above name it; the rest (DeepSpeed's model states, DCP's metadata, the trainer
+    state) are rank 0's."""
+    base = name.rsplit("/", 1)[-1]
+    for pattern in WRITER_PATTERNS:
+        if match := pattern.fullmatch(base):
+            return int(match[1])
+    return 0
+
+
+def deepspeed_reads(name: str) -> bool:
+    """Whether DeepSpeed's ``load_checkpoint`` reads the file ``name`` on every rank: the model
+    states and, under ZeRO 1/2, every optimizer partition (it merges them for any world)."""
+    return name.startswith(f"{DS_TAG}/") and name.endswith(("model_states.pt", "optim_states.pt"))
+
+
+class ResumeReader:
+    """This rank's reads of one checkpoint: files fetched into a local directory when the
+    checkpoint is remote (used in place when local), and the bytes read counted."""
+
+    def __init__(self, url: str, local_dir: str | None) -> None:
+        self.url, self.local_dir = url, local_dir
+        self.fs, self.path = url_to_fs(url)
+        self.bytes = 0
+
+    def local(self, name: str) -> str:
+        """The local path of the checkpoint file ``name``, fetched first when remote."""
+        source = f"{self.path}/{name}"
+        if self.local_dir is None:
+            self.bytes += os.path.getsize(source)
+            return source
+        target = os.path.join(self.local_dir, name)
+        if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            self.fs.get(source, target)
+            self.bytes += os.path.getsize(target)
+        return target
+
+    def root(self) -> str:
+        return self.path if self.local_dir is None else self.local_dir
+
+
+class ShardReader(FileSystemReader):
+    """DCP's file reader over the ``table/`` of a checkpoint that fetches (or counts) only the
+    shard files this rank's load plan reads, through a :class:`ResumeReader`."""
+
+    def __init__(self, reader: ResumeReader) -> None:
+        self.reader = reader
+        reader.local(f"{TABLE_DIR}/.metadata")
+        super().__init__(os.path.join(reader.root(), TABLE_DIR))
+
+    def read_data(self, plan, planner):
+        for name in sorted({self.storage_data[i.storage_index].relative_path for i in plan.items}):
+            self.reader.local(f"{TABLE_DIR}/{name}")
+        return super().read_data(plan, planner)
 
 
 @contextlib.contextmanager
@@ -247,7 +304,11 @@ class Checkpointer:
     def __init__(self, cfg: Config, env: DistEnv, num_items: int) -> None:
         self.cfg, self.env = cfg, env
         self.root = (cfg.checkpoint.dir or f"{cfg.train.run_dir}/checkpoints").rstrip("/")
-        self.identity = {"config_hash": config_hash(cfg), "num_items": num_items}
+        self.identity = {
+            "config_hash": config_hash(cfg),
+            "num_items": num_items,
+            "config": {section: cfg.to_dict()[section] for section in HASHED_SECTIONS},
+        }
         self.fs, self.root_path = url_to_fs(self.root)
 
     def complete(self) -> list[str]:
@@ -260,6 +321,21 @@ class Checkpointer:
             if p.rstrip("/").split("/")[-1].startswith("step-")
         )
         return [full_url(self.fs, d) for d in dirs if self.fs.exists(f"{d}/{COMPLETE}")]
+
+    def clear(self) -> int:
+        """Delete this root's checkpoints that this project wrote, complete or not (a fresh
+        start: ``train.resume=fresh``); returns how many (collective)."""
+        removed = 0
+        if self.env.is_main and self.fs.exists(self.root_path):
+            steps = [
+                full_url(self.fs, p)
+                for p in sorted(self.fs.ls(self.root_path, detail=False))
+                if p.rstrip("/").split("/")[-1].startswith("step-")
+            ]
+            prune(steps, CHECKPOINT_KIND)
+            removed = sum(not self.fs.exists(url_to_fs(u)[1]) for u in steps)
+        barrier()
+        return removed
 
     def save(self, engine, table, state: TrainerState, loss_sums: torch.Tensor) -> str:
         """Write a checkpoint of ``engine``, a sharded ``table`` and ``state``; returns its URL
@@ -313,39 +389,64 @@ class Checkpointer:
         sizes = {name.removeprefix(prefix): info["size"] for name, info in files.items()}
         return {k: v for k, v in sorted(sizes.items()) if k not in (COMPLETE, OWNER_MARKER)}
 
-    def problem(self, url: str) -> str | None:
-        """Why the complete checkpoint ``url`` cannot be resumed from (a file of its manifest
-        missing or of another size than when written, a torch file or the trainer state
-        unreadable), or None. Raises :class:`CheckpointError` for a file the weights-only
-        loader refuses (that is not damage: this trainer did not write it)."""
-        fs, path = url_to_fs(url)
-        prefix = path.rstrip("/") + "/"
-        unreadable = None
-        for name in fs.find(path):  # every torch file: a refused one stops the resume
-            if name.endswith(".pt"):
-                try:
-                    screen(full_url(fs, name))
-                except READ_ERRORS as e:
-                    unreadable = unreadable or f"{name.removeprefix(prefix)}: {first_line(e)}"
+    def own_problem(self, url: str) -> tuple[bool, str] | None:
+        """What is wrong with this rank's share of the complete checkpoint ``url``, or None:
+        ``(refused, why)``. A rank checks the commit marker and the files it wrote
+        (:func:`writer_rank`, modulo this world), each present with its size when written and,
+        for torch files, readable by the weights-only loader (:func:`screen`); ``refused``
+        when that loader refuses one (not damage: this trainer did not write it)."""
+        fs, path, world = *url_to_fs(url), self.env.world
         try:
             written = read_json(f"{url}/{COMPLETE}").get("files", {})
-            read_json(f"{url}/{STATE_FILE}")
         except READ_ERRORS as e:
-            return first_line(e)
+            return False, f"{COMPLETE}: {first_line(e)}"
+        damage = None  # the first one; a file the safe loader refuses comes before any damage
+        if self.env.is_main:
+            written.setdefault(STATE_FILE, None)  # listed or not, rank 0 reads it
         for name, size in written.items():
-            if not fs.exists(f"{path}/{name}"):
-                return f"{name} is missing"
-            if (now := fs.size(f"{path}/{name}")) != size:
-                return f"{name} has {now} bytes, {size} when written"
-        return unreadable
+            if writer_rank(name) % world != self.env.rank:
+                continue
+            try:
+                now = fs.size(f"{path}/{name}")
+            except FileNotFoundError:
+                damage = damage or f"{name} is missing"
+                continue
+            found = None if size in (None, now) else f"{name} has {now} bytes, {size} when written"
+            try:
+                if name.endswith(".pt"):
+                    screen(full_url(fs, f"{path}/{name}"))
+                elif name == STATE_FILE:
+                    read_json(f"{url}/{name}")
+            except CheckpointError as e:
+                return True, str(e)
+            except READ_ERRORS as e:
+                found = found or f"{name}: {first_line(e)}"
+            damage = damage or found
+        return (False, damage) if damage else None
 
-    def agreed_problem(self, url: str) -> str | None:
-        """:meth:`problem` as every rank sees it: a checkpoint damaged for one rank is damaged
-        for all (collective)."""
-        problem = self.problem(url)
-        flag = torch.tensor([float(problem is not None)], device=self.env.device)
-        damaged_elsewhere = float(all_reduce_sum(flag)[0]) > float(flag[0])
-        return problem or ("unreadable on another rank" if damaged_elsewhere else None)
+    def problem(self, url: str) -> str | None:
+        """Why the complete checkpoint ``url`` cannot be resumed from, or None: every rank's
+        :meth:`own_problem` combined in one collective, so that all ranks take the same
+        decision. Raises :class:`CheckpointError` on every rank when a file was refused."""
+        verdicts = all_gather_objects(self.own_problem(url))
+        found = [(rank, v) for rank, v in enumerate(verdicts) if v is not None]
+        refused = [why for _, (was_refused, why) in found if was_refused]
+        if refused:
+            raise CheckpointError(refused[0])
+        if not found:
+            return None
+        rank, (_, why) = found[0]
+        return why if self.env.world == 1 else f"{why} (seen by rank {rank})"
+
+    def candidates(self) -> list[str]:
+        """The complete checkpoints this project wrote (our marker), oldest first, as rank 0
+        lists them, on every rank (collective): one list to walk."""
+        ours = (
+            [u for u in self.complete() if is_owned(u, CHECKPOINT_KIND)]
+            if self.env.is_main
+            else None
+        )
+        return all_gather_objects(ours)[0]
 
     def resolve(self, resume: str) -> str | None:
         """The checkpoint URL to resume from: ``auto`` = the newest complete one that is not
@@ -355,13 +456,13 @@ class Checkpointer:
             fs, path = url_to_fs(resume)
             if not fs.exists(f"{path}/{COMPLETE}"):
                 raise CheckpointError(f"{resume} is not a complete checkpoint (no {COMPLETE})")
-            problem = self.agreed_problem(resume)
+            problem = self.problem(resume)
             if problem:
                 raise CheckpointError(f"checkpoint {resume} is damaged: {problem}")
             return resume
         skipped = []
-        for url in reversed(self.complete()):
-            problem = self.agreed_problem(url)
+        for url in reversed(self.candidates()):
+            problem = self.problem(url)
             if problem is None:
                 if skipped and self.env.is_main:
                     damaged = "; ".join(f"checkpoint {s} is damaged ({p})" for s, p in skipped)
@@ -375,28 +476,55 @@ class Checkpointer:
             )
         return None
 
-    def load(self, engine, table, url: str) -> tuple[TrainerState, torch.Tensor]:
-        """Restore ``engine`` from ``url``; returns the trainer state and this rank's loss sums."""
+    def check_identity(self, url: str, saved: dict) -> None:
+        """Raise :class:`CheckpointError` unless the checkpoint ``url`` (its trainer state
+        ``saved``) was written by a run of this config's data and model sections and vocab,
+        naming every key that differs with both values."""
+        if (
+            saved.get("config_hash") == self.identity["config_hash"]
+            and saved.get("num_items") == self.identity["num_items"]
+        ):
+            return
+        differences = [
+            f"{key} is {there!r} there and {here!r} here"
+            for key, there, here in config_differences(saved.get("config"), self.identity)
+        ]
+        raise CheckpointError(
+            f"checkpoint {url} does not match this run: "
+            + "; ".join(differences)
+            + f". Resume with the same settings, or start over with train.resume=fresh (deletes "
+            f"the checkpoints under {self.root}) or another train.run_dir"
+        )
+
+    def load(self, engine, table, url: str) -> tuple[TrainerState, torch.Tensor, int]:
+        """Restore ``engine`` (and a sharded ``table``) from ``url``, reading only what this rank
+        loads (:class:`ResumeReader`); returns the trainer state, this rank's loss sums and the
+        bytes this rank read."""
         saved = read_json(f"{url}/{STATE_FILE}")
-        for key, value in self.identity.items():
-            if saved.get(key) != value:
-                raise CheckpointError(
-                    f"checkpoint {url} does not match this run: {key} is {saved.get(key)!r} "
-                    f"there and {value!r} here (different config data/model sections or vocab)"
-                )
-        with local_copy(url) as local_dir:
+        self.check_identity(url, saved)
+        with contextlib.ExitStack() as stack:
+            local = (
+                None
+                if is_local(url)
+                else stack.enter_context(tempfile.TemporaryDirectory(prefix="ckpt-"))
+            )
+            reader = ResumeReader(url, local)
+            written = read_json(f"{url}/{COMPLETE}").get("files", {})
+            for name in written:
+                if deepspeed_reads(name):
+                    reader.local(name)
             try:
-                load_path, _ = weights_only(engine).load_checkpoint(local_dir, tag=DS_TAG)
+                load_path, _ = weights_only(engine).load_checkpoint(reader.root(), tag=DS_TAG)
             except (RuntimeError, ValueError, KeyError, OSError) as e:
                 raise CheckpointError(f"DeepSpeed cannot load checkpoint {url}: {e}") from e
             if load_path is None:
                 raise CheckpointError(f"DeepSpeed found no checkpoint in {url}/{DS_TAG}")
             if table.has_fused_optimizer:
-                load_sharded(table, f"{local_dir}/{TABLE_DIR}")
+                load_sharded(table, ShardReader(reader))
             loss_sums = torch.zeros(2, dtype=torch.float64)
-            rank_file = f"{local_dir}/rank-{self.env.rank:05d}.pt"
-            if os.path.exists(rank_file):
-                rank_state = load_state(rank_file)
+            rank_file = f"rank-{self.env.rank:05d}.pt"
+            if rank_file in written:
+                rank_state = load_state(reader.local(rank_file))
                 if rank_state["world"] == self.env.world:  # same layout: resume exact streams
                     torch.set_rng_state(rank_state["rng"])
                     if "cuda_rng" in rank_state and self.env.device.type == "cuda":
@@ -405,7 +533,24 @@ class Checkpointer:
         state = TrainerState(
             **{k: saved[k] for k in (f.name for f in dataclasses.fields(TrainerState))}
         )
-        return state, loss_sums
+        return state, loss_sums, reader.bytes
+
+
+def config_differences(saved: dict | None, identity: dict) -> list[tuple[str, object, object]]:
+    """``(key, value there, value here)`` for each setting of the hashed sections that differs
+    between a checkpoint's config (``saved``; None for checkpoints that did not record it) and
+    this run's ``identity``, and the vocabulary size."""
+    here = identity["config"]
+    if saved is None:
+        found = [("config_hash", "another", identity["config_hash"])]
+    else:
+        found = [
+            (f"{section}.{key}", saved.get(section, {}).get(key), value)
+            for section, values in here.items()
+            for key, value in values.items()
+            if saved.get(section, {}).get(key) != value
+        ]
+    return found or [("the vocabulary's size", "another", identity["num_items"])]
 
 
 def save_best(run_dir: str, model, table, optimizer, epoch: int, env: DistEnv) -> None:

@@ -1,8 +1,11 @@
-"""Process-group set-up shared by the trainer and the tools: torchrun or a single process.
+"""Process-group set-up shared by the trainer and the tools: torchrun, srun, mpirun or a single
+process.
 
 DeepSpeed owns ``init_distributed``; gloo on the host, NCCL on GPUs (``accelerator`` decides).
-Under a plain ``python`` launch the same code runs as a world of one (rank 0 of 1) so there is
-a single code path.
+Ranks started by ``srun`` or ``mpirun`` have their launcher's variables mapped to torchrun's
+first (``core.launch_env``), so every launcher gives the same rank, world and device. Under a
+plain ``python`` launch the same code runs as a world of one (rank 0 of 1) so there is a single
+code path.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from core.collectives import host_group, loader_group
+from core.launch_env import export_torch_env
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,12 @@ def accelerator() -> str:
 
 
 def init_distributed(timeout_s: int = 600) -> DistEnv:
-    """Initialise (once) the default process group from torchrun's environment, or as world 1:
-    NCCL on CUDA (plus a gloo group for host-side exchanges), gloo on the host."""
+    """Initialise (once) the default process group from the launcher's environment, or as world
+    1: NCCL on CUDA (plus a gloo group for host-side exchanges), gloo on the host."""
     kind = accelerator()
     backend = "nccl" if kind == "cuda" else "gloo"
     os.environ["DS_ACCELERATOR"] = kind  # DeepSpeed reads it when first imported
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = export_torch_env().local_rank  # before DeepSpeed's own MPI discovery
     if kind == "cuda":
         torch.cuda.set_device(local_rank)
     if "RANK" not in os.environ and not dist.is_initialized():

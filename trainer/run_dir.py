@@ -1,11 +1,21 @@
-"""The run directory: resolved config, ``metrics.json`` and model weights, written atomically."""
+"""The run directory: resolved config, ``metrics.json`` and model weights, written atomically.
+
+One job at a time owns a run directory (:meth:`RunDir.claim`: a lease, ``core.lease``), and
+only a directory this project created, or an empty one, is written into.
+"""
 
 from __future__ import annotations
 
 from core.config import Config
-from core.storage import atomic_write_bytes, mark_owned, write_json
+from core.errors import UserError
+from core.lease import Lease
+from core.storage import OWNER_MARKER, atomic_write_bytes, mark_owned, write_json
 
 RUN_KIND = "run"
+
+
+class RunDirError(UserError):
+    """The run directory holds files this project did not write."""
 
 
 class RunDir:
@@ -17,10 +27,32 @@ class RunDir:
     def path(self, name: str) -> str:
         return f"{self.url}/{name}"
 
+    def claim(self) -> Lease:
+        """Take the run directory for this job (rank 0, before anything is written): its
+        lease, then its ownership marker. Raises :class:`~core.lease.LeaseHeld` while another
+        job holds it, :class:`RunDirError` for a directory of files this project did not
+        write (nothing in it is changed)."""
+        lease = Lease(self.url, RUN_KIND, "train.run_dir").acquire()
+        try:
+            self.own()
+        except RunDirError:
+            lease.release()
+            raise
+        return lease
+
+    def own(self) -> None:
+        """Mark the directory as ours (creating it), or raise :class:`RunDirError` when it
+        holds files this project did not write."""
+        if not mark_owned(self.url, RUN_KIND):
+            raise RunDirError(
+                f"train.run_dir={self.url} holds files this project did not write (no "
+                f"{OWNER_MARKER} marker): refusing to write into it. Choose a new or empty "
+                "directory for the run"
+            )
+
     def write_config(self, cfg: Config) -> None:
-        """The run's first write: marks the directory as ours when this run creates it (see
-        ``core.storage.mark_owned``), then writes ``config.yaml``."""
-        mark_owned(self.url, RUN_KIND)
+        """Write the run's resolved ``config.yaml`` into the directory, ours (:meth:`own`)."""
+        self.own()
         atomic_write_bytes(self.path("config.yaml"), cfg.to_yaml().encode())
 
     def write_metrics(self, metrics: dict) -> None:

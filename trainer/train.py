@@ -12,8 +12,10 @@ import signal
 import sys
 
 from core import openmp, quiet
-from core.config import load_config
+from core.config import Config, load_config
 from core.errors import UserError
+from core.launch_env import launch_env
+from trainer.run_dir import RunDir
 
 TRUST = """\
 checkpoints: train.resume loads a checkpoint root (checkpoint.dir, default
@@ -23,6 +25,11 @@ an allowlist of the three DeepSpeed classes its ZeRO 0-2 files hold, so a tamper
 refused rather than run. A sharded table's torch.distributed.checkpoint metadata is a pickle
 that torch reads as is: resume only from checkpoint roots you trust as much as your own runs
 (docs/security.md)."""
+
+
+# what gloo and NCCL say when another rank's process is gone
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "NCCL communicator was aborted", "Socket Timeout")  # fmt: skip
 
 
 def die_with_launcher() -> None:
@@ -56,19 +63,54 @@ def main(argv: list[str] | None = None) -> int:
     openmp.limit_spinning()  # before torch loads libgomp (core/openmp.py)
     try:
         cfg = load_config(args.config, args.overrides)
+        launch = launch_env()
     except UserError as e:
         return refuse(e)
+    lease = None
+    try:
+        if launch.rank == 0:  # the run directory is this job's before anything heavy loads
+            lease = RunDir(cfg.train.run_dir).claim()
+            if lease.note:
+                print(lease.note, file=sys.stderr, flush=True)
+        return train(cfg)
+    except UserError as e:  # an error every rank raised alike is printed once per node
+        return refuse(e) if launch.local_rank == 0 or not getattr(e, "every_rank", False) else 2
+    except KeyboardInterrupt:  # a signal before training, or a second one during it
+        print("interrupted (no checkpoint written now; a rerun resumes from the last one)",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def train(cfg: Config) -> int:
+    """Train ``cfg`` on this rank; the exit status (0, 2, or 128 + signal when interrupted)."""
     from trainer.builder import build_run  # heavy (torch, DeepSpeed): only for a valid config
     from trainer.distributed import init_distributed, shutdown
+    from trainer.interrupt import Interrupted
+    from trainer.shared_storage import check_shared_storage
     from trainer.trainer import Trainer, TrainingDiverged
 
+    env = init_distributed()
+    check_shared_storage(cfg, env)
     try:
-        env = init_distributed()
         result = Trainer(build_run(cfg, env)).fit()
     except TrainingDiverged as e:  # every rank knows it: one line for the job, from rank 0
         return refuse(e) if env.is_main else 2
-    except UserError as e:
-        return refuse(e)
+    except Interrupted as e:  # every rank stopped at the same step and saved together
+        if env.is_main:
+            print(e, file=sys.stderr, flush=True)
+        shutdown()
+        return e.exit_status
+    except RuntimeError as e:
+        if not any(sign in str(e) for sign in LOST_PEER):
+            raise
+        first = str(e).strip().splitlines()[0]
+        print(f"error: rank {env.rank} lost its connection to another rank ({first}): a rank or "
+              "node stopped; rerun the same command on every node to resume from the newest "
+              "checkpoint", file=sys.stderr, flush=True)  # fmt: skip
+        return 1
     shutdown()
     if env.is_main:
         test = result["test"]

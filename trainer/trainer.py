@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from core.collectives import all_reduce_sum
+from core.collectives import all_gather_objects, all_reduce_sum
 from core.prepared import read_stats
 from core.storage import save_state
 from trainer.batches import StepBatch
@@ -22,6 +22,7 @@ from trainer.builder import Run
 from trainer.checkpoint import TrainerState, save_best
 from trainer.diagnose import diagnose
 from trainer.evaluate import evaluate
+from trainer.interrupt import Interrupted, StopRequests, signal_name
 from trainer.prefetch import prefetched
 from trainer.progress import progress
 from trainer.run_dir import RunDir
@@ -61,6 +62,8 @@ class Trainer:
                           "items": self.users.num_items}  # fmt: skip
         # [rec, kd] summed over this epoch's steps on this rank, on the device
         self.loss_sums = torch.zeros(2, dtype=torch.float64, device=run.device)
+        self.stop = StopRequests()  # SIGINT/SIGTERM: stop after a step, checkpoint (fit)
+        self.last_checkpoint: tuple[tuple[int, int], str] | None = None
         self.log(
             f"data: {self.users.num_users} users, {self.users.num_items} items, max_len "
             f"{self.cfg.data.max_len}; world {self.env.world} on {self.env.device}; "
@@ -121,7 +124,10 @@ class Trainer:
                 bar.set_postfix(rec=f"{rec:.4f}", kd=f"{kd:.4f}")
             if every and state.global_step % every == 0 and state.step_in_epoch < steps:
                 self.host_reads(state.step_in_epoch)  # never checkpoint a diverged run
-                self.checkpointer.save(self.engine, self.table, state, self.loss_sums)
+                self.checkpoint(state)
+            if state.step_in_epoch < steps and (signum := self.stop.agreed()):
+                self.host_reads(state.step_in_epoch)
+                raise self.interrupted(signum, state, self.checkpoint(state))
         rec, kd = self.host_reads(steps)
         self.loss_sums.zero_()
         return {
@@ -131,6 +137,15 @@ class Trainer:
             "loss_kd": kd,
             "seconds": time.perf_counter() - start,
         }
+
+    def checkpoint(self, state: TrainerState) -> str:
+        """A checkpoint of where training stands (its URL); the one just written when nothing
+        ran since (an interrupt right after a periodic checkpoint)."""
+        position = (state.epoch, state.global_step)
+        if self.last_checkpoint is None or self.last_checkpoint[0] != position:
+            url = self.checkpointer.save(self.engine, self.table, state, self.loss_sums)
+            self.last_checkpoint = (position, url)
+        return self.last_checkpoint[1]
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         start = time.perf_counter()
@@ -151,17 +166,36 @@ class Trainer:
             save_state(self.run_dir.path(name), state)
 
     def start_state(self) -> TrainerState:
-        """A fresh state, or the one of the checkpoint ``train.resume`` names."""
+        """Where this run starts (``train.resume``): ``auto``, the newest complete checkpoint
+        of this run if there is one (a checkpoint of other data or model settings is refused,
+        naming them); ``fresh``, the start, after deleting this run's checkpoints; else the
+        checkpoint named."""
         resume = self.cfg.train.resume
-        path = self.checkpointer.resolve(resume) if resume else None
-        if path is None:
-            if resume:
-                self.log(f"resume=auto: no complete checkpoint under {self.checkpointer.root}")
+        if resume == "fresh":
+            removed = self.checkpointer.clear()
+            if removed:
+                self.log(f"train.resume=fresh: deleted {removed} checkpoint(s) of an earlier run "
+                         f"under {self.checkpointer.root}")  # fmt: skip
             return TrainerState()
-        state, loss_sums = self.checkpointer.load(self.engine, self.table, path)
+        path = self.checkpointer.resolve(resume)
+        if path is None:
+            return TrainerState()
+        state, loss_sums, read = self.checkpointer.load(self.engine, self.table, path)
         self.loss_sums = loss_sums.to(self.loss_sums.device)
-        self.log(f"resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch}")
+        mib = ", ".join(f"{b / 2**20:.2f}" for b in all_gather_objects(read))
+        self.log(f"resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch} "
+                 f"(MiB read by rank: {mib})")  # fmt: skip
         return state
+
+    def interrupted(self, signum: int, state: TrainerState, url: str) -> Interrupted:
+        """The one line of a run stopped by ``signum`` after its checkpoint ``url``."""
+        steps = self.users.steps_per_epoch()
+        return Interrupted(
+            signum,
+            f"interrupted by {signal_name(signum)} at epoch {state.epoch}, step "
+            f"{state.step_in_epoch} of {steps}; checkpoint {url}; rerun the same command to "
+            "resume",
+        )
 
     def divergence_report(self, state: TrainerState, error: TrainingDiverged) -> str:
         """One line for the whole job: which step, what went non-finite on which path, the
@@ -189,11 +223,19 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train, evaluate every ``eval_every`` epochs, keep the best-validation weights."""
+        with self.stop:
+            return self.train_and_evaluate()
+
+    def train_and_evaluate(self) -> dict:
         cfg = self.cfg.train
         state = self.start_state()
         if self.env.is_main:
             self.run_dir.write_config(self.cfg)
         epochs = self.planned_epochs()
+        if state.epoch > epochs or cfg.patience and state.stale >= cfg.patience:
+            self.log(f"this run has already ended (epoch {state.epoch - 1} of {epochs}): nothing "
+                     "to train; raise train.epochs to go on, or set train.resume=fresh to start "
+                     "over")  # fmt: skip
         while state.epoch <= epochs and not (cfg.patience and state.stale >= cfg.patience):
             try:
                 record = self.train_epoch(state)
@@ -219,7 +261,9 @@ class Trainer:
             self.log(format_epoch(record))
             self.write_metrics(state, [])
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            self.checkpointer.save(self.engine, self.table, state, self.loss_sums)
+            url = self.checkpoint(state)
+            if signum := self.stop.agreed():
+                raise self.interrupted(signum, state, url)
         if cfg.patience and state.stale >= cfg.patience:
             self.log(f"early stop: no better valid NDCG@20 in {state.stale} evaluations")
         warnings = self.final_warnings(state)
