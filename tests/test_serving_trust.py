@@ -306,4 +306,4 @@ def test_export_of_a_crafted_model_pt_is_refused_as_unsafe(tmp_path):
         "loaded; this trainer did not write it; export a run you trained"
     ]
     assert "weights_only=False" not in proc.stdout + proc.stderr
-    assert not marker.exists() and not (run / "export").exists()
+    assert not marker.exists() and not (run / "export" / CURRENT).exists()  # nothing exported
