@@ -57,10 +57,14 @@ from core import quiet
 from core.collectives import distributed, host_group, world
 from core.config import FAISS_KINDS, Config, ConfigError, ModelConfig, config_hash, load_config
 from core.errors import UserError
+from core.launch_env import launch_env
+from core.lease import Lease
 from core.prepared import VOCAB, read_dataset, read_stats
+from core.storage import OWNER_MARKER as OWNED
 from core.storage import (
     atomic_write_bytes,
     full_url,
+    mark_owned,
     read_json,
     read_parquet,
     save_state,
@@ -454,6 +458,26 @@ def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | N
     )  # fmt: skip
 
 
+def claim_export(out: str) -> Lease:
+    """Take the export location ``out`` for this job (rank 0): its lease (another export
+    writing there is refused, naming it), then its ownership: a new or empty directory is
+    marked as ours; one with our marker, or an export of ours from before the marker (``CURRENT``
+    and ``versions/``), is ours; anything else is refused, nothing in it changed."""
+    lease = Lease(out, "export", "--out (export.out)").acquire()
+    if lease.note:
+        print(lease.note, file=sys.stderr, flush=True)
+    fs, path = url_to_fs(out)
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path)} if fs.isdir(path) else set()
+    if not mark_owned(out, "export") and not {CURRENT, VERSIONS} <= names:
+        lease.release()
+        raise ExportError(
+            f"export location {out} holds files this project did not write (no {OWNED} marker): "
+            "refusing to write into it. Choose a new or empty directory (--out or "
+            "export.out)"
+        )
+    return lease
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -464,14 +488,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="index kind (default: export.faiss of the run's config)")  # fmt: skip
     args = parser.parse_args(argv)
     quiet.install()  # the third-party warnings we understand (core/quiet.py), also under torchrun
+    lease = None
     try:
         run_cfg = load_config(RunDir(args.run_dir).path("config.yaml")).export
         out = args.out or run_cfg.out or RunDir(args.run_dir).path("export")
+        if launch_env().rank == 0:
+            lease = claim_export(out)
         manifest = export_run(args.run_dir, out, args.faiss or run_cfg.faiss)
         shutdown()  # every rank waits here for rank 0's FAISS build and the commit
     except (UserError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if lease is not None:
+            lease.release()
     if manifest is not None:
         print(f"exported {manifest.count} items x {manifest.dim} to {out} "
               f"(version {manifest.version})")  # fmt: skip

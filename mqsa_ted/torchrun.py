@@ -15,9 +15,9 @@ import sys
 
 def run_torchrun(argv: list[str]) -> int:
     """Run torchrun with ``argv``; 0, or the first failed rank's exit status."""
+    import torch.distributed.elastic.agent.server.api  # noqa: F401  (its logger, made below)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    import torch.distributed.elastic.agent.server.api  # noqa: F401  (its logger, made below)
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(argv)

@@ -16,6 +16,7 @@ import mqsa_ted.export
 import mqsa_ted.recommend
 import mqsa_ted.report
 from core.config import load_config
+from core.lease import Lease
 from mqsa_ted.export import export_run, load_trained
 from mqsa_ted.manifest import CURRENT, ExportError, MissingExportError, read_manifest
 from mqsa_ted.recommend import Recommender
@@ -162,7 +163,8 @@ def test_stale_export_is_refused_after_retraining(trained_run, tmp_path, capsys)
     query = [str(out), "--history", "i1,i2", "--k", "3"]
     assert mqsa_ted.recommend.main(query) == 0
     capsys.readouterr()
-    train(Path(load_config(str(run / "config.yaml")).data.dir), run, "train.seed=7")
+    train(Path(load_config(str(run / "config.yaml")).data.dir), run, "train.seed=7",
+          "train.resume=fresh")  # fmt: skip
 
     assert mqsa_ted.recommend.main(query) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -206,3 +208,31 @@ def test_torchrec_run_exports_per_rank(tmp_path):
     assert rec.index.ntotal == 40
     (result,) = rec.recommend([["i1", "i2"]], k=50)
     assert len(result.items) == 38 and not {"i1", "i2"} & set(result.items)
+
+
+def test_an_export_location_of_someone_elses_files_or_in_use_is_refused(trained_run, tmp_path):
+    """A folder of the user's is refused and left as it was; a location another export holds
+    (its lease) is refused naming the holder; the lease is released after an export."""
+    theirs = tmp_path / "my-vectors"
+    theirs.mkdir()
+    (theirs / "items.parquet").write_bytes(b"mine")
+    cmd = [sys.executable, "-m", "mqsa_ted.export", str(trained_run), "--faiss", "none"]
+    proc = subprocess.run([*cmd, "--out", str(theirs)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: export location {theirs} holds files this project did not write (no "
+        ".mqsa-ted-owned marker): refusing to write into it. Choose a new or empty directory "
+        "(--out or export.out)"
+    ]
+    assert [p.name for p in theirs.iterdir()] == ["items.parquet"]
+    out = tmp_path / "export"
+    with Lease(str(out), "export", "--out (export.out)"):
+        proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 2
+        assert f"error: {out} is in use by another job: " in proc.stderr
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / ".export.mqsa-ted-lease").exists()
