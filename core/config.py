@@ -94,6 +94,7 @@ FAISS_KINDS = ("auto", "flat", "ivf", "hnsw", "none")
 EVAL_PROTOCOLS = ("paper", "repeat_aware")
 LR_SCHEDULES = ("constant", "linear")
 ZERO_STAGES = (0, 1, 2)  # ZeRO 3 partitions the weights, which the trainer's step does not support
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # every integer setting ends up in Spark or torch
 
 
 @dataclass
@@ -112,6 +113,9 @@ class DataConfig:
     base_dir: str = setting("", LOCATION_OR_EMPTY)
     # previous transition counts are multiplied by this in an incremental prepare
     transition_decay: float = setting(1.0, within(0.0, 1.0))
+    # incremental prepare: refuse a base holding less than this share of the new events'
+    # distinct items, or of their distinct users (another log's base); 0 = no check
+    base_min_overlap: float = setting(0.1, within(0.0, 1.0))
     max_len: int = setting(50, at_least(1))
     time_span: int = setting(1, at_least(1))
     paper_mode: bool = True  # transitions from the train sequence cut to max_len (METHOD.md)
@@ -315,6 +319,11 @@ def _check_value(key: str, value: Any, expected: Any, source: str) -> Any:
             return value
     elif expected is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT64_MIN <= value <= INT64_MAX:
+                raise ConfigError(
+                    f"{source}: key '{key}' must be an integer within int64 "
+                    f"(-2**63 .. 2**63-1), got {value!r}"
+                )
             return value
     elif expected is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
@@ -368,6 +377,134 @@ def check_cross(cfg: Config, sources: dict[str, str] | None = None) -> None:
             )
 
 
+# The fit check (docs/configuration.md, "Settings that cannot fit"): light lower bounds, no torch.
+FLOAT_BYTES = 4
+# Per attention block of each of the encoder's two branches the backward keeps at least this many
+# [slots, dim] float tensors (normalised query, q, k, v, attention output, the normalised output,
+# FFN hidden and output) and one [users, T, T] (the softmax); tests/test_trust_config.py checks
+# this against the tensors the real model saves.
+SAVED_ROWS, SAVED_SCORES = 8, 1
+PARAM_COPIES = 4  # weights, gradients and Adam's two moments
+MEMORY_ENV = "MQSA_MEMORY_GIB"  # what the fit check compares with, instead of this machine's RAM
+
+
+def step_activations(batch: int, max_len: int, dim: int, num_blocks: int) -> int:
+    """Bytes the encoder keeps for the backward of one step of ``batch`` users at ``max_len``
+    (a lower bound: dropout masks, the catalogue-wide products and the table come on top)."""
+    per_user = SAVED_ROWS * max_len * dim + SAVED_SCORES * max_len * max_len
+    return 2 * num_blocks * batch * per_user * FLOAT_BYTES
+
+
+def dense_state(dim: int, num_blocks: int, max_len: int) -> int:
+    """Bytes of the encoder's weights, gradients and Adam state in one process: per block and
+    branch 5 linear layers and 2 norms, the position table, the branches' 2 output norms."""
+    block = 5 * (dim * dim + dim) + 4 * dim
+    params = 2 * num_blocks * block + max_len * dim + 4 * dim
+    return params * FLOAT_BYTES * PARAM_COPIES
+
+
+def _int_env(name: str) -> int:
+    """A positive integer environment variable, or 0 when unset or not one."""
+    text = os.environ.get(name, "")
+    return int(text) if text.isdigit() and int(text) > 0 else 0
+
+
+def job_machines() -> int:
+    """The machines one job spreads over, as far as the environment says (``NNODES`` of
+    launch.sh, Slurm's ``SLURM_NNODES``, torchrun's ``WORLD_SIZE / LOCAL_WORLD_SIZE``), else 1."""
+    nodes = _int_env("NNODES") or _int_env("SLURM_NNODES")
+    local = _int_env("LOCAL_WORLD_SIZE")
+    if not nodes and local:
+        nodes = _int_env("WORLD_SIZE") // local
+    return max(nodes, 1)
+
+
+def machine_memory() -> int:
+    """Bytes the fit check compares with: ``MQSA_MEMORY_GIB`` if set (0 = no check), else this
+    machine's memory (``os.sysconf``, else ``/proc/meminfo``) lowered to a cgroup limit; 0 when
+    unknown."""
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if text:
+        try:
+            gib = float(text)
+        except ValueError:
+            gib = math.nan
+        if not (math.isfinite(gib) and gib >= 0):
+            raise ConfigError(f"{MEMORY_ENV}={text!r} must be a number of GiB >= 0 (0 = no check)")
+        return int(gib * 2**30)
+    total = 0
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if total <= 0:
+        with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as f:
+            total = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemTotal:"))
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError), open(limit) as f:
+            cap = int(f.read().strip())  # "max" (no limit) is a ValueError
+            total = min(total, cap) if total > 0 else cap
+    return max(total, 0)
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes in binary units (``23.5 GiB``, ``8.7 EiB``, ``1.2e+06 YiB``)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB")
+    for unit in units:
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.3g} YiB"
+
+
+def memory_estimates(cfg: Config, machines: int = 1) -> list[tuple[str, int]]:
+    """(what, bytes) of the light estimates the fit check compares with one machine's memory:
+    one process's dense weights and optimizer state, a training step of the global batch
+    spread over ``machines`` (every user at ``data.max_len``) and an evaluation batch."""
+    data, model, train = cfg.data, cfg.model, cfg.train
+    dim, blocks, length = model.dim, model.num_blocks, data.max_len
+    step = step_activations(-(-train.batch_size // machines), length, dim, blocks)
+    # evaluation keeps nothing for a backward and runs the last block for the newest slot only:
+    # at least 4 [slots, dim] tensors (the rows, the input, k, v), and with more than one block
+    # an earlier block's scores and softmax
+    eval_users = -(-train.eval_batch_size // machines)
+    scores = 2 * length * length if blocks > 1 else 0
+    evaluation = eval_users * (4 * length * dim + scores) * FLOAT_BYTES
+    over = f" over {machines} machines" if machines > 1 else ""
+    shape = f"data.max_len={length} x model.dim={dim}"
+    state = dense_state(dim, blocks, length)
+    return [
+        (
+            f"model.dim={dim} x model.num_blocks={blocks} (and data.max_len={length} positions) "
+            f"needs ~{human_bytes(state)} of weights, gradients and Adam state per process",
+            state,
+        ),
+        (
+            f"train.batch_size={train.batch_size} x {shape} x model.num_blocks={blocks} needs "
+            f"~{human_bytes(step)} of activations per training step{over} (users at "
+            "data.max_len, a lower bound)",
+            step,
+        ),
+        (
+            f"train.eval_batch_size={train.eval_batch_size} x {shape} needs "
+            f"~{human_bytes(evaluation)} per evaluation batch{over} (a lower bound)",
+            evaluation,
+        ),
+    ]
+
+
+def check_fit(cfg: Config) -> None:
+    """Refuse settings whose light estimate (:func:`memory_estimates`) exceeds the memory of
+    the machine (:func:`machine_memory`), in one line with the estimate."""
+    memory = machine_memory()
+    if memory <= 0:
+        return
+    for what, needed in memory_estimates(cfg, job_machines()):
+        if needed > memory:
+            raise ConfigError(
+                f"{what}; this machine has {human_bytes(memory)} ({MEMORY_ENV}=N: check "
+                "against N GiB instead, e.g. a GPU job's device memory)"
+            )
+
+
 def _did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
     """``: did you mean 'x'?`` for the nearest known name, or "" when none is near."""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
@@ -409,13 +546,17 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | None, overrides: list[str] | tuple[str, ...] = (), *, fit: bool = True
+) -> Config:
     """Load ``path`` (a YAML file or fsspec URL; None = defaults) and apply ``a.b=value`` overrides.
 
     Override values are parsed with ``yaml.safe_load`` (``3`` is an int, ``true`` a bool,
     ``0.1`` a float, anything else a string). Every value is checked against its key's type and
-    rules as it is read, then the rules over several keys (``CROSS_RULES``); the first failure
-    raises :class:`ConfigError` naming the key, the value, the rule and the file or override.
+    rules as it is read, then the rules over several keys (``CROSS_RULES``), then (``fit``)
+    whether training with them can fit this machine (:func:`check_fit`; a saved run's config read
+    to export or report it elsewhere may skip it); the first failure raises
+    :class:`ConfigError` naming the key, the value, the rule and the file or override.
     """
     cfg = Config()
     sources: dict[str, str] = {}
@@ -439,6 +580,8 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
         _apply(cfg, section, key, value, source)
         sources[f"{section}.{key}"] = source
     check_cross(cfg, sources)
+    if fit:
+        check_fit(cfg)
     return cfg
 
 

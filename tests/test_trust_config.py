@@ -10,7 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from core.config import Config, ConfigError, check_prepare, check_section, load_config, rules_table
+from core.config import (
+    MEMORY_ENV,
+    Config,
+    ConfigError,
+    check_prepare,
+    check_section,
+    human_bytes,
+    job_machines,
+    load_config,
+    machine_memory,
+    memory_estimates,
+    rules_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable}
@@ -167,3 +179,104 @@ def test_launch_usage_is_only_the_header():
                           text=True, timeout=30)  # fmt: skip
     assert proc.returncode == 2
     assert "./launch.sh CONFIG" in proc.stderr and "set -euo" not in proc.stderr
+
+
+# Settings that cannot fit: (override, what the one-line error must say), against 16 GiB.
+TOO_BIG = [
+    ("train.batch_size=1000000000000", "of activations per training step"),
+    ("data.max_len=100000", "of activations per training step"),
+    ("model.dim=100000000", "of weights, gradients and Adam state per process"),
+    ("train.eval_batch_size=100000000000", "per evaluation batch"),
+]
+
+
+@pytest.mark.parametrize(("override", "needle"), TOO_BIG, ids=[t[0] for t in TOO_BIG])
+def test_settings_that_cannot_fit_are_refused_with_the_estimate(monkeypatch, override, needle):
+    monkeypatch.setenv(MEMORY_ENV, "16")
+    for name in ("NNODES", "SLURM_NNODES", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert override in message and needle in message and "this machine has 16.0 GiB" in message
+    assert "\n" not in message
+    cfg = Config()
+    key, _, value = override.partition("=")
+    section, _, name = key.partition(".")
+    setattr(getattr(cfg, section), name, int(value))
+    estimate = next(size for what, size in memory_estimates(cfg) if needle in what)
+    assert estimate > 16 * 2**30 and f"~{human_bytes(estimate)} " in message
+    load_config(None, [override], fit=False)  # a saved run's config, read to export it
+    monkeypatch.setenv(MEMORY_ENV, "0")  # no check
+    load_config(None, [override])
+
+
+def test_the_estimate_of_a_step_is_split_over_the_machines(monkeypatch):
+    # 2**18 users x 50 x 64: ~55 GiB of activations on one machine, under 16 GiB on four
+    monkeypatch.setenv(MEMORY_ENV, "16")
+    for name in ("NNODES", "SLURM_NNODES", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    big = [f"train.batch_size={2**18}"]
+    with pytest.raises(ConfigError, match=r"needs ~54\.\d GiB of activations per training step "):
+        load_config(None, big)
+    monkeypatch.setenv("NNODES", "4")
+    assert job_machines() == 4
+    load_config(None, big)
+    monkeypatch.delenv("NNODES")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # torchrun: 8 ranks, 2 per machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert job_machines() == 4
+    monkeypatch.setenv(MEMORY_ENV, "lots")
+    with pytest.raises(ConfigError, match=f"{MEMORY_ENV}='lots' must be a number of GiB"):
+        load_config(None)
+
+
+def test_machine_memory_is_this_machines():
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert os.environ.get(MEMORY_ENV) is None, "unset it to run this test"
+    assert 0 < machine_memory() <= total
+
+
+def test_integers_beyond_int64_and_non_integers_are_refused():
+    with pytest.raises(ConfigError, match=r"'data.max_len' must be an integer within int64"):
+        load_config(None, ["data.max_len=10000000000000000000000"])
+    with pytest.raises(ConfigError, match=r"'data.max_len' must be int, got str '1e22'"):
+        load_config(None, ["data.max_len=1e22"])
+    with pytest.raises(ConfigError, match=r"'data.max_len' must be int, got float 1e\+22"):
+        load_config(None, ["data.max_len=1.0e+22"])
+
+
+def test_the_estimates_match_the_model():
+    """The dense state is the encoder's parameters x 4 copies; the step's activations are at
+    most what the real encoder saves for its backward (dropout 0: the fewest tensors)."""
+    import torch
+
+    from core.config import ModelConfig, dense_state, step_activations
+    from trainer.model import MQSAEncoder
+
+    for batch, length, dim, blocks in [(16, 50, 32, 1), (8, 120, 16, 2), (12, 10, 96, 1)]:
+        encoder = MQSAEncoder(ModelConfig(dim=dim, num_blocks=blocks, dropout=0.0), length)
+        params = sum(p.numel() for p in encoder.parameters())
+        assert dense_state(dim, blocks, length) == params * 4 * 4
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, seen: dict[int, int] = storages) -> torch.Tensor:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        emb = torch.randn(batch, length, dim, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            encoder(emb, torch.ones(batch, length, dtype=torch.bool))
+        assert step_activations(batch, length, dim, blocks) <= sum(storages.values())
+
+
+def test_the_config_command_refuses_what_cannot_fit_in_one_line():
+    env = {**ENV, MEMORY_ENV: "16"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.config", "configs/demo.yaml", "--set",
+         "train.batch_size=1000000000000"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    one_error_line(proc, "train.batch_size=1000000000000 x data.max_len=50 x model.dim=64")
+    assert "PiB of activations per training step" in proc.stderr
