@@ -151,3 +151,21 @@ def test_sharded_table_checkpoint_loads_on_one_rank_and_on_two(config, tmp_path)
     for name, value in moved.items():
         name = name.removeprefix("encoder.")
         torch.testing.assert_close(loaded[1]["params"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_rerun_never_starts_over_silently(config, tmp_path):
+    """The same command again on an ended run trains nothing and says so (same metrics);
+    ``train.resume=fresh`` deletes the run's checkpoints, says so and trains from the start."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(config, f"train.run_dir={run_dir}", "train.epochs=1")
+    run(cmd)
+    first = comparable(run_dir / "metrics.json")
+    again = run(cmd)
+    assert "this run has already ended (epoch 1 of 1): nothing to train" in again.stdout
+    assert comparable(run_dir / "metrics.json") == first
+    fresh = run([*cmd, "train.resume=fresh"])
+    assert f"train.resume=fresh: deleted 2 checkpoint(s) of an earlier run under {run_dir}" in (
+        fresh.stdout
+    )
+    assert "resumed from" not in fresh.stdout
+    assert comparable(run_dir / "metrics.json") == first  # the same seeded run, from the start
