@@ -10,7 +10,8 @@ per round, once with the kernel and once without (which goes first alternates), 
 machine's drift over minutes falls on both alike. Prints the mean step time of each and their
 ratio per round, and the kernel's jobs at the batches' shapes on their own: the score product,
 the softmax and ``softmax . E`` (the kernel's: in one pass with the transpose) and the product
-``softmax^T . (w q)`` that reads the transpose.
+``softmax^T . (w q)`` that reads the transpose; last, the whole block compiled by
+``torch.compile`` (Inductor) against the kernel's.
 """
 
 from __future__ import annotations
@@ -81,6 +82,45 @@ def pieces(kernel, rows: int, width: int, dim: int) -> None:
         )
 
 
+def torch_block(queries: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernel's block in torch: ``queries [R, D]``, ``table [N, D]`` (bf16) -> the
+    log-partition ``[R]`` (float32), ``softmax . E`` ``[R, D]`` and the softmax's transpose
+    ``[N, R]`` (bf16)."""
+    scores = (queries @ table.T).float()
+    lse = torch.logsumexp(scores, 1)
+    probs = torch.exp(scores - lse[:, None]).to(torch.bfloat16)
+    return lse, (probs @ table).float(), probs.T.contiguous()
+
+
+def compiled_vs_kernel(kernel, rows: int, width: int, dim: int) -> None:
+    """``torch.compile`` (Inductor, CPU) of :func:`torch_block` against the kernel's block at
+    ``[rows, width]``, with the largest difference of the log-partition beside the times."""
+    queries = torch.randn(rows, dim).to(torch.bfloat16)
+    table = (torch.randn(width, dim) * 0.3).to(torch.bfloat16)
+    packed, paired = cpu_kernels.pack_items(table), cpu_kernels.pair_items(table)
+    q_pairs = cpu_kernels.pairs(queries)
+    stride = cpu_kernels.transpose_stride(rows)
+    probs_t = torch.zeros(width, stride, dtype=torch.bfloat16)[:, :rows]
+    lse, expected = torch.empty(rows), torch.empty(rows, dim)
+    compiled = torch.compile(torch_block, dynamic=False)
+    start = time.perf_counter()
+    want = compiled(queries, table)
+    compile_s = time.perf_counter() - start
+    eager = median_ms(lambda: torch_block(queries, table))
+    inductor = median_ms(lambda: compiled(queries, table))
+    fused = median_ms(
+        lambda: kernel.log_partition_block(q_pairs, packed, paired, probs_t, lse, expected)
+    )
+    gap = float((lse - want[0]).abs().max())
+    print(
+        f"[{rows} x {width}, D {dim}] the block (scores, log-partition, softmax . E, transpose): "
+        f"eager torch {eager:.2f} ms, torch.compile {inductor:.2f} ms (compiled in "
+        f"{compile_s:.0f} s), the kernel {fused:.2f} ms: compiled / kernel x{inductor / fused:.3f}"
+        f"; log-partition max |kernel - compiled| {gap:.2e}",
+        flush=True,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="prepared data dir (spark_jobs.prepare)")
@@ -121,6 +161,7 @@ def main() -> int:
         )
     rows = int(steps[0].positions.shape[0])
     pieces(kernel, rows, trainer.users.num_items + 1, cfg.model.dim)
+    compiled_vs_kernel(kernel, rows, trainer.users.num_items + 1, cfg.model.dim)
     done = len(steps[:5]) + len(seconds[True]) + len(seconds[False])  # warm-up and timed steps
     rec, kd = (trainer.loss_sums / done).tolist()
     ok, line = path_check(trainer.model, steps[:8], cfg.train.bf16, 5e-3, {"rec": rec, "kd": kd})
