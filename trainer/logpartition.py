@@ -11,10 +11,12 @@ of one per elementwise op, and the row weights are applied to the ``[C, D]`` sid
 The log-partition itself is read from the softmax at one column per row (no row maximum or sum
 of its own), and the reference's zero padding column is a real column of the block.
 
-On CPU with bf16 and the run's hand-written kernel (``trainer.cpu_kernels.select``), it runs the
-score product too, and without a score bonus the product and the softmax in one pass (the
-scores stay in cache; the log-partition comes out of the softmax's own max and sum); the softmax
-also writes its transpose, the left operand of ``softmax^T . (w q)`` in its fast layout.
+One backend computes each block of rows (:class:`TorchBlocks`, or :class:`KernelBlocks` on CPU
+with bf16 and the run's hand-written kernel, ``trainer.cpu_kernels.select``): the kernel runs
+the score product too, and without a score bonus the product and the softmax in one pass (the
+scores stay in cache; the log-partition comes out of the softmax's own max and sum); its softmax
+also writes its transpose, the left operand of ``softmax^T . (w q)`` in its fast layout. The
+gradients are the same for both (``forward``).
 
 The ``[chunk, N]`` score buffers are reused between calls: on this class of machine a fresh
 multi-megabyte allocation is paid for in page faults on every step. They are zeroed when they
@@ -28,8 +30,9 @@ A gradient that is not finite makes the returned value NaN, so the step's guard
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -92,19 +95,6 @@ def _transpose_buffer(rows: int, width: int, like: torch.Tensor) -> torch.Tensor
     return flat.view(width, stride)[:, :rows]
 
 
-def _softmax(
-    scores: torch.Tensor, probs: torch.Tensor, kernel: CpuKernel | None
-) -> torch.Tensor | None:
-    """``probs [C, W] = softmax(scores [C, W])`` along rows; with the CPU kernel
-    (``trainer.cpu_kernels``) also returns ``[W, C]`` the transpose, else None."""
-    if kernel is None:
-        torch.ops.aten._softmax.out(scores, 1, False, out=probs)
-        return None
-    probs_t = _transpose_buffer(*scores.shape, probs)
-    kernel.softmax_rows_and_transpose(scores, probs, probs_t)
-    return probs_t
-
-
 def _anchored_lse(
     flat_scores: torch.Tensor,
     flat_probs: torch.Tensor,
@@ -122,6 +112,107 @@ def _anchored_lse(
     return flat_scores.index_select(0, anchor).float() - p_anchor.log()
 
 
+@dataclass
+class Block:
+    """One block of rows ``[C]`` against the ``width`` columns: what the gradients need.
+
+    ``lse [C]`` float32; ``probs [C, width]`` the softmax (None when the block was fused and
+    never wrote it) and ``flat_probs`` its flat buffer (one spare element after it);
+    ``probs_t [width, C]`` its transpose when the backend wrote one; ``expected [C, D]`` the
+    product ``softmax . E`` when the backend computed it."""
+
+    lse: torch.Tensor
+    probs: torch.Tensor | None = None
+    flat_probs: torch.Tensor | None = None
+    probs_t: torch.Tensor | None = None
+    expected: torch.Tensor | None = None
+
+
+AddBias = Callable[[torch.Tensor, int, int], None]  # (flat scores, first row, rows): in place
+
+
+class TorchBlocks:
+    """Blocks computed by torch: oneDNN's score product, torch's fused row-wise softmax, the
+    log-partition read at one column per row (:func:`_anchored_lse`)."""
+
+    def __init__(self, table_mm: torch.Tensor, anchors: torch.Tensor | None) -> None:
+        self.table_mm, self.anchors = table_mm, anchors  # [width, D]
+        self.width = table_mm.shape[0]
+        self.table_t = self._table_operand(table_mm)
+
+    def _table_operand(self, table_mm: torch.Tensor) -> torch.Tensor:
+        return table_mm.T.contiguous()  # [D, width]
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """A block's ``[C, D]`` queries in the layout :meth:`scores` reads."""
+        return q
+
+    def scores(self, q: torch.Tensor, out: torch.Tensor) -> None:
+        torch.mm(q, self.table_t, out=out)
+
+    def softmax(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor | None:
+        """``probs = softmax(scores)`` along rows; the transpose, if the backend writes one."""
+        torch.ops.aten._softmax.out(scores, 1, False, out=probs)
+        return None
+
+    def block(self, q: torch.Tensor, start: int, add_bias: AddBias | None) -> Block:
+        """The rows ``start..start+C`` with queries ``q [C, D]`` (from :meth:`queries`),
+        their scores plus ``add_bias`` when given."""
+        rows, width, dtype, device = q.shape[0], self.width, self.table_mm.dtype, q.device
+        size = rows * width  # one spare element after the [C, width] block
+        flat_scores = _buffer("scores", size + 1, dtype, device)
+        scores = flat_scores[:size].view(rows, width)
+        self.scores(q, scores)
+        if add_bias is not None:
+            add_bias(flat_scores, start, rows)
+        flat_probs = _buffer("probs", size + 1, dtype, device)
+        probs = flat_probs[:size].view(rows, width)
+        # one fused row-wise pass (max, exp-sum, normalise; float32 inside for bf16)
+        probs_t = self.softmax(scores, probs)
+        lse = _anchored_lse(flat_scores, flat_probs, rows, width, self.anchors, start)
+        return Block(lse, probs, flat_probs, probs_t)
+
+
+class KernelBlocks(TorchBlocks):
+    """Blocks computed by the run's CPU kernel (``trainer.cpu_kernels``): the score product, and
+    the softmax with its transpose (the left operand of ``softmax^T . (w q)`` in its fast
+    layout); without a score bonus all of it in one pass per block of rows, the log-partition
+    from the softmax's own max and sum and ``softmax . E`` beside it."""
+
+    def __init__(
+        self, kernel: CpuKernel, table_mm: torch.Tensor, anchors: torch.Tensor | None
+    ) -> None:
+        self.kernel = kernel
+        super().__init__(table_mm, anchors)
+        self.paired: torch.Tensor | None = None  # the fused pass's table operand, when first used
+
+    def _table_operand(self, table_mm: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.pack_items(table_mm)
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.pairs(q)
+
+    def scores(self, q: torch.Tensor, out: torch.Tensor) -> None:
+        self.kernel.scores(q, self.table_t, out)  # [C, width]
+
+    def softmax(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        probs_t = _transpose_buffer(*scores.shape, probs)
+        self.kernel.softmax_rows_and_transpose(scores, probs, probs_t)
+        return probs_t  # [width, C]
+
+    def block(self, q: torch.Tensor, start: int, add_bias: AddBias | None) -> Block:
+        if add_bias is not None:
+            return super().block(q, start, add_bias)
+        if self.paired is None:
+            self.paired = cpu_kernels.pair_items(self.table_mm)
+        rows, dim, device = q.shape[0], self.paired.shape[1], q.device
+        probs_t = _transpose_buffer(rows, self.width, self.table_mm)
+        lse = _buffer("lse", rows, torch.float32, device)  # [C]
+        expected = _buffer("expected", rows * dim, torch.float32, device).view(rows, dim)
+        self.kernel.log_partition_block(q, self.table_t, self.paired, probs_t, lse, expected)
+        return Block(lse, probs_t=probs_t, expected=expected[:, : self.table_mm.shape[1]])
+
+
 class _WeightedLogPartition(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -131,64 +222,52 @@ class _WeightedLogPartition(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[:4])
         mm_dtype = torch.bfloat16 if bf16 else torch.float32
         num_items, dim, device = table.shape[0], table.shape[1], queries.device
-        # the CPU kernel: the products, the softmax and its transpose (read by the table's
-        # gradient only)
-        kernel = cpu_kernel if device.type == "cpu" and bf16 and needs_grad else None
         has_bias = bias_values is not None
         width = num_items + int(zero_column)  # the zero column, if any, is column N
         table_mm = torch.empty(width, dim, dtype=mm_dtype, device=device)  # [width, D]
         table_mm[:num_items] = table.detach()
         table_mm[num_items:] = 0.0
-        # the products' table operands: packed and paired for the kernel, else transposed
-        packed = cpu_kernels.pack_items(table_mm) if kernel else None
-        paired = cpu_kernels.pair_items(table_mm) if kernel and not has_bias else None
-        table_t = None if kernel else table_mm.T.contiguous()  # [D, width]
+        # which backend computes the blocks: the CPU kernel (bf16 on CPU, for a gradient), or
+        # torch
+        use_kernel = cpu_kernel is not None and device.type == "cpu" and bf16 and needs_grad
+        blocks = (
+            KernelBlocks(cpu_kernel, table_mm, anchors)
+            if use_kernel
+            else TorchBlocks(table_mm, anchors)
+        )
         total = torch.zeros((), dtype=torch.float64, device=device)
         grad_q = torch.empty_like(queries, dtype=torch.float32) if needs_grad else None
         grad_t = None  # [width, D] float32, from the first chunk on
         grad_bias = torch.zeros_like(bias_values) if has_bias and needs_grad else None
+        flat_index = inside = None  # where this chunk's bias values sit in its flat scores
+
+        def add_bias(flat_scores: torch.Tensor, start: int, rows: int) -> None:
+            """This chunk's additions; the other chunks' go to the spare element."""
+            nonlocal flat_index, inside
+            local = bias_rows - start
+            inside = (local >= 0) & (local < rows)
+            flat_index = torch.where(inside, local * width + bias_items, rows * width)  # [E]
+            flat_scores.index_add_(0, flat_index, bias_values.detach().to(mm_dtype))
+
         for start in range(0, queries.shape[0], chunk):
             q = queries[start : start + chunk].detach()  # [C, D]
             w = row_weights[start : start + chunk]  # [C]
             rows = q.shape[0]
-            q_mm = cpu_kernels.pairs(q.to(mm_dtype)) if kernel else q.to(mm_dtype)  # [C, D]
-            size = rows * width  # one spare element after the [C, width] block
-            expected = None  # softmax . E [C, D]
-            if kernel and not has_bias:  # in one pass per block of rows, all in cache
-                probs_t = _transpose_buffer(rows, width, table_mm)
-                lse = _buffer("lse", rows, torch.float32, device)  # [C]
-                flat = _buffer("expected", rows * paired.shape[1], torch.float32, device)
-                expected = flat.view(rows, paired.shape[1])  # [C, D'], D' >= D
-                kernel.log_partition_block(q_mm, packed, paired, probs_t, lse, expected)
-                expected = expected[:, :dim]
-            else:
-                flat_probs = _buffer("probs", size + 1, mm_dtype, device)
-                probs = flat_probs[:size].view(rows, width)
-                flat_scores = _buffer("scores", size + 1, mm_dtype, device)
-                scores = flat_scores[:size].view(rows, width)
-                if kernel:
-                    kernel.scores(q_mm, packed, scores)  # [C, width]
-                else:
-                    torch.mm(q_mm, table_t, out=scores)
-                if has_bias:  # this chunk's additions; the other chunks' go to the spare element
-                    local = bias_rows - start
-                    inside = (local >= 0) & (local < rows)
-                    flat_index = torch.where(inside, local * width + bias_items, size)  # [E]
-                    flat_scores.index_add_(0, flat_index, bias_values.detach().to(mm_dtype))
-                # one fused row-wise pass (max, exp-sum, normalise; float32 inside for bf16)
-                probs_t = _softmax(scores, probs, kernel)  # [width, C] too, with the CPU kernel
-                lse = _anchored_lse(flat_scores, flat_probs, rows, width, anchors, start)  # [C]
-            total += (w * lse).sum().double()
+            block = blocks.block(
+                blocks.queries(q.to(mm_dtype)), start, add_bias if has_bias else None
+            )
+            total += (w * block.lse).sum().double()
             if needs_grad:  # d/dq = w * softmax . E, d/dE = softmax^T . (w * q)
+                expected = block.expected
                 if expected is None:
-                    expected = torch.mm(probs, table_mm)
+                    expected = torch.mm(block.probs, table_mm)
                 grad_q[start : start + rows] = expected.float() * w[:, None]
-                left = probs.T if probs_t is None else probs_t  # [width, C]
+                left = block.probs.T if block.probs_t is None else block.probs_t  # [width, C]
                 part = torch.mm(left, (q * w[:, None]).to(mm_dtype)).float()
                 grad_t = part if grad_t is None else grad_t.add_(part)
                 if has_bias:  # d/d(bias value) = w * softmax at its pair
-                    row_w = w.index_select(0, local.clamp(0, rows - 1))
-                    picked = flat_probs.index_select(0, flat_index).float() * row_w
+                    row_w = w.index_select(0, (bias_rows - start).clamp(0, rows - 1))
+                    picked = block.flat_probs.index_select(0, flat_index).float() * row_w
                     grad_bias += torch.where(inside, picked, torch.zeros_like(picked))
         if needs_grad and grad_t is None:  # no rows on this rank
             grad_t = torch.zeros(width, dim, device=device)
