@@ -28,6 +28,10 @@ validation epoch, training CPU seconds, the machine's 5-minute load average when
 the last day's warm start against the scratch retrain: the NDCG@10 ratio and the time ratios
 (training wall and CPU time; prepare + training). Trailing ``section.key=value`` overrides
 apply to every prepare and training run.
+
+``--prepare-only`` runs the days' prepares alone and prints, per later day, how much of its
+events' items and users its base holds (what ``data.base_min_overlap`` compares) and the
+events not added (held by the base, late, short new users).
 """
 
 from __future__ import annotations
@@ -107,22 +111,46 @@ def run(cmd: list[str], log: Path) -> tuple[float, float]:
     return time.perf_counter() - start, cpu
 
 
+def prepare_day(name: str, events: Path, base: Path | None, args: argparse.Namespace,
+                workdir: Path) -> tuple[Path, float, float]:  # fmt: skip
+    """Prepare ``events`` (against ``base`` when given) into ``prepared/<name>``; the output,
+    its wall and CPU seconds."""
+    data = workdir / "prepared" / name
+    (workdir / name).mkdir(exist_ok=True)
+    prepare = [f"data.events={events}", f"data.dir={data}", *args.overrides]
+    prepare += [f"data.base_dir={base}"] if base else []
+    seconds, cpu = run([sys.executable, "-m", "spark_jobs.prepare", args.config, *prepare],
+                       workdir / name / "prepare.log")  # fmt: skip
+    return data, seconds, cpu
+
+
+def overlap_row(name: str, data: Path, seconds: float) -> dict:
+    """What a prepared day's ``stats.json`` says about its base: shares and events not added."""
+    stats = read_stats(str(data))
+    overlap, dropped = stats.get("overlap"), stats["dropped"]
+    row = {"day": name, "events_read": stats["events_read"], "items": stats["items"],
+           "new_items": stats.get("new_items"), "prepare_s": round(seconds, 1)}  # fmt: skip
+    if overlap:
+        for kind in ("items", "users"):
+            row[f"{kind}_held"] = round(overlap[f"known_{kind}"] / max(overlap[kind], 1), 4)
+        for key in ("base_duplicate_events", "late_events", "short_user_events"):
+            row[key] = dropped[key]
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def stage(name: str, events: Path, base: Path | None, init_from: Path | None, epochs: int,
           args: argparse.Namespace, workdir: Path) -> dict:  # fmt: skip
     """Prepare ``events`` (against ``base`` when given), then train (from ``init_from`` when
     given) for ``epochs``; the row of the table."""
-    data, run_dir = workdir / "prepared" / name, workdir / "runs" / name
-    (workdir / name).mkdir(exist_ok=True)
-    common = [f"data.dir={data}", *args.overrides]
-    prepare = [f"data.events={events}", *common] + ([f"data.base_dir={base}"] if base else [])
-    train = [*common, f"train.run_dir={run_dir}", f"train.epochs={epochs}", "train.progress=false"]
+    data, prep_s, prep_cpu = prepare_day(name, events, base, args, workdir)
+    run_dir = workdir / "runs" / name
+    train = [f"data.dir={data}", *args.overrides, f"train.run_dir={run_dir}",
+             f"train.epochs={epochs}", "train.progress=false"]  # fmt: skip
     if init_from:
         train += [f"train.init_from={init_from}", "train.min_steps=0", *args.warm]
-    py, logs = sys.executable, workdir / name
-    prep_s, prep_cpu = run([py, "-m", "spark_jobs.prepare", args.config, *prepare],
-                           logs / "prepare.log")  # fmt: skip
-    train_s, train_cpu = run([py, "-m", "mqsa_ted.cli", "train", args.config, *train],
-                             logs / "train.log")  # fmt: skip
+    train_s, train_cpu = run([sys.executable, "-m", "mqsa_ted.cli", "train", args.config, *train],
+                             workdir / name / "train.log")  # fmt: skip
     stats = read_stats(str(data))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     row = {
@@ -162,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="an override for the warm-start runs only (repeatable), e.g. "
                    "train.new_target_weight=3")  # fmt: skip
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only the prepares: each later day's overlap with its base")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = p.parse_args(argv)
     if len(args.days) < 2 or args.days[-1] != 1.0 or sorted(args.days) != args.days:
@@ -175,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = [write_day(t, workdir / "events" / f"day{d + 1}") for d, t in enumerate(days)]
     everything = write_day(pa.concat_tables(days), workdir / "events" / "all")
     print("events per day: " + ", ".join(str(t.num_rows) for t in days), flush=True)
+    if args.prepare_only:
+        base = None
+        for d, path in enumerate(paths, start=1):
+            base, seconds, _ = prepare_day(f"day{d}", path, base, args, workdir)
+            overlap_row(f"day{d}", base, seconds)
+        return 0
 
     rows = [stage("day1", paths[0], None, None, args.scratch_epochs, args, workdir)]
     for d in range(1, len(days)):

@@ -8,6 +8,8 @@ equal timestamps).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -78,14 +80,29 @@ def item_tally(annotated: DataFrame) -> DataFrame:
     return annotated.groupBy(F.col("item").alias("item_id")).agg(*tallies)
 
 
-def tally_totals(tally: DataFrame) -> tuple[int, dict[str, int], dict[str, int]]:
-    """Rows read, rows per drop reason (every reason present, 0 if none) and kept rows per
-    timestamp unit."""
+class Totals(NamedTuple):
+    """What the item tally adds up to (:func:`tally_totals`)."""
+
+    rows: int  # rows read
+    reasons: dict[str, int]  # rows per drop reason (every reason present, 0 if none)
+    units: dict[str, int]  # kept rows per timestamp unit
+    items: int  # distinct non-missing item ids read
+    row_drop_items: int  # of those, the items none of whose rows was kept
+
+
+def tally_totals(tally: DataFrame) -> Totals:
+    """The totals of an :func:`item_tally`, in one small aggregation."""
     units = [f"unit_{unit}" for unit in UNIT_CODES]
-    row = tally.agg(*(F.sum(c).alias(c) for c in ("count", *ROW_REASONS, *units))).first()
+    named = ~missing_id(F.col("item_id"), tally.schema["item_id"].dataType)
+    row = tally.agg(
+        *(F.sum(c).alias(c) for c in ("count", *ROW_REASONS, *units)),
+        F.count(F.when(named, 1)).alias("items"),
+        F.count(F.when(named & (F.col("count") == 0), 1)).alias("row_drop_items"),
+    ).first()
     reasons = {name: int(row[name] or 0) for name in ROW_REASONS}
     per_unit = {unit: int(row[f"unit_{unit}"] or 0) for unit in UNIT_CODES}
-    return int(row["count"] or 0) + sum(reasons.values()), reasons, per_unit
+    rows = int(row["count"] or 0) + sum(reasons.values())
+    return Totals(rows, reasons, per_unit, int(row["items"]), int(row["row_drop_items"]))
 
 
 def unit_ranges(annotated: DataFrame) -> dict[str, tuple[float, float, int]]:

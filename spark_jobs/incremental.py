@@ -1,23 +1,31 @@
 """Incremental prepare: a previous prepare output (``data.base_dir``) extended with new events.
 
+- Which new events are added: the base must share at least ``data.base_min_overlap`` of the
+  new log's items and of its users (else it is refused as another log's base). An event that
+  the base already holds (same user, item and timestamp) is not added again
+  (``base_duplicate_events``); a previous user's event older than that user's newest event in
+  the base is not added either (``late_events``: appended it would sit after newer history,
+  inserted it would move the split the previous run trained on; a full rebuild takes it). A
+  new user needs 3 events (else ``short_user_events``). Every such event is counted, and so is
+  every new item left without events (``late_items``, ``short_user_items``).
 - Items: previous items keep their index and their row (their count grows by their new
   events); new items are appended as indices ``N_base..``, ordered like a vocab (count desc,
   then raw id asc).
-- Users: each previous user's history as stored (train items, validation item, test item)
-  continues with the user's new events in time order, and the leave-one-out split is taken on
-  the combined history; previous users without new events keep their rows. A new user needs
-  3 events (else dropped and counted under ``short_users``). The base holds no timestamps, so
-  a user's new events come after the previous ones whatever their times.
+- Users: each previous user's history as stored (train items, validation item, test item and
+  their ``times``) continues with the user's added events in time order, and the
+  leave-one-out split is taken on the combined history; previous users without new events
+  keep their rows.
 - Transitions: the previous counts times ``data.transition_decay`` (rounded half up to
   integers; an edge that reaches 0 is dropped) plus the pairs of the combined train sequences
   that the previous train sequences did not hold (their later item lies past the previous
   train part), counted like a full prepare (spans, paper-mode cut); top-K on the sum. With a
   decay of 1, ``paper_mode: false`` and no top-K this equals a full count over the combined
   histories.
-- Refused: a base that is not a committed prepare output, or whose graph was built with other
-  settings (``time_span``, ``paper_mode``, ``max_time_gap``, ``max_len`` in paper mode);
-  ``data.kcore`` (it would drop previous items) and ``data.max_time_gap`` (the base holds no
-  times); ids whose type cannot be matched with the base's.
+- Refused: a base that is not a committed prepare output, that holds no event times (an older
+  version's output), whose graph was built with other settings (``time_span``,
+  ``paper_mode``, ``max_time_gap``, ``max_len`` in paper mode) or whose timestamps have
+  another unit; ``data.kcore`` (it would drop previous items) and ``data.max_time_gap``; ids
+  whose type cannot be matched with the base's.
 
 Everything runs in Spark: joins on the user and item ids, no per-user or per-item data on the
 driver.
@@ -28,18 +36,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core.config import ConfigError, DataConfig
 from core.prepared import SEQUENCES, TRANSITIONS, VOCAB, DataError, read_stats
-from spark_jobs.clean import without_keys
 from spark_jobs.errors import PrepareError
 from spark_jobs.sequences import MIN_EVENTS
 from spark_jobs.vocab import dense_rank_index
 
 GRAPH_SETTINGS = ("time_span", "paper_mode", "max_time_gap")  # and max_len in paper mode
+# Why a new event is not added, in the order they are tested (an event is counted under its
+# first reason; ``drop`` holds the 1-based position, 0 for an event that is added).
+EVENT_REASONS = ("base_duplicate_events", "late_events", "short_user_events")
+IN_BASE, LATE, SHORT = 1, 2, 3
 
 
 @dataclass
@@ -99,13 +110,28 @@ def read_base(spark: SparkSession, url: str, stats: dict[str, Any], spark_url: s
     """The previous output ``url`` (readable by Spark at ``spark_url``; ``stats`` from
     :func:`base_stats`), its datasets lazy."""
     read = spark.read.parquet
+    sequences = read(f"{spark_url}/{SEQUENCES}")
+    if "times" not in sequences.columns:
+        raise PrepareError(
+            f"data.base_dir {url} holds no event times (an output of a version before they "
+            "were kept), so the events it already holds cannot be recognised: prepare it "
+            "again from scratch once, then extend that"
+        )
     return Base(
-        url,
-        stats,
-        read(f"{spark_url}/{VOCAB}"),
-        read(f"{spark_url}/{SEQUENCES}"),
-        read(f"{spark_url}/{TRANSITIONS}"),
+        url, stats, read(f"{spark_url}/{VOCAB}"), sequences, read(f"{spark_url}/{TRANSITIONS}")
     )
+
+
+def check_time_unit(base: Base, unit: str | None) -> None:
+    """Refuse new events whose timestamp unit (``unit``, as the read found it) is not the
+    base's: their times could not be compared with the base's."""
+    old = base.stats.get("time_unit_seen")
+    if old and unit and old != unit:
+        raise PrepareError(
+            f"the new events' timestamps are in {unit} but data.base_dir {base.url}'s are in "
+            f"{old}: they cannot be compared with the events the base holds; write the new "
+            f"times in {old} (data.time_unit declares a unit, it does not convert numbers)"
+        )
 
 
 def _matched(column: str, new: T.DataType, old: T.DataType, what: str) -> Column:
@@ -131,17 +157,108 @@ def match_ids(events: DataFrame, base: Base) -> DataFrame:
     return events.select(user.alias("user"), item.alias("item"), *rest)
 
 
-def drop_short_new_users(events: DataFrame, base: Base) -> tuple[DataFrame, dict[str, int]]:
-    """``events`` without the new users (not in the base) that have fewer than 3 events, and
-    the counts ``short_users``, ``short_user_events``."""
-    per_user = events.groupBy("user").agg(F.count(F.lit(1)).alias("n"))
-    known = base.sequences.select(F.col("user_id").alias("user"))
-    short = per_user.filter(F.col("n") < MIN_EVENTS).join(known, on="user", how="left_anti")
-    row = short.agg(F.count(F.lit(1)).alias("users"), F.sum("n").alias("events")).first()
-    counts = {"short_users": int(row["users"] or 0), "short_user_events": int(row["events"] or 0)}
-    if counts["short_users"]:
-        events = without_keys(events, "user", short)
-    return events, counts
+def held_events(base: Base, users: DataFrame) -> DataFrame:
+    """``_h_user``, ``_h_item`` (raw id), ``_h_ts``: the distinct events the base holds for
+    ``users`` (a ``user`` column), from their stored histories and ``times``."""
+    history = F.concat("train_items", F.array("valid_item", "test_item"))
+    stored = base.sequences.join(users.withColumnRenamed("user", "user_id"), "user_id", "left_semi")
+    zipped = F.arrays_zip(history.alias("index"), F.col("times").alias("ts"))
+    exploded = stored.select(F.col("user_id").alias("_h_user"), F.explode(zipped).alias("e"))
+    raw = base.vocab.select("index", F.col("item_id").alias("_h_item"))
+    held = exploded.select("_h_user", "e.index", F.col("e.ts").alias("_h_ts")).join(raw, "index")
+    return held.select("_h_user", "_h_item", "_h_ts").distinct()
+
+
+def classify(events: DataFrame, base: Base) -> DataFrame:
+    """The new ``events`` (ids matched to the base's) with ``known_user`` (a previous user) and
+    ``drop``: 0 for an event to add, else the position of its first reason in
+    ``EVENT_REASONS``: an event the user's stored history holds (same item and timestamp), an
+    event older than the user's newest stored one, an event of a new user with fewer than 3.
+
+    Only the histories of users with events not newer than their newest stored one are
+    exploded to find the duplicates (on a usual day: the few late arrivals)."""
+    newest = base.sequences.select(
+        F.col("user_id").alias("user"), F.array_max("times").alias("_newest")
+    )
+    events = events.join(newest, "user", "left")
+    due = F.col("_newest").isNotNull() & (F.col("ts") <= F.col("_newest"))
+    held = held_events(base, events.filter(due).select("user").distinct())
+    same = (
+        (F.col("user") == F.col("_h_user"))
+        & (F.col("item") == F.col("_h_item"))
+        & (F.col("ts") == F.col("_h_ts"))
+    )
+    events = events.join(held, same, "left")
+    known_user = F.col("_newest").isNotNull()
+    new_user_events = F.count(F.lit(1)).over(Window.partitionBy("user"))
+    drop = (
+        F.when(F.col("_h_user").isNotNull(), F.lit(IN_BASE))
+        .when(due & (F.col("ts") < F.col("_newest")), F.lit(LATE))
+        .when(~known_user & (new_user_events < MIN_EVENTS), F.lit(SHORT))
+        .otherwise(F.lit(0))
+    )
+    return events.select(
+        "user", "item", "ts", "seq", known_user.alias("known_user"), drop.alias("drop")
+    )
+
+
+def new_item_tally(classified: DataFrame, base: Base) -> DataFrame:
+    """Per raw item of the new events: ``count`` (events added), the events of each reason in
+    ``EVENT_REASONS``, ``lost`` (the largest reason: for an item left without events, the
+    filter that removed its last ones) and ``known`` (the base holds the item)."""
+    drop = F.col("drop")
+    tallies = [F.count(F.when(drop == 0, 1)).alias("count"), F.max("drop").alias("lost")]
+    tallies += [
+        F.count(F.when(drop == number, 1)).alias(name)
+        for number, name in enumerate(EVENT_REASONS, start=1)
+    ]
+    tally = classified.groupBy(F.col("item").alias("item_id")).agg(*tallies)
+    known = base.vocab.select("item_id", F.lit(True).alias("known"))
+    joined = tally.join(known, "item_id", "left")
+    return joined.withColumn("known", F.coalesce("known", F.lit(False)))
+
+
+def new_totals(tally: DataFrame, classified: DataFrame) -> dict[str, int]:
+    """The counts of the new events: ``items`` and ``users`` (distinct, of the clean new
+    events), how many of them the base holds (``known_items``, ``known_users``), the events
+    per reason, ``short_users``, the ``new_items`` that get a row and the items left without
+    events by the late and short filters (``late_items``, ``short_user_items``)."""
+    unknown_empty = ~F.col("known") & (F.col("count") == 0)
+    row = tally.agg(
+        *(F.sum(name).alias(name) for name in EVENT_REASONS),
+        F.count(F.lit(1)).alias("items"),
+        F.count(F.when(F.col("known"), 1)).alias("known_items"),
+        F.count(F.when(~F.col("known") & (F.col("count") > 0), 1)).alias("new_items"),
+        F.count(F.when(unknown_empty & (F.col("lost") == LATE), 1)).alias("late_items"),
+        F.count(F.when(unknown_empty & (F.col("lost") == SHORT), 1)).alias("short_user_items"),
+    ).first()
+    per_user = classified.groupBy("user").agg(
+        F.first("known_user").alias("known"), F.max(F.col("drop") == SHORT).alias("short")
+    )
+    users = per_user.agg(
+        F.count(F.lit(1)).alias("users"),
+        F.count(F.when(F.col("known"), 1)).alias("known_users"),
+        F.count(F.when(F.col("short"), 1)).alias("short_users"),
+    ).first()
+    return {key: int(value or 0) for key, value in {**row.asDict(), **users.asDict()}.items()}
+
+
+def check_overlap(totals: dict[str, int], base: Base, minimum: float) -> None:
+    """Refuse a base that holds less than ``minimum`` of the new events' distinct items or of
+    their distinct users (``data.base_min_overlap``): it is another log's base."""
+    shares = {
+        kind: totals[f"known_{kind}"] / totals[kind] for kind in ("items", "users") if totals[kind]
+    }
+    if any(share < minimum for share in shares.values()):
+        held = " and ".join(
+            f"{totals[f'known_{kind}']:,} of their {totals[kind]:,} {kind} ({share:.1%})"
+            for kind, share in shares.items()
+        )
+        raise PrepareError(
+            f"data.base_dir {base.url} barely overlaps the new events: it holds {held}, below "
+            f"data.base_min_overlap={minimum:g}; is it the base of this log? Set "
+            "data.base_min_overlap lower (0 = no check) to extend it anyway"
+        )
 
 
 def extend_vocab(base: Base, counts: DataFrame) -> tuple[DataFrame, int, int]:
@@ -164,22 +281,42 @@ def extend_vocab(base: Base, counts: DataFrame) -> tuple[DataFrame, int, int]:
 
 def combine(base: Base, new_seqs: DataFrame, partitions: int) -> DataFrame:
     """Per user: ``items`` (the previous history followed by the new events' indices),
-    ``pos`` (each item's position relative to the end of the previous train part: > 0 for a
+    ``times`` (theirs; as float64 where the base's and the new ones' types differ), ``pos``
+    (each item's position relative to the end of the previous train part: > 0 for a
     position the previous train sequence did not hold) and ``new_user``.
 
     The base side is hash-partitioned by user like ``new_seqs`` (``partitions`` parts), so
     the full outer join adds one shuffle of the base and keeps the file layout of a full run.
     """
     history = F.concat("train_items", F.array("valid_item", "test_item"))
-    old = base.sequences.select(F.col("user_id").alias("user"), history.alias("old"))
+    old_type = base.sequences.schema["times"].dataType
+    new_type = new_seqs.schema["times"].dataType
+    times_type = old_type if old_type == new_type else T.ArrayType(T.DoubleType())
+    old = base.sequences.select(
+        F.col("user_id").alias("user"),
+        history.alias("old"),
+        F.col("times").cast(times_type).alias("old_times"),
+    )
     old = old.repartition(partitions, "user")
-    joined = old.join(new_seqs.select("user", F.col("items").alias("new")), "user", "full_outer")
-    empty = F.array().cast(T.ArrayType(T.LongType()))
-    items = F.concat(F.coalesce("old", empty), F.coalesce("new", empty))
-    base_train = F.greatest(F.size(F.coalesce("old", empty)) - 2, F.lit(0))
+    new = new_seqs.select(
+        "user", F.col("items").alias("new"), F.col("times").cast(times_type).alias("new_times")
+    )
+    joined = old.join(new, "user", "full_outer")
+
+    def joined_lists(before: str, after: str, kind: T.DataType) -> Column:
+        empty = F.array().cast(kind)
+        return F.concat(F.coalesce(before, empty), F.coalesce(after, empty))
+
+    indices = T.ArrayType(T.LongType())
+    items = joined_lists("old", "new", indices)
+    base_train = F.greatest(F.size(F.coalesce("old", F.array().cast(indices))) - 2, F.lit(0))
     pos = F.sequence(F.lit(1) - base_train, F.size(items) - base_train)
     return joined.select(
-        "user", items.alias("items"), pos.alias("pos"), F.col("old").isNull().alias("new_user")
+        "user",
+        items.alias("items"),
+        joined_lists("old_times", "new_times", times_type).alias("times"),
+        pos.alias("pos"),
+        F.col("old").isNull().alias("new_user"),
     )
 
 

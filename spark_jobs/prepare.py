@@ -36,14 +36,19 @@ from spark_jobs.clean import (
 from spark_jobs.errors import PrepareError, root_cause
 from spark_jobs.filters import kcore
 from spark_jobs.incremental import (
+    EVENT_REASONS,
     Base,
     add_decayed,
     base_stats,
     check_incremental,
+    check_overlap,
+    check_time_unit,
+    classify,
     combine,
-    drop_short_new_users,
     extend_vocab,
     match_ids,
+    new_item_tally,
+    new_totals,
     read_base,
 )
 from spark_jobs.io import OutputStaging, route, staged_input, staged_output, total_size
@@ -85,10 +90,12 @@ class Job:
         self.progress = progress
         self.dropped: dict[str, int] = dict.fromkeys(ROW_REASONS, 0)
         self.dropped.update(
-            duplicate_events=0, kcore_users=0, kcore_items=0, kcore_events=0,
-            short_users=0, short_user_events=0,
+            duplicate_events=0, base_duplicate_events=0, late_events=0,
+            kcore_users=0, kcore_items=0, kcore_events=0, short_users=0, short_user_events=0,
+            row_drop_items=0, late_items=0, short_user_items=0,
         )  # fmt: skip
         self.rows = 0
+        self.items_read = 0
         self.time_units: dict[str, int] = {}
         self.time_unit: str | None = None
         self.incremental: dict[str, Any] = {}  # what stats.json records about the base
@@ -103,14 +110,16 @@ class Job:
             raw = read_events(self.spark, cfg.events, spark_url, fmt, columns)
             annotated = annotate(raw, cfg.user_col, cfg.item_col, cfg.time_col, cfg.time_unit)
             tally = persisted(item_tally(annotated))
-            self.rows, reasons, self.time_units = tally_totals(tally)
+            totals = tally_totals(tally)
+            self.rows, self.time_units, self.items_read = totals.rows, totals.units, totals.items
             if self.rows == 0:
                 raise PrepareError(f"input is empty: no rows in {cfg.events}")
             self.time_unit = check_units(
                 self.time_units, cfg.time_unit, cfg.time_col, lambda: unit_ranges(annotated)
             )
-            self.dropped.update(reasons)
-            info.update(format=fmt, rows=self.rows, dropped=sum(reasons.values()))
+            self.dropped.update(totals.reasons, row_drop_items=totals.row_drop_items)
+            info.update(format=fmt, rows=self.rows, dropped=sum(totals.reasons.values()))
+            info.update(items=totals.items, row_drop_items=totals.row_drop_items)
             info.update(time_unit=self.time_unit)
         return kept_rows(annotated), tally.select("item_id", "count")
 
@@ -137,7 +146,7 @@ class Job:
     ) -> DataFrame:
         """The per-user sequences of ``events`` in vocab indices (persisted, lazy)."""
         indexed = index_events(events, vocab, num_items)
-        return persisted(user_sequences(indexed, partitions, self.cfg.max_time_gap > 0))
+        return persisted(user_sequences(indexed, partitions))
 
     def sequences(
         self, events: DataFrame, counts: DataFrame
@@ -147,7 +156,8 @@ class Job:
 
         The vocab is first built from ``counts`` (the item counts of all ``events``); if some
         users turn out to have fewer than 3 events they are removed, and vocab and sequences
-        are built once more.
+        are built once more; the items that lose all their events with them are counted
+        (``short_user_items``).
         """
         partitions = user_partitions(self.spark, self.cfg.num_files)
         with self.progress.stage("vocab") as info:
@@ -160,30 +170,48 @@ class Job:
                 for key in ("short_users", "short_user_events"):
                     self.dropped[key] = sizes[key]
                 events = without_keys(events, "user", short_users(seqs))
-                vocab, num_items = build_vocab(item_counts(events))
+                vocab, kept_items = build_vocab(item_counts(events))
+                self.dropped["short_user_items"] = num_items - kept_items
+                num_items = kept_items
                 rebuilt = self._user_sequences(events, vocab, num_items, partitions)
                 sizes = sequence_counts(rebuilt)
                 seqs.unpersist()
                 seqs = rebuilt
             info.update(users=sizes["users"], events=sizes["events"], partitions=partitions)
             info.update(short_users=self.dropped["short_users"])
+            info.update(short_user_items=self.dropped["short_user_items"], items=num_items)
         if num_items == 0:
             raise PrepareError(f"no events left in {self.cfg.events} after drops: {self.dropped}")
         return vocab, num_items, seqs, sizes
 
     def extend(self, events: DataFrame, base: Base) -> tuple[DataFrame, int, DataFrame, dict]:
-        """Like :meth:`sequences` for an incremental run: the base's vocab with the new items
-        appended, and the per-user combined histories (persisted) with their ``pos`` arrays
-        (:mod:`spark_jobs.incremental`); new users with fewer than 3 events dropped."""
+        """Like :meth:`sequences` for an incremental run: the new events checked against the
+        base (overlap, events it holds, late events, short new users; all counted), the
+        base's vocab with the new items appended, and the per-user combined histories
+        (persisted) with their ``pos`` arrays (:mod:`spark_jobs.incremental`)."""
         partitions = user_partitions(self.spark, self.cfg.num_files)
+        check_time_unit(base, self.time_unit)
+        with self.progress.stage("base") as info:
+            classified = persisted(classify(match_ids(events, base), base))
+            tally = persisted(new_item_tally(classified, base))
+            totals = new_totals(tally, classified)
+            check_overlap(totals, base, self.cfg.base_min_overlap)
+            self.dropped.update({key: totals[key] for key in EVENT_REASONS})
+            for key in ("short_users", "late_items", "short_user_items"):
+                self.dropped[key] = totals[key]
+            info.update(dir=base.url, items=totals["items"], known_items=totals["known_items"])
+            info.update(users=totals["users"], known_users=totals["known_users"])
+            info.update({key: totals[key] for key in EVENT_REASONS})
         with self.progress.stage("vocab") as info:
-            events, short = drop_short_new_users(match_ids(events, base), base)
-            self.dropped.update(short)
-            vocab, num_items, new_items = extend_vocab(base, item_counts(events))
-            info.update(base=base.url, items=num_items, new_items=new_items)
+            counts = tally.filter(F.col("count") > 0).select("item_id", "count")
+            vocab, num_items, new_items = extend_vocab(base, counts)
+            info.update(base_items=int(base.stats["items"]), new_items=new_items)
+            info.update(late_items=totals["late_items"])
+            info.update(short_user_items=totals["short_user_items"], items=num_items)
         with self.progress.stage("sequences") as info:
-            indexed = index_events(events, vocab, num_items)
-            seqs = persisted(combine(base, user_sequences(indexed, partitions, False), partitions))
+            added = classified.filter(F.col("drop") == 0).select("user", "item", "ts", "seq")
+            indexed = index_events(added, vocab, num_items)
+            seqs = persisted(combine(base, user_sequences(indexed, partitions), partitions))
             sizes = sequence_counts(seqs)
             new_users = seqs.filter(F.col("new_user")).count()
             info.update(users=sizes["users"], events=sizes["events"], new_users=new_users)
@@ -195,6 +223,9 @@ class Job:
             "new_events": sizes["events"] - int(base.stats["events"]),
             "transition_decay": self.cfg.transition_decay,
             "base": base.summary(),
+            "overlap": {
+                key: totals[key] for key in ("items", "known_items", "users", "known_users")
+            },
         }
         return vocab, num_items, seqs, sizes
 
@@ -232,6 +263,7 @@ class Job:
             "events": sizes["events"],
             "train_events": sizes["events"] - 2 * sizes["users"],
             "events_read": self.rows,
+            "items_read": self.items_read,
             "dropped": self.dropped,
             "num_transitions": num_edges,
         }

@@ -24,8 +24,8 @@ def index_events(events: DataFrame, vocab: DataFrame, num_items: int) -> DataFra
     return events.join(side, on="item").drop("item")
 
 
-def user_sequences(indexed: DataFrame, partitions: int, with_times: bool) -> DataFrame:
-    """``user``, ``items`` (vocab indices in time order) and, if ``with_times``, ``times``.
+def user_sequences(indexed: DataFrame, partitions: int) -> DataFrame:
+    """``user``, ``items`` (vocab indices in time order) and ``times`` (their timestamps).
 
     One shuffle: the events are hash-partitioned by user into ``partitions`` parts and sorted
     by user there, so the per-user lists are collected in one streaming pass (with
@@ -37,10 +37,7 @@ def user_sequences(indexed: DataFrame, partitions: int, with_times: bool) -> Dat
     ordered = F.sort_array(F.collect_list(F.struct("ts", "seq", "index")))
     by_user = indexed.repartition(partitions, "user").sortWithinPartitions("user")
     grouped = by_user.groupBy("user").agg(ordered.alias("ev"))
-    columns = [F.col("user"), F.col("ev.index").alias("items")]
-    if with_times:
-        columns.append(F.col("ev.ts").alias("times"))
-    return grouped.select(*columns)
+    return grouped.select("user", F.col("ev.index").alias("items"), F.col("ev.ts").alias("times"))
 
 
 def sequence_counts(seqs: DataFrame) -> dict[str, int]:
@@ -63,16 +60,19 @@ def short_users(seqs: DataFrame) -> DataFrame:
 
 
 def leave_one_out(seqs: DataFrame) -> DataFrame:
-    """``user_id``, ``train_items`` (all but the last two), ``valid_item``, ``test_item``; in an
-    incremental run (``seqs`` with ``pos``, :func:`spark_jobs.incremental.combine`) also
-    ``new_targets``: how many of the last train items the base did not train on (its valid and
-    test items and the new events; every train item of a new user)."""
+    """``user_id``, ``train_items`` (all but the last two), ``valid_item``, ``test_item``,
+    ``times`` (the timestamps of all of them, in that order: what a later incremental prepare
+    compares its events with); in an incremental run (``seqs`` with ``pos``,
+    :func:`spark_jobs.incremental.combine`) also ``new_targets``: how many of the last train
+    items the base did not train on (its valid and test items and the new events; every train
+    item of a new user)."""
     n = F.size("items")
     columns = [
         F.col("user").alias("user_id"),
         F.slice("items", F.lit(1), n - 2).alias("train_items"),
         F.element_at("items", -2).alias("valid_item"),
         F.element_at("items", -1).alias("test_item"),
+        F.col("times"),
     ]
     if "pos" in seqs.columns:  # the last item's pos is n - (the base's train length)
         unseen = F.least(F.greatest(F.element_at("pos", -1) - 2, F.lit(0)), n - 2)

@@ -1,7 +1,9 @@
 """Day two end to end: prepare day one, train, export; prepare day two against day one
 (``data.base_dir``), warm-start from day one (``train.init_from``), export again. Every raw item
 id keeps its row across the two exports, the second export says which data it extends, and it
-lists exactly the items added since."""
+lists exactly the items added since. Then both rollbacks of docs/daily_updates.md: the last good
+run exported again (a bad day's model), and the day prepared again from the last good data with
+corrected events and trained from the last good run (a bad day's data)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -46,15 +49,28 @@ def items_of(export: Path) -> dict[str, int]:
                     strict=True))  # fmt: skip
 
 
-def train_and_export(data: Path, run_dir: Path, export: Path, *extra: str) -> None:
-    for cmd in (
-        [sys.executable, "-m", "trainer.train", "/dev/null", f"data.dir={data}",
-         f"train.run_dir={run_dir}", *TRAIN, *extra],
-        [sys.executable, "-m", "mqsa_ted.export", str(run_dir), "--out", str(export),
-         "--faiss", "none"],
-    ):  # fmt: skip
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
+def vectors_of(export: Path) -> dict[str, list[float]]:
+    """Each raw item id's vector in the export's current version."""
+    version, _ = read_manifest(str(export))
+    table = pq.read_table(f"{version}/items")
+    return dict(zip(table.column("item_id").to_pylist(), table.column("vector").to_pylist(),
+                    strict=True))  # fmt: skip
+
+
+def run_command(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
+
+
+def export(run_dir: Path, out: Path) -> None:
+    run_command([sys.executable, "-m", "mqsa_ted.export", str(run_dir), "--out", str(out),
+                 "--faiss", "none"])  # fmt: skip
+
+
+def train_and_export(data: Path, run_dir: Path, out: Path, *extra: str) -> None:
+    run_command([sys.executable, "-m", "trainer.train", "/dev/null", f"data.dir={data}",
+                 f"train.run_dir={run_dir}", *TRAIN, *extra])  # fmt: skip
+    export(run_dir, out)
 
 
 def check_new_targets(day1: Path, day2: Path) -> None:
@@ -85,7 +101,7 @@ def test_day_two_keeps_ids_and_lists_what_it_added(spark, tmp_path):
     assert two["new_items"] > 0 and two["base"]["version"] == one["version"]
 
     train_and_export(tmp_path / "v1", tmp_path / "run1", tmp_path / "export")
-    before = items_of(tmp_path / "export")
+    before, good_vectors = items_of(tmp_path / "export"), vectors_of(tmp_path / "export")
     check_new_targets(tmp_path / "v1", tmp_path / "v2")
     warm = [f"train.init_from={tmp_path / 'run1'}", "train.new_target_weight=3"]
     train_and_export(tmp_path / "v2", tmp_path / "run2", tmp_path / "export", *warm)
@@ -98,3 +114,46 @@ def test_day_two_keeps_ids_and_lists_what_it_added(spark, tmp_path):
     added = pq.read_table(f"{version}/{ADDED_ITEMS}").to_pylist()
     assert {r["item_id"] for r in added} == set(after) - set(before)
     assert sorted(r["index"] for r in added) == list(range(len(before), len(after)))
+
+    # a bad day's model: the last good run exported again into the same export URL
+    export(tmp_path / "run1", tmp_path / "export")
+    rolled, manifest = read_manifest(str(tmp_path / "export"))
+    assert rolled != version and manifest.source.run == str(tmp_path / "run1")
+    assert manifest.data["version"] == one["version"] and manifest.data["extends"] is None
+    assert items_of(tmp_path / "export") == before  # day two's added items are gone
+    assert vectors_of(tmp_path / "export") == good_vectors  # the good run's weights, bitwise
+
+    # a bad day's data: the day prepared again from the last good data with corrected events
+    # (here: without the events of five items that came in by mistake), replacing the bad
+    # output in place
+    bad = pa.array(sorted(set(after) - set(before))[:5])
+    corrected = pq.read_table(day2).filter(~pc.is_in(pc.field("item_id"), bad))
+    pq.write_table(corrected, tmp_path / "corrected.parquet")
+    fixed = DataConfig(events=str(tmp_path / "corrected.parquet"), dir=str(tmp_path / "v2"),
+                       max_len=12, base_dir=str(tmp_path / "v1"))  # fmt: skip
+    three = prepare(fixed, spark, quiet)
+    assert three["base"]["version"] == one["version"] != three["version"] != two["version"]
+    assert three["dropped"]["base_duplicate_events"] == three["dropped"]["late_events"] == 0
+    vocab = {
+        r["item_id"]: r["index"] for r in read_output(str(tmp_path / "v2"), "vocab").to_pylist()
+    }
+    assert {item: vocab[item] for item in before} == before
+    assert set(vocab) - set(before) == set(corrected.column("item_id").to_pylist()) - set(before)
+    assert set(after) - set(vocab) == set(bad.to_pylist())  # the items of the bad events
+    # the bad day's run is not a warm start for the corrected data: refused before training
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.train", "/dev/null", f"data.dir={tmp_path / 'v2'}",
+         f"train.run_dir={tmp_path / 'run4'}", *TRAIN, f"train.init_from={tmp_path / 'run2'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "not prepared against the data that run trained on" in (
+        proc.stderr
+    ), proc.stderr[-3000:]
+    train_and_export(tmp_path / "v2", tmp_path / "run3", tmp_path / "export", *warm)
+    _, manifest = read_manifest(str(tmp_path / "export"))
+    assert (
+        manifest.data["extends"] == one["version"] and manifest.data["version"] == three["version"]
+    )
+    assert {
+        item: index for item, index in items_of(tmp_path / "export").items() if item in before
+    } == before

@@ -8,9 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.config import DataConfig
 from spark_jobs.clean import ROW_REASONS
 from spark_jobs.errors import PrepareError
-from spark_jobs.prepare import main
+from spark_jobs.prepare import main, prepare
+from spark_jobs.progress import Progress
 from tests.conftest import read_output
 
 GOOD = [("u1", "a", 1), ("u1", "b", 2), ("u1", "c", 3), ("u2", "a", 1), ("u2", "c", 2),
@@ -32,11 +34,20 @@ def rows_table(path, rows, ts_type=None) -> str:
 
 
 def assert_accounted(stats: dict) -> None:
-    """Every row read is either in the sequences or counted under a drop reason."""
+    """Every row read is either in the sequences or counted under a drop reason, and every item
+    read is in the vocab or counted under the filter that took its last event."""
     dropped = stats["dropped"]
     lost = sum(dropped[r] for r in ROW_REASONS) + dropped["duplicate_events"]
     lost += dropped["kcore_events"] + dropped["short_user_events"]
-    assert stats["events_read"] == stats["events"] + lost
+    lost += dropped["base_duplicate_events"] + dropped["late_events"]
+    assert stats["events_read"] == stats.get("new_events", stats["events"]) + lost
+    gone = dropped["row_drop_items"] + dropped["kcore_items"] + dropped["short_user_items"]
+    gone += dropped["late_items"]
+    if "base" in stats:  # the new log's items: held by the base, or new ones
+        kept = stats["overlap"]["known_items"] + stats["new_items"]
+    else:
+        kept = stats["items"]
+    assert stats["items_read"] == kept + gone
 
 
 def test_nulls_are_counted(tmp_path, run_prepare):
@@ -48,6 +59,31 @@ def test_nulls_are_counted(tmp_path, run_prepare):
     assert stats["dropped"]["null_timestamp"] == 1
     assert stats["events"] == 6
     assert_accounted(stats)
+
+
+def test_item_drops_are_named_where_they_happen(tmp_path, spark):
+    """The logged item counts add up: read, vocab, k-core and sequences name every item lost."""
+    rows = GOOD + [("u3", "gone", None), ("u3", "gone", "later"), (" ", "gone", 5)]  # no kept row
+    rows += [("u4", "solo", 1)]  # only in a user with one event
+    rows += [("u5", "a", 1), ("u5", "b", 2), ("u5", "rare", 3)]  # rare: one event (k-core 2)
+    rows = [(user, item, None if t is None else str(t)) for user, item, t in rows]
+    path = rows_table(tmp_path / "e.parquet", rows, pa.string())
+    for kcore, dropped in ((0, {"short_user_items": 1}), (2, {"kcore_items": 2})):
+        lines: list[str] = []
+        cfg = DataConfig(events=path, dir=str(tmp_path / f"out{kcore}"), num_files=2, kcore=kcore)
+        stats = prepare(cfg, spark, Progress(log=lines.append))
+        assert stats["items_read"] == 6 and stats["dropped"]["row_drop_items"] == 1
+        assert {k: stats["dropped"][k] for k in dropped} == dropped
+        assert stats["items"] == 6 - 1 - sum(dropped.values())
+        assert_accounted(stats)
+        logged = {line.split(":")[0]: line for line in lines}
+        assert "items=6, row_drop_items=1," in logged["[prepare] read"]
+        if kcore:
+            assert "kcore_items=2" in logged["[prepare] kcore"]
+            assert f"items={stats['items']} " in logged["[prepare] vocab"]
+        else:
+            assert "items=5 " in logged["[prepare] vocab"]
+            assert f"short_user_items=1, items={stats['items']} " in logged["[prepare] sequences"]
 
 
 def test_duplicates_dropped_with_dedup(tmp_path, run_prepare):

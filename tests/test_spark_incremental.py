@@ -3,16 +3,19 @@ user's history continued, the graph = previous (decayed) counts + the new pairs.
 
 from __future__ import annotations
 
+import shutil
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from core.config import ConfigError, DataConfig
 from spark_jobs.errors import PrepareError
-from spark_jobs.prepare import prepare
+from spark_jobs.prepare import main, prepare
 from spark_jobs.progress import Progress
 from spark_jobs.reference import reference_transitions
 from tests.conftest import read_output
+from tests.test_spark_bad_inputs import assert_accounted
 
 BASE = [("a", "x", 1), ("a", "y", 2), ("a", "z", 3), ("a", "x", 4),
         ("b", "y", 1), ("b", "z", 2), ("b", "w", 3),
@@ -100,3 +103,80 @@ def test_ids_stable_new_items_appended_histories_continued(spark, tmp_path):
     with pytest.raises(PrepareError, match="data.base_dir: .* not a complete prepared-data"):
         run(spark, new_events, str(tmp_path / "v4"), base_dir=str(tmp_path))
     assert not (tmp_path / "v4").exists()
+
+
+# Against BASE: a's newest stored event is at 4, b's at 3, c's at 3.
+AGAIN = [("a", "y", 2),  # held by the base: not added
+         ("a", "q", 3),  # older than a's newest: late (q, a new item, is left without events)
+         ("a", "z", 4),  # as old as a's newest but not held: added after it
+         ("a", "v", 6),
+         ("b", "w", 3), ("b", "w", 3),  # held (twice in the new log: both recognised)
+         ("c", "x", 0),  # late
+         ("f", "p", 1), ("f", "x", 2), ("f", "y", 3)]  # fmt: skip  # a new user: never late
+
+
+def test_events_the_base_holds_or_that_come_late_are_counted_not_appended(spark, tmp_path):
+    base_dir, new_dir, again_dir = (str(tmp_path / name) for name in ("v1", "v2", "v3"))
+    run(spark, write_rows(tmp_path / "base.parquet", BASE), base_dir)
+    log = write_rows(tmp_path / "new.parquet", AGAIN)
+    stats = run(spark, log, new_dir, base_dir=base_dir)
+    dropped = stats["dropped"]
+    assert (dropped["base_duplicate_events"], dropped["late_events"]) == (3, 2)
+    assert (dropped["late_items"], stats["new_items"], stats["new_events"]) == (1, 2, 5)
+    assert stats["overlap"] == {"items": 7, "known_items": 4, "users": 4, "known_users": 3}
+    assert_accounted(stats)
+    vocab, seqs, _ = outputs(new_dir)
+    assert "q" not in vocab and {"v", "p"} <= set(vocab)
+    assert seqs["a"] == (["x", "y", "z", "x"], "z", "v") and seqs["f"] == (["p"], "x", "y")
+    assert seqs["b"] == outputs(base_dir)[1]["b"] and seqs["c"] == outputs(base_dir)[1]["c"]
+    times = {r["user_id"]: r["times"] for r in read_output(new_dir, "sequences").to_pylist()}
+    assert times["a"] == [1, 2, 3, 4, 4, 6] and times["f"] == [1, 2, 3]
+
+    # the same day's events again, against the output that holds them: nothing is added
+    again = run(spark, log, again_dir, base_dir=new_dir)
+    assert again["dropped"]["base_duplicate_events"] == 8 and again["dropped"]["late_events"] == 2
+    assert again["new_events"] == again["new_items"] == again["new_users"] == 0
+    assert outputs(again_dir) == outputs(new_dir)
+    assert_accounted(again)
+
+
+def test_a_base_of_another_log_is_refused(spark, tmp_path, capsys):
+    base_dir = str(tmp_path / "v1")
+    run(spark, write_rows(tmp_path / "base.parquet", BASE), base_dir)
+    other = [(f"o{u}", f"k{i}", t) for u in range(3) for t, i in enumerate(range(u, u + 4))]
+    log = write_rows(tmp_path / "other.parquet", other + [("a", "k9", 20)])  # one shared user
+    with pytest.raises(PrepareError) as err:
+        run(spark, log, str(tmp_path / "v2"), base_dir=base_dir)
+    assert str(err.value) == (
+        f"data.base_dir {base_dir} barely overlaps the new events: it holds 0 of their 7 items "
+        "(0.0%) and 1 of their 4 users (25.0%), below data.base_min_overlap=0.1; is it the base "
+        "of this log? Set data.base_min_overlap lower (0 = no check) to extend it anyway"
+    )
+    assert not (tmp_path / "v2").exists()
+    config = tmp_path / "c.yaml"
+    keys = {"events": log, "dir": tmp_path / "v2", "base_dir": base_dir, "paper_mode": "false",
+            "time_span": 2, "spark_master": "local[2]"}  # fmt: skip
+    config.write_text("data:\n" + "".join(f"  {key}: {value}\n" for key, value in keys.items()))
+    assert main([str(config)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[")]
+    assert len(errors) == 1 and errors[0] == f"error: {err.value}"
+    stats = run(spark, log, str(tmp_path / "v2"), base_dir=base_dir, base_min_overlap=0.0)
+    assert stats["new_items"] == 7 and stats["overlap"]["known_items"] == 0
+
+
+def test_bases_whose_times_cannot_be_compared_are_refused(spark, tmp_path):
+    seconds = [(u, i, 1_600_000_000 + t) for u, i, t in BASE]
+    base_dir = str(tmp_path / "v1")
+    run(spark, write_rows(tmp_path / "base.parquet", seconds), base_dir)
+    millis = write_rows(tmp_path / "ms.parquet", [(u, i, 1_600_000_100_000 + t) for u, i, t in NEW])
+    with pytest.raises(PrepareError, match=r"timestamps are in ms but data.base_dir .* are in s"):
+        run(spark, millis, str(tmp_path / "v2"), base_dir=base_dir)
+    old = shutil.copytree(base_dir, tmp_path / "old")  # as an older version wrote it (a new path:
+    for part in (old / "sequences").glob("*.parquet"):  # Spark caches the listing of v1)
+        table = pq.read_table(part).drop_columns(["times"])  # and Spark's schema in its footer:
+        pq.write_table(table.replace_schema_metadata(None), part)
+        (part.parent / f".{part.name}.crc").unlink()  # Hadoop's checksum of the old bytes
+    later = write_rows(tmp_path / "s.parquet", [(u, i, 1_600_000_100 + t) for u, i, t in NEW])
+    with pytest.raises(PrepareError, match="holds no event times .* prepare it again from scratch"):
+        run(spark, later, str(tmp_path / "v2"), base_dir=str(old))
+    assert not (tmp_path / "v2").exists()
