@@ -20,12 +20,13 @@
   that the previous train sequences did not hold (their later item lies past the previous
   train part), counted like a full prepare (spans, paper-mode cut); top-K on the sum. With a
   decay of 1, ``paper_mode: false`` and no top-K this equals a full count over the combined
-  histories.
+  histories. ``data.max_time_gap`` compares the stored times of the previous events with the
+  new ones'.
 - Refused: a base that is not a committed prepare output, that holds no event times (an older
   version's output), whose graph was built with other settings (``time_span``,
   ``paper_mode``, ``max_time_gap``, ``max_len`` in paper mode) or whose timestamps have
-  another unit; ``data.kcore`` (it would drop previous items) and ``data.max_time_gap``; ids
-  whose type cannot be matched with the base's.
+  another unit; ``data.kcore`` (it would drop previous items); ids whose type cannot be
+  matched with the base's.
 
 Everything runs in Spark: joins on the user and item ids, no per-user or per-item data on the
 driver.
@@ -78,11 +79,6 @@ def check_incremental(cfg: DataConfig) -> None:
         raise ConfigError(
             "data.kcore cannot be used with data.base_dir: the k-core would remove previous "
             "items, which keep their rows; set data.kcore: 0 or prepare from scratch"
-        )
-    if cfg.max_time_gap > 0:
-        raise ConfigError(
-            "data.max_time_gap cannot be used with data.base_dir: the previous output holds "
-            "no timestamps; set data.max_time_gap: 0 or prepare from scratch"
         )
 
 

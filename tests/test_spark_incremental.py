@@ -180,3 +180,19 @@ def test_bases_whose_times_cannot_be_compared_are_refused(spark, tmp_path):
     with pytest.raises(PrepareError, match="holds no event times .* prepare it again from scratch"):
         run(spark, later, str(tmp_path / "v2"), base_dir=str(old))
     assert not (tmp_path / "v2").exists()
+
+
+def test_the_time_gap_compares_stored_and_new_times(spark, tmp_path):
+    """With data.max_time_gap the graph equals a brute-force count over the combined train parts
+    with their times: pairs across the base's last event and the new ones included."""
+    gapped = [("a", "p", 5), ("a", "q", 6), ("a", "r", 20), ("a", "s", 21), ("a", "t", 22),
+              ("b", "x", 4), ("b", "y", 30), ("b", "z", 31)]  # fmt: skip
+    base_dir, new_dir = str(tmp_path / "v1"), str(tmp_path / "v2")
+    run(spark, write_rows(tmp_path / "base.parquet", BASE), base_dir, max_time_gap=2.0)
+    run(spark, write_rows(tmp_path / "new.parquet", gapped), new_dir, base_dir=base_dir,
+        max_time_gap=2.0)  # fmt: skip
+    rows = read_output(new_dir, "sequences").to_pylist()
+    trains = [(r["train_items"], r["times"][: len(r["train_items"])]) for r in rows]
+    counted = reference_transitions(trains, time_span=2, max_gap=2.0)
+    assert outputs(new_dir)[2] == dict(counted)
+    assert len(counted) < len(reference_transitions(trains, time_span=2))  # the gap matters
