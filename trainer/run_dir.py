@@ -9,7 +9,14 @@ from __future__ import annotations
 from core.config import Config
 from core.errors import UserError
 from core.lease import Lease
-from core.storage import OWNER_MARKER, atomic_write_bytes, mark_owned, write_json
+from core.storage import (
+    OWNER_MARKER,
+    atomic_write_bytes,
+    mark_owned,
+    remove_owned,
+    url_to_fs,
+    write_json,
+)
 
 RUN_KIND = "run"
 
@@ -23,6 +30,7 @@ class RunDir:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
+        self.created = False  # by this job's claim (then removed again if nothing was written)
 
     def path(self, name: str) -> str:
         return f"{self.url}/{name}"
@@ -33,6 +41,8 @@ class RunDir:
         job holds it, :class:`RunDirError` for a directory of files this project did not
         write (nothing in it is changed)."""
         lease = Lease(self.url, RUN_KIND, "train.run_dir").acquire()
+        fs, path = url_to_fs(self.url)
+        self.created = not fs.exists(path)
         try:
             self.own()
         except RunDirError:
@@ -49,6 +59,15 @@ class RunDir:
                 f"{OWNER_MARKER} marker): refusing to write into it. Choose a new or empty "
                 "directory for the run"
             )
+
+    def remove_if_unused(self) -> None:
+        """Remove the directory again if this job's claim created it and nothing but the
+        ownership marker went into it (a run refused before it wrote anything)."""
+        fs, path = url_to_fs(self.url)
+        if self.created and fs.exists(path):
+            names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+            if names <= {OWNER_MARKER}:
+                remove_owned(self.url, RUN_KIND)
 
     def write_config(self, cfg: Config) -> None:
         """Write the run's resolved ``config.yaml`` into the directory, ours (:meth:`own`)."""

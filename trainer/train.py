@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         launch = launch_env()
     except UserError as e:
         return refuse(e)
-    lease = None
+    lease, run_dir = None, RunDir(cfg.train.run_dir)
     try:
         if launch.rank == 0:  # the run directory is this job's before anything heavy loads
-            lease = RunDir(cfg.train.run_dir).claim()
+            lease = run_dir.claim()
             if lease.note:
                 print(lease.note, file=sys.stderr, flush=True)
         return train(cfg)
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if lease is not None:
+            run_dir.remove_if_unused()
             lease.release()
 
 
