@@ -107,7 +107,7 @@ def load_trained(
     shard), so this is collective under torchrun.
     """
     run = RunDir(run_dir)
-    cfg = load_config(run.path("config.yaml"))
+    cfg = load_config(run.path("config.yaml"), fit=False)
     checkpoint = run.path("model.pt")
     fs, path = url_to_fs(checkpoint)
     try:
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet.install()  # the third-party warnings we understand (core/quiet.py), also under torchrun
     lease = None
     try:
-        run_cfg = load_config(RunDir(args.run_dir).path("config.yaml")).export
+        run_cfg = load_config(RunDir(args.run_dir).path("config.yaml"), fit=False).export
         out = args.out or run_cfg.out or RunDir(args.run_dir).path("export")
         if launch_env().rank == 0:
             lease = claim_export(out)

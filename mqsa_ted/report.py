@@ -176,7 +176,7 @@ def write_report(
     run_dir: str, export_dir: str, num_users: int = 3, allow_stale: bool = False
 ) -> str:
     run = RunDir(run_dir)
-    cfg = load_config(run.path("config.yaml"))
+    cfg = load_config(run.path("config.yaml"), fit=False)
     metrics = read_metrics(run_dir)
     rec = open_export(run_dir, export_dir, allow_stale)
     protocol = metrics.get("protocol")

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress = Progress()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, fit=False)
         with progress.stage("total") as info:
             stats = prepare(cfg.data, progress=progress)
             info.update(users=stats["users"], items=stats["items"], out=cfg.data.dir)

@@ -63,7 +63,7 @@ def previous_items(cfg: Config, previous: str) -> int:
     has the same shape and that its data extends the previous run's data."""
     run = RunDir(previous)
     try:
-        old_cfg = load_config(run.path("config.yaml"))
+        old_cfg = load_config(run.path("config.yaml"), fit=False)
         data = read_json(run.path("metrics.json")).get("data", {})
     except (FileNotFoundError, UserError) as e:
         raise WarmStartError(f"train.init_from={previous}: not a finished run ({e})") from e
@@ -126,7 +126,8 @@ def warm_start(cfg: Config, encoder: MQSAEncoder, table: ItemTable) -> str:
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
                              if k.startswith("encoder.")})  # fmt: skip
     if table.has_fused_optimizer:
-        old_optimizer = load_config(RunDir(previous).path("config.yaml")).embeddings.optimizer
+        old_config = load_config(RunDir(previous).path("config.yaml"), fit=False)
+        old_optimizer = old_config.embeddings.optimizer
         carry = cfg.train.warm_optimizer and old_optimizer == cfg.embeddings.optimizer
         try:
             _, carried = load_best_rows(previous, table, num_old, carry)
