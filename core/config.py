@@ -94,6 +94,18 @@ FAISS_KINDS = ("auto", "flat", "ivf", "hnsw", "none")
 EVAL_PROTOCOLS = ("paper", "repeat_aware")
 LR_SCHEDULES = ("constant", "linear")
 ZERO_STAGES = (0, 1, 2)  # ZeRO 3 partitions the weights, which the trainer's step does not support
+TRACKERS = ("tensorboard", "mlflow")  # train.tracking: where the run's metrics are mirrored
+
+
+def tracker_names(value: str) -> tuple[str, ...]:
+    """The trackers a ``train.tracking`` value names (``none``: no tracker)."""
+    return () if value.strip() == "none" else tuple(p.strip() for p in value.split(","))
+
+
+TRACKING = Rule(
+    f"none or a comma-separated list of {', '.join(TRACKERS)}",
+    lambda v: v.strip() == "none" or all(name in TRACKERS for name in tracker_names(v)),
+)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # every integer setting ends up in Spark or torch
 
 
@@ -205,6 +217,11 @@ class TrainConfig:
     progress: bool = True
     # steps between logged losses (the only host reads of a step); 0 = epochs
     log_every: int = setting(100, at_least(0))
+    # where the epoch records of metrics.json (and the logged steps) are mirrored, on rank 0:
+    # tensorboard (<run_dir>/tensorboard/), mlflow (MLFLOW_TRACKING_URI; the tracking extra),
+    # a comma-separated list of them, or none (trainer/tracking.py)
+    tracking: str = setting("tensorboard", TRACKING)
+    mlflow_experiment: str = setting("mqsa-ted", NON_EMPTY)  # the MLflow experiment's name
     # auto = continue from the newest complete checkpoint of this run (of the same data and model
     # settings; none: start) | fresh = start over, deleting this run's checkpoints | a checkpoint
     resume: str = setting("auto", RESUME)

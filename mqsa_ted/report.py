@@ -25,6 +25,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from core.config import ConfigError, load_config  # noqa: E402
 from core.errors import UserError  # noqa: E402
@@ -104,14 +105,30 @@ def run_warnings(metrics: dict, baselines: dict[str, dict[str, dict[str, float]]
     return warnings
 
 
+MARKERS_UP_TO = 30  # epochs drawn with a marker each (a line alone hides 1 point, blurs 3)
+
+
+def epoch_axis(ax: plt.Axes, epochs: list[int]) -> None:
+    """An epoch x axis: integer ticks only, and at least half an epoch of margin on either side,
+    so a run of 1-3 epochs reads ``1``, ``1 2 3`` rather than ``0.96 ... 1.04``."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if epochs:
+        low, high = min(epochs), max(epochs)
+        pad = max(0.5, 0.03 * (high - low))
+        ax.set_xlim(low - pad, high + pad)
+
+
 def curves_figure(epochs: list[dict], baselines: dict[str, float]) -> plt.Figure:
     """Losses per epoch, and the selection metric (valid NDCG@20) per evaluated epoch with the
-    best epoch marked and each baseline's valid NDCG@20 (``baselines``) as a horizontal line."""
+    best epoch marked and each baseline's valid NDCG@20 (``baselines``) as a horizontal line.
+    Short runs get a marker per epoch and integer epoch ticks (:func:`epoch_axis`)."""
     fig, (ax_loss, ax_valid) = plt.subplots(1, 2, figsize=(11, 4))
     xs = [e["epoch"] for e in epochs]
+    marker = "o" if len(xs) <= MARKERS_UP_TO else None
     for key in ("loss", "loss_rec", "loss_kd"):
-        ax_loss.plot(xs, [e[key] for e in epochs], label=key)
-    ax_loss.set_xlabel("epoch")
+        ax_loss.plot(xs, [e[key] for e in epochs], marker=marker, label=key)
+    epoch_axis(ax_loss, xs)
     ax_loss.set_title("training losses")
     ax_loss.legend()
     evaluated = [e for e in epochs if "valid" in e]
@@ -123,7 +140,7 @@ def curves_figure(epochs: list[dict], baselines: dict[str, float]) -> plt.Figure
                       label=f"best epoch {evaluated[best]['epoch']}")  # fmt: skip
     for (name, value), style in zip(baselines.items(), ("--", ":", "-."), strict=False):
         ax_valid.axhline(value, linestyle=style, color="grey", label=name)
-    ax_valid.set_xlabel("epoch")
+    epoch_axis(ax_valid, xs)  # the same epochs as the losses, side by side
     ax_valid.set_title(f"validation {SELECTION_METRIC} (selects the epoch)")
     ax_valid.legend(fontsize="small")
     fig.tight_layout()

@@ -27,7 +27,7 @@ echo "[setup] creating $VENV ($FLAVOUR)" >&2
 python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 $PIP install --upgrade pip
-$PIP install -e ".[$FLAVOUR,dev]"
+$PIP install -e ".[$FLAVOUR,dev,tracking]"  # tracking: MLflow, for tests/test_tracking.py
 # torchrec declares a dependency on the CUDA fbgemm-gpu; skip deps so the CPU build stays.
 $PIP install --no-deps torchrec==1.8.0
 "$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, deepspeed, pyspark; print('[setup] ok: torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0', 'deepspeed', deepspeed.__version__, 'pyspark', pyspark.__version__)" >&2

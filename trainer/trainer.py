@@ -24,9 +24,10 @@ from trainer.diagnose import diagnose
 from trainer.evaluate import evaluate
 from trainer.interrupt import Interrupted, StopRequests, signal_name
 from trainer.prefetch import prefetched
-from trainer.progress import progress
+from trainer.progress import RunEta, progress
 from trainer.run_dir import RunDir
 from trainer.schedule import planned_epochs
+from trainer.tracking import Tracker
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,6 +65,10 @@ class Trainer:
         self.loss_sums = torch.zeros(2, dtype=torch.float64, device=run.device)
         self.stop = StopRequests()  # SIGINT/SIGTERM: stop after a step, checkpoint (fit)
         self.last_checkpoint: tuple[tuple[int, int], str] | None = None
+        steps = self.users.steps_per_epoch()  # wall-clock ETAs (progress) and the trackers
+        self.eta = RunEta(planned_epochs(self.cfg.train, steps), steps, self.cfg.train.patience)
+        self.tracker = Tracker(self.cfg, self.env.is_main, run.lr_factor,
+                               self.table.has_fused_optimizer)  # fmt: skip
         self.log(
             f"data: {self.users.num_users} users, {self.users.num_items} items, max_len "
             f"{self.cfg.data.max_len}; world {self.env.world} on {self.env.device}; "
@@ -106,14 +111,17 @@ class Trainer:
         """Run the rest of epoch ``state.epoch`` from batch ``state.step_in_epoch``, checkpointing
         every ``checkpoint.every`` steps; returns the epoch's record (mean losses, seconds)."""
         start = time.perf_counter()
+        self.eta.start(state.global_step)
+        self.tracker.start(state.global_step)
         self.model.train()
         steps = self.users.steps_per_epoch()
         every, log_every = self.cfg.checkpoint.every, self.cfg.train.log_every
         bar = progress(
             self.step_batches(state.epoch, state.step_in_epoch),
             total=steps - state.step_in_epoch,
-            desc=f"epoch {state.epoch}",
+            desc=self.eta.title(state.epoch),
             enabled=self.cfg.train.progress and self.env.is_main,
+            run_left=self.eta.remaining(state.epoch),
         )
         for batch in bar:
             self.train_step(batch, state.global_step)
@@ -122,6 +130,7 @@ class Trainer:
             if log_every and state.global_step % log_every == 0:
                 rec, kd = self.host_reads(state.step_in_epoch)
                 bar.set_postfix(rec=f"{rec:.4f}", kd=f"{kd:.4f}")
+                self.tracker.log_step(state.global_step, self.loss_record(rec, kd))
             if every and state.global_step % every == 0 and state.step_in_epoch < steps:
                 self.host_reads(state.step_in_epoch)  # never checkpoint a diverged run
                 self.checkpoint(state)
@@ -132,11 +141,13 @@ class Trainer:
         self.loss_sums.zero_()
         return {
             "epoch": state.epoch,
-            "loss": rec + self.cfg.model.lambda_kd * kd,
-            "loss_rec": rec,
-            "loss_kd": kd,
+            **self.loss_record(rec, kd),
             "seconds": time.perf_counter() - start,
         }
+
+    def loss_record(self, rec: float, kd: float) -> dict[str, float]:
+        """The logged losses: the total (rec + ``model.lambda_kd`` x kd) and its two parts."""
+        return {"loss": rec + self.cfg.model.lambda_kd * kd, "loss_rec": rec, "loss_kd": kd}
 
     def checkpoint(self, state: TrainerState) -> str:
         """A checkpoint of where training stands (its URL); the one just written when nothing
@@ -223,7 +234,7 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train, evaluate every ``eval_every`` epochs, keep the best-validation weights."""
-        with self.stop:
+        with self.stop, self.tracker:
             return self.train_and_evaluate()
 
     def train_and_evaluate(self) -> dict:
@@ -258,7 +269,10 @@ class Trainer:
                 else:
                     state.stale += 1
             state.history.append(record)
+            self.tracker.log_epoch(record, state.global_step)
             self.log(format_epoch(record))
+            self.eta.epoch_done(state.global_step)
+            self.log(self.eta.line(state.epoch))
             self.write_metrics(state, [])
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             url = self.checkpoint(state)
