@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,17 @@ def test_tracking_setting_is_checked_and_mlflow_needs_its_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(TrackingError, match="MLFLOW_TRACKING_URI is not set"):
         Tracker(load_config(None, ["train.tracking=tensorboard, mlflow"]), is_main=False)
+
+
+def test_a_failing_tracker_is_dropped_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    cfg = load_config(None, [f"train.run_dir={tmp_path / 'run'}", "train.tracking=mlflow"])
+    with Tracker(cfg, is_main=True) as tracker:
+        tracker.start(0)
+        tracker.log_epoch({"epoch": 1, "loss": 2.0}, step=4)
+        shutil.rmtree(store)  # the tracking store is gone
+        tracker.log_epoch({"epoch": 2, "loss": 1.5}, step=8)  # no exception
+        assert tracker.backends == {}
+    assert "warning: train.tracking: mlflow failed (" in capsys.readouterr().out

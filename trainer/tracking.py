@@ -194,7 +194,7 @@ class Tracker:
         self.names = tuple(dict.fromkeys(tracker_names(cfg.train.tracking)))
         check_available(self.names)
         self.lr_factor, self.table_lr = lr_factor, table_lr
-        self.backends: list[Backend] | None = None  # opened by start()
+        self.backends: dict[str, Backend] | None = None  # opened by start()
         self.last: tuple[int, float] = (0, 0.0)  # (step, perf_counter) of the last log
 
     def start(self, global_step: int) -> None:
@@ -203,15 +203,15 @@ class Tracker:
         self.last = (global_step, time.perf_counter())
         if self.backends is not None:
             return
-        self.backends = []
+        self.backends = {}
         if not self.is_main:
             return
         purge = global_step + 1 if global_step > 0 else None
         for name in self.names:
             if name == "tensorboard":
-                self.backends.append(TensorBoardBackend(self.cfg.train.run_dir, purge))
+                self.backends[name] = TensorBoardBackend(self.cfg.train.run_dir, purge)
             elif name == "mlflow":
-                self.backends.append(MlflowBackend(self.cfg, global_step))
+                self.backends[name] = MlflowBackend(self.cfg, global_step)
 
     def learning_rates(self, step: int) -> dict[str, float]:
         """The rates of optimizer step ``step`` (the schedule's factor times the configured
@@ -241,18 +241,27 @@ class Tracker:
         if not self.backends:
             return
         self.write(epoch_scalars(record), step)
-        for backend in self.backends:
-            backend.flush()
+        self.each(lambda backend: backend.flush())
         self.last = (step, time.perf_counter())  # evaluation is not step time
 
     def write(self, values: dict[str, float], step: int) -> None:
-        for backend in self.backends or ():
-            backend.scalars(values, step)
+        self.each(lambda backend: backend.scalars(values, step))
+
+    def each(self, call: Callable[[Backend], None]) -> None:
+        """``call`` on every backend; one that fails (a tracking server gone, a full disk) is
+        dropped with a warning: training, and metrics.json, go on without it."""
+        for name, backend in list((self.backends or {}).items()):
+            try:
+                call(backend)
+            except Exception as e:  # any tool's failure: the run goes on
+                del self.backends[name]
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"warning: train.tracking: {name} failed ({first}); training goes on "
+                      "without it (metrics.json has every epoch record)", flush=True)  # fmt: skip
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush and close every backend (``status``: FINISHED, FAILED or KILLED for MLflow)."""
-        for backend in self.backends or ():
-            backend.close(status)
+        self.each(lambda backend: backend.close(status))
         self.backends = None
 
     def __enter__(self) -> Tracker:
