@@ -160,3 +160,20 @@ def test_a_failing_tracker_is_dropped_and_training_goes_on(tmp_path, monkeypatch
         tracker.log_epoch({"epoch": 2, "loss": 1.5}, step=8)  # no exception
         assert tracker.backends == {}
     assert "warning: train.tracking: mlflow failed (" in capsys.readouterr().out
+
+
+def test_a_resumed_run_hides_the_steps_after_its_checkpoint(tmp_path: Path):
+    """An interrupted process logged steps 1-6; its checkpoint was at step 4, so the resumed
+    process logs 5 and 6 again: TensorBoard shows each step once, 5 and 6 from the resume."""
+    cfg = load_config(None, [f"train.run_dir={tmp_path}", "train.tracking=tensorboard"])
+    with Tracker(cfg, is_main=True) as first:
+        first.start(0)
+        for step in range(1, 7):
+            first.log_step(step, {"loss": float(step)})
+    with Tracker(cfg, is_main=True) as resumed:
+        resumed.start(4)
+        for step in (5, 6):
+            resumed.log_step(step, {"loss": 10.0 * step})
+    events = event_files(tmp_path / "tensorboard")
+    assert scalars(events, "step/loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0),
+                                            (6, 60.0)]  # fmt: skip
