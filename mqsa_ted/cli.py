@@ -6,6 +6,7 @@
     mqsa-ted recommend EXPORT_DIR --history id1,id2,... [--k 10]
     mqsa-ted report RUN_DIR
     mqsa-ted baselines CONFIG [section.key=value ...]
+    mqsa-ted tune CONFIG [section.key=value ...] --trials N [--space FILE] [--jobs J]
     mqsa-ted config CONFIG [section.key]
     mqsa-ted synth --out URL --events N [--kind series] [--format csv] ...
 
@@ -135,6 +136,15 @@ COMMANDS: dict[str, Command] = {
         "Most popular and last item -> most frequent next, under the model's protocol.",
         "data.dir (written by prepare)",
         "valid and test metrics as JSON on standard output",
+        check_config,
+    ),
+    "tune": Command(
+        "mqsa_ted.tune",
+        "Search hyperparameters on validation only. An Optuna study (TPE, median pruning) of "
+        "training runs; the best config as YAML.",
+        "CONFIG and data.dir (written by prepare); --space: a search space YAML file",
+        "--dir (default <train.run_dir>-tune): study.journal, trial-NNNN/ run directories, "
+        "best.yaml, best.json",
         check_config,
     ),
     "config": Command(
