@@ -159,7 +159,7 @@ def test_a_failing_tracker_is_dropped_and_training_goes_on(tmp_path, monkeypatch
         shutil.rmtree(store)  # the tracking store is gone
         tracker.log_epoch({"epoch": 2, "loss": 1.5}, step=8)  # no exception
         assert tracker.backends == {}
-    assert "warning: train.tracking: mlflow failed (" in capsys.readouterr().out
+    assert "warning: train.tracking: mlflow failed (" in capsys.readouterr().err
 
 
 def test_a_resumed_run_hides_the_steps_after_its_checkpoint(tmp_path: Path):

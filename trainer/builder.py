@@ -24,6 +24,7 @@ import torch
 
 from core.collectives import all_gather_objects
 from core.config import Config
+from core.log import get_logger
 from embeddings.base import ItemTable
 from embeddings.factory import build_item_table
 from trainer import cpu_kernels
@@ -40,6 +41,8 @@ from trainer.schedule import describe_schedule, lr_factor, planned_epochs
 from trainer.teacher import SparseTeacher
 from trainer.user_source import UserSource, build_user_source
 from trainer.warm_start import warm_optimizer, warm_start
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -85,29 +88,26 @@ def load_cpu_kernel(cfg: Config, env: DistEnv) -> CpuKernel | None:
     paper = cfg.loss.candidates != "sampled"
     if not (paper and cfg.train.bf16 and cfg.train.cpu_kernel and env.device.type == "cpu"):
         return None
-    if env.is_main and cpu_kernels.missing() is None and not cpu_kernels.is_built():
-        print("CPU kernel: building (once per source and machine, ~30 s)", flush=True)
+    if cpu_kernels.missing() is None and not cpu_kernels.is_built():
+        log.info("CPU kernel: building (once per source and machine, ~30 s)")
     kernel, message = cpu_kernels.select()
     messages = all_gather_objects(message)
     failed = [(rank, m) for rank, m in enumerate(messages) if m != cpu_kernels.LOADED]
-    if env.is_main:
-        line = failed[0][1] if failed else message
-        if len(failed) < env.world and failed or len({m for _, m in failed}) > 1:
-            ranks = ", ".join(str(rank) for rank, _ in failed)
-            line += f" (on rank(s) {ranks}; every rank takes torch's path)"
-        print(line, flush=True)
+    line = failed[0][1] if failed else message
+    if len(failed) < env.world and failed or len({m for _, m in failed}) > 1:
+        ranks = ", ".join(str(rank) for rank, _ in failed)
+        line += f" (on rank(s) {ranks}; every rank takes torch's path)"
+    log.info(line)
     return None if failed else kernel
 
 
 def precision_note(cfg: Config, env: DistEnv) -> None:
     """Rank 0 notes when ``train.bf16`` runs on a CPU that only emulates bf16."""
-    on_cpu = env.is_main and env.device.type == "cpu"
-    if on_cpu and cfg.train.bf16 and not cpu_kernels.native_bf16():
-        print(
+    if env.device.type == "cpu" and cfg.train.bf16 and not cpu_kernels.native_bf16():
+        log.info(
             "note: train.bf16 on a CPU without bf16 instructions (no avx512_bf16, amx_bf16 or "
             "bf16 in /proc/cpuinfo): torch emulates the bf16 products, slower than float32 here "
-            "(docs/configuration.md, train.bf16); train.bf16=false is faster",
-            flush=True,
+            "(docs/configuration.md, train.bf16); train.bf16=false is faster"
         )
 
 
@@ -126,9 +126,7 @@ def build_components(cfg: Config, env: DistEnv) -> Run:
     torch.manual_seed(cfg.train.seed)  # the same encoder weights on every rank, world and device
     encoder = MQSAEncoder(cfg.model, cfg.data.max_len).to(env.device)
     if cfg.train.init_from:
-        message = warm_start(cfg, encoder, table)
-        if env.is_main:
-            print(message, flush=True)
+        log.info(warm_start(cfg, encoder, table))
     device_teacher = teacher.to(env.device) if teacher is not None else None
     objective = build_objective(cfg, encoder, table, device_teacher, kernel)
     batches = BatchBuilder(
@@ -144,14 +142,12 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     total_steps = planned_epochs(cfg.train, steps_per_epoch) * steps_per_epoch
     run.lr_factor = lr_factor(cfg.train, total_steps)
     note = describe_schedule(cfg.train, total_steps)
-    if note and env.is_main:
-        print(note, flush=True)
+    if note:
+        log.info(note)
     run.engine, optimizer = build_engine(run.objective, cfg, env, run.lr_factor)
     run.guard = DivergenceGuard(optimizer, env.device)
     if cfg.train.init_from:
-        message = warm_optimizer(cfg, run.objective, optimizer)
-        if env.is_main:
-            print(message, flush=True)
+        log.info(warm_optimizer(cfg, run.objective, optimizer))
     if run.table.has_fused_optimizer:
         run.table.grad_gate = run.guard.gate  # a skipped step leaves the fused update out too
     torch.manual_seed(cfg.train.seed + 7919 * env.rank)  # dropout differs per rank

@@ -44,7 +44,6 @@ import io
 import os
 import pickle
 import re
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from core.collectives import all_gather_objects, barrier
 from core.config import HASHED_SECTIONS, Config, config_hash
 from core.errors import CheckpointError, UserError
+from core.log import get_logger
 from core.storage import (
     OWNER_MARKER,
     full_url,
@@ -80,6 +80,7 @@ __all__ = [
     "save_best",
 ]  # fmt: skip
 
+log = get_logger(__name__)
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
 TABLE_DIR = "table"
@@ -89,10 +90,6 @@ BEST_TABLE = "best_table-e"
 # what reading a damaged file raises (torch's zip reader, json, a missing file)
 READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError)
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes zip archives
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def first_line(error: BaseException) -> str:
@@ -204,7 +201,9 @@ def prune(urls: list[str], kind: str) -> None:
         if is_owned(url, kind):
             remove_owned(url, kind)
         else:
-            warn(f"not deleting {url}: it has no {OWNER_MARKER} marker (not created by this run)")
+            log.warning(
+                f"not deleting {url}: it has no {OWNER_MARKER} marker (not created by this run)"
+            )
 
 
 @dataclass
@@ -466,7 +465,7 @@ class Checkpointer:
             if problem is None:
                 if skipped and self.env.is_main:
                     damaged = "; ".join(f"checkpoint {s} is damaged ({p})" for s, p in skipped)
-                    warn(f"{damaged}; resuming from the previous complete one, {url}")
+                    log.warning(f"{damaged}; resuming from the previous complete one, {url}")
                 return url
             skipped.append((url, problem))
         if skipped:

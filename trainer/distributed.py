@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from core.collectives import host_group, loader_group
 from core.launch_env import export_torch_env
+from core.log import set_rank
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     )
     host_group()  # collective: every rank creates the host-side groups at the same point
     loader_group()
+    set_rank(dist.get_rank())  # the logger's rank-0 filter (core.log)
     return DistEnv(
         rank=dist.get_rank(),
         world=dist.get_world_size(),

@@ -38,8 +38,11 @@ from typing import Any, Protocol
 
 from core.config import Config, tracker_names
 from core.errors import UserError
+from core.log import get_logger
 from core.storage import protocol_of, url_to_fs
 from trainer.interrupt import Interrupted
+
+log = get_logger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -256,8 +259,8 @@ class Tracker:
             except Exception as e:  # any tool's failure: the run goes on
                 del self.backends[name]
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"warning: train.tracking: {name} failed ({first}); training goes on "
-                      "without it (metrics.json has every epoch record)", flush=True)  # fmt: skip
+                log.warning(f"train.tracking: {name} failed ({first}); training goes on "
+                            "without it (metrics.json has every epoch record)")  # fmt: skip
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush and close every backend (``status``: FINISHED, FAILED or KILLED for MLflow)."""

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from core.collectives import all_gather_objects, all_reduce_sum
+from core.log import get_logger
 from core.prepared import read_stats
 from core.storage import save_state
 from trainer.batches import StepBatch
@@ -28,6 +29,8 @@ from trainer.progress import RunEta, progress
 from trainer.run_dir import RunDir
 from trainer.schedule import planned_epochs
 from trainer.tracking import Tracker
+
+log = get_logger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,15 +72,11 @@ class Trainer:
         self.eta = RunEta(planned_epochs(self.cfg.train, steps), steps, self.cfg.train.patience)
         self.tracker = Tracker(self.cfg, self.env.is_main, run.lr_factor,
                                self.table.has_fused_optimizer)  # fmt: skip
-        self.log(
+        log.info(
             f"data: {self.users.num_users} users, {self.users.num_items} items, max_len "
             f"{self.cfg.data.max_len}; world {self.env.world} on {self.env.device}; "
             f"{torch.get_num_threads()} threads/rank; " + self.users.describe()
         )
-
-    def log(self, message: str) -> None:
-        if self.env.is_main:
-            print(message, flush=True)
 
     def step_batches(self, epoch: int, start_step: int = 0) -> Iterator[StepBatch]:
         """This rank's batches of ``epoch`` from ``start_step`` on, built and moved to the
@@ -185,7 +184,7 @@ class Trainer:
         if resume == "fresh":
             removed = self.checkpointer.clear()
             if removed:
-                self.log(f"train.resume=fresh: deleted {removed} checkpoint(s) of an earlier run "
+                log.info(f"train.resume=fresh: deleted {removed} checkpoint(s) of an earlier run "
                          f"under {self.checkpointer.root}")  # fmt: skip
             return TrainerState()
         path = self.checkpointer.resolve(resume)
@@ -194,7 +193,7 @@ class Trainer:
         state, loss_sums, read = self.checkpointer.load(self.engine, self.table, path)
         self.loss_sums = loss_sums.to(self.loss_sums.device)
         mib = ", ".join(f"{b / 2**20:.2f}" for b in all_gather_objects(read))
-        self.log(f"resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch} "
+        log.info(f"resumed from {path}: epoch {state.epoch}, step {state.step_in_epoch} "
                  f"(MiB read by rank: {mib})")  # fmt: skip
         return state
 
@@ -228,7 +227,7 @@ class Trainer:
         steps = self.users.steps_per_epoch()
         epochs = planned_epochs(self.cfg.train, steps)
         if epochs > self.cfg.train.epochs:
-            self.log(f"train.min_steps={self.cfg.train.min_steps}: {steps} steps per epoch, "
+            log.info(f"train.min_steps={self.cfg.train.min_steps}: {steps} steps per epoch, "
                      f"training up to {epochs} epochs, not {self.cfg.train.epochs}")  # fmt: skip
         return epochs
 
@@ -244,7 +243,7 @@ class Trainer:
             self.run_dir.write_config(self.cfg)
         epochs = self.planned_epochs()
         if state.epoch > epochs or cfg.patience and state.stale >= cfg.patience:
-            self.log(f"this run has already ended (epoch {state.epoch - 1} of {epochs}): nothing "
+            log.info(f"this run has already ended (epoch {state.epoch - 1} of {epochs}): nothing "
                      "to train; raise train.epochs to go on, or set train.resume=fresh to start "
                      "over")  # fmt: skip
         while state.epoch <= epochs and not (cfg.patience and state.stale >= cfg.patience):
@@ -270,19 +269,19 @@ class Trainer:
                     state.stale += 1
             state.history.append(record)
             self.tracker.log_epoch(record, state.global_step)
-            self.log(format_epoch(record))
+            log.info(format_epoch(record))
             self.eta.epoch_done(state.global_step)
-            self.log(self.eta.line(state.epoch))
+            log.info(self.eta.line(state.epoch))
             self.write_metrics(state, [])
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             url = self.checkpoint(state)
             if signum := self.stop.agreed():
                 raise self.interrupted(signum, state, url)
         if cfg.patience and state.stale >= cfg.patience:
-            self.log(f"early stop: no better valid NDCG@20 in {state.stale} evaluations")
+            log.info(f"early stop: no better valid NDCG@20 in {state.stale} evaluations")
         warnings = self.final_warnings(state)
         for warning in warnings:
-            self.log(f"warning: {warning}")
+            log.warning(warning)
         return self.write_metrics(state, warnings)
 
     def final_warnings(self, state: TrainerState) -> list[str]:
