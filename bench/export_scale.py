@@ -12,7 +12,6 @@ against exact inner-product search on 1,000 queries.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -21,26 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def write_vocab(workdir: Path, num_items: int, chunk: int = 1 << 20) -> None:
-    """A synthetic ``vocab/`` (raw id ``f"item{index}"``) written in chunks."""
-    (workdir / "vocab").mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("item_id", pa.string()), ("index", pa.int64()), ("count", pa.int64())])
-    with pq.ParquetWriter(workdir / "vocab" / "part-00000.parquet", schema) as writer:
-        for start in range(0, num_items, chunk):
-            index = np.arange(start, min(start + chunk, num_items))
-            ids = pa.array([f"item{i}" for i in index])
-            writer.write_table(
-                pa.table([ids, pa.array(index), pa.array(num_items - index)], schema)
-            )
-    (workdir / "stats.json").write_text(json.dumps({"items": num_items}))
-    (workdir / "_COMPLETE").write_text("")
+from tests.synthetic import write_vocab  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -1,6 +1,6 @@
 """Export a trained run for retrieval: item vectors, the user encoder's weights, a FAISS index.
 
-    mqsa-ted export RUN_DIR [--out URL] [--faiss auto|flat|ivf|hnsw|none]
+    mqsa-ted export RUN_DIR [--out URL] [--faiss auto|flat|ivf|hnsw|none] [--target-recall R]
     torchrun --nproc_per_node=2 -m mqsa_ted.export RUN_DIR ...   # TorchRec runs: per rank
 
 Reads ``RUN_DIR/config.yaml``, ``RUN_DIR/model.pt`` (the best-validation weights; a TorchRec
@@ -19,7 +19,12 @@ Writes a new version of the export at ``--out`` (default ``export.out``, else
 - ``transitions.parquet`` (``model.transition_term`` only): the train transition graph
   (``src``, ``dst`` rows and ``log_count`` = ``log(1 + max(count - 1, 0))``), which
   ``recommend`` adds to the scores of the last item's successors;
-- ``faiss.index`` (optional) with its recall@10 against exact search printed;
+- ``faiss.index`` (optional) with its recall@10 against exact search printed; its search
+  parameter (IVF ``nprobe``, HNSW ``efSearch``) is recorded in the manifest, where
+  ``recommend`` reads it. With ``--target-recall R`` the parameter is tuned: the smallest value
+  whose recall@10 and recall@100 against exact search reach ``R`` (lower bound: mean minus two
+  standard errors) on the query vectors of ``--tune-users`` users of ``<data.dir>/sequences``
+  (encoded as ``recommend`` encodes a history);
 - ``manifest.json``: shapes, model config, evaluation protocol, the source run (``model.pt``'s
   sha256 and mtime, best epoch, config hash) and every file's sha256;
 - then ``CURRENT`` is switched to the new version, and older versions that carry this
@@ -59,7 +64,7 @@ from core.config import FAISS_KINDS, Config, ConfigError, ModelConfig, config_ha
 from core.errors import UserError
 from core.launch_env import launch_env
 from core.lease import Lease
-from core.prepared import VOCAB, read_dataset, read_stats
+from core.prepared import SEQUENCES, VOCAB, dataset_files, read_dataset, read_stats
 from core.storage import OWNER_MARKER as OWNED
 from core.storage import (
     atomic_write_bytes,
@@ -72,7 +77,7 @@ from core.storage import (
     write_json,
 )
 from embeddings.base import ItemTable
-from embeddings.factory import build_item_table
+from embeddings.factory import build_item_table, table_from_rows
 from mqsa_ted.manifest import (
     ADDED_ITEMS,
     CURRENT,
@@ -85,10 +90,12 @@ from mqsa_ted.manifest import (
     ExportError,
     Manifest,
     Source,
+    apply_search,
     is_link,
     load_tensors,
     sha256_of,
 )
+from mqsa_ted.recommend import UserEncoder, encode_rows
 from trainer.checkpoint import CheckpointError, load_best_table
 from trainer.data import load_transitions
 from trainer.distributed import init_distributed, shutdown
@@ -258,34 +265,144 @@ def build_faiss(vectors: np.ndarray, kind: str):
     return index, kind
 
 
-def faiss_recall_at_10(index, vectors: np.ndarray, queries: np.ndarray) -> float:
-    """Recall@10 of ``index`` against exact inner-product search for ``queries`` ``[Q, D]``
-    (the exact search is FAISS's blocked flat scan: no ``[Q, N]`` matrix)."""
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """``[Q, k]`` rows of the exact inner-product top ``k`` of each query (FAISS's blocked flat
+    scan: no ``[Q, N]`` matrix)."""
     import faiss
 
     exact_index = faiss.IndexFlatIP(vectors.shape[1])
     exact_index.add(vectors)
-    _, exact = exact_index.search(queries, 10)
-    _, approx = index.search(queries, 10)
-    hits = sum(len(set(a) & set(e)) for a, e in zip(approx, exact, strict=True))
-    return hits / exact.size
+    return exact_index.search(queries, k)[1]
 
 
-def write_faiss(version_url: str, vectors: np.ndarray, kind: str) -> tuple[dict, dict]:
+def recalls(index, exact: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """``[Q]``: the share of each query's exact top ``k`` (``exact [Q, k]``) that ``index``
+    returns in its top ``k``."""
+    _, approx = index.search(queries, exact.shape[1])
+    hits = [len(set(a) & set(e)) for a, e in zip(approx, exact, strict=True)]
+    return np.asarray(hits, np.float64) / exact.shape[1]
+
+
+def faiss_recall_at_10(index, vectors: np.ndarray, queries: np.ndarray) -> float:
+    """Recall@10 of ``index`` against exact inner-product search for ``queries`` ``[Q, D]``."""
+    return float(recalls(index, exact_neighbours(vectors, queries, 10), queries).mean())
+
+
+def search_of(index) -> dict[str, int]:
+    """The index's search parameter as the manifest records it: ``{"nprobe": n}`` (IVF),
+    ``{"efSearch": n}`` (HNSW), ``{}`` (exact)."""
+    import faiss
+
+    if isinstance(index, faiss.IndexIVF):
+        return {"nprobe": int(index.nprobe)}
+    if isinstance(index, faiss.IndexHNSW):
+        return {"efSearch": int(index.hnsw.efSearch)}
+    return {}
+
+
+def tune_search(
+    index, vectors: np.ndarray, queries: np.ndarray, target: float, ks: tuple[int, ...] = (10, 100)
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Set the smallest value of the index's search parameter (:func:`search_of`) whose
+    recall@k against exact search on ``queries [Q, D]`` reaches ``target`` at every ``k`` of
+    ``ks``, counting the estimate's error (mean per-query recall minus two standard errors);
+    found by doubling, then bisection (recall grows with ``nprobe`` and ``efSearch``). Where no
+    value reaches it, the largest (IVF: every list, exact; HNSW: 4,096 or the item count).
+    Returns ``(search parameter, {"recall@k": mean recall at it})``; an exact index: ``({},
+    1.0 at every k)``."""
+    search = search_of(index)
+    if not search:
+        return {}, {f"recall@{k}": 1.0 for k in ks}
+    ((name, _),) = search.items()
+    exact = {k: exact_neighbours(vectors, queries, min(k, len(vectors))) for k in ks}
+    first = 1 if name == "nprobe" else min(ks)  # HNSW searches at least k candidates
+    top = int(index.nlist) if name == "nprobe" else max(*ks, min(int(index.ntotal), 4096))
+    tried: dict[int, tuple[bool, dict[str, float]]] = {}
+
+    def reaches(value: int) -> bool:
+        if value not in tried:
+            apply_search(index, {name: value}, FAISS_INDEX)
+            ok, means = True, {}
+            for k, rows in exact.items():
+                r = recalls(index, rows, queries)
+                error = r.std(ddof=1) / np.sqrt(len(r)) if len(r) > 1 else 0.0
+                ok &= bool(r.mean() - 2 * error >= target)
+                means[f"recall@{k}"] = float(r.mean())
+            tried[value] = (ok, means)
+        return tried[value][0]
+
+    low, value = first - 1, first  # low: the largest value known to fall short
+    while not reaches(value) and value < top:
+        low, value = value, min(2 * value, top)
+    while reaches(value) and value - low > 1:
+        middle = (low + value) // 2
+        if reaches(middle):
+            value = middle
+        else:
+            low = middle
+    apply_search(index, {name: value}, FAISS_INDEX)
+    return {name: value}, tried[value][1]
+
+
+def user_queries(
+    encoder: MQSAEncoder, vectors: np.ndarray, data_dir: str, max_len: int, users: int
+) -> np.ndarray:
+    """Query vectors ``[Q, D]`` of up to ``users`` users of ``<data_dir>/sequences`` (an even
+    share from the first row groups of each file: nothing else is read), each the user
+    encoder's vector of the user's last ``max_len`` train items, as ``recommend`` computes it."""
+    files = dataset_files(data_dir, SEQUENCES)
+    share = -(-users // max(len(files), 1))
+    rows: list[np.ndarray] = []
+    for url in files:
+        fs, path = url_to_fs(url)
+        taken = 0
+        with fs.open(path, "rb") as f:
+            reader = pq.ParquetFile(f)
+            for group in range(reader.num_row_groups):
+                histories = reader.read_row_group(group, columns=["train_items"]).column(0)
+                for history in histories.to_pylist()[: share - taken]:
+                    if history:
+                        rows.append(np.asarray(history, np.int64))
+                        taken += 1
+                if taken >= share:
+                    break
+    table = table_from_rows(torch.from_numpy(vectors.copy()))  # read_vectors' are read-only
+    return encode_rows(UserEncoder(encoder.eval()), table, rows[:users], max_len)
+
+
+def write_faiss(
+    version_url: str,
+    vectors: np.ndarray,
+    kind: str,
+    queries: np.ndarray | None = None,
+    target_recall: float | None = None,
+) -> tuple[dict, dict]:
     """Build and write ``faiss.index`` over ``vectors [N, D]``; returns its file record and
-    ``{"kind", "build_seconds", "recall@10"}``."""
+    ``{"kind", "build_seconds", "recall@10", "search"}``. With ``queries [Q, D]`` and
+    ``target_recall``, the search parameter is tuned on them (:func:`tune_search`; the record
+    adds ``recall@100``, ``target_recall`` and ``tune_queries``), else recall@10 is measured on
+    1,000 item vectors as queries at the build's default parameter."""
     import faiss
 
     start = time.perf_counter()
     index, kind = build_faiss(vectors, kind)
     build_s = time.perf_counter() - start
-    n = len(vectors)
-    sample = vectors[np.random.default_rng(0).choice(n, min(n, 1000), replace=False)]
-    recall = faiss_recall_at_10(index, vectors, sample)
+    if queries is not None and target_recall is not None:
+        search, reached = tune_search(index, vectors, queries, target_recall)
+        recall = reached["recall@10"]
+        tuned = {**reached, "target_recall": target_recall, "tune_queries": len(queries)}
+        how = (f"{search or 'exact'} tuned on {len(queries)} user queries to {target_recall} "
+               f"(recall@100 {reached['recall@100']:.4f})")  # fmt: skip
+    else:
+        n = len(vectors)
+        sample = vectors[np.random.default_rng(0).choice(n, min(n, 1000), replace=False)]
+        search, recall, tuned = search_of(index), faiss_recall_at_10(index, vectors, sample), {}
+        how = f"{search or 'exact'}"
     url = f"{version_url}/{FAISS_INDEX}"
     atomic_write_bytes(url, faiss.serialize_index(index).tobytes())
-    print(f"faiss {kind}: built in {build_s:.2f} s, recall@10 vs exact {recall:.4f}")
-    return file_entry(url), {"kind": kind, "build_seconds": build_s, "recall@10": recall}
+    print(f"faiss {kind}: built in {build_s:.2f} s, {how}: recall@10 vs exact {recall:.4f}")
+    info = {"kind": kind, "build_seconds": build_s, "recall@10": recall, "search": search}
+    return file_entry(url), {**info, **tuned}
 
 
 def new_version(out: str) -> str:
@@ -330,10 +447,13 @@ def write_version(
     source: Source,
     faiss_kind: str,
     data_dir: str,
+    target_recall: float | None = None,
+    tune_users: int = 2000,
 ) -> Manifest:
     """Finish a version whose item ``parts`` (name -> record from :func:`write_item_rows`) are
-    written: the encoder's tensors, the data lineage, the FAISS index, the manifest, then the
-    commit (rank 0)."""
+    written: the encoder's tensors, the data lineage, the FAISS index (its search parameter
+    tuned to ``target_recall`` on ``tune_users`` users' queries when given), the manifest, then
+    the commit (rank 0)."""
     names = sorted(parts)  # part-RRRRR: rank order is row order
     files = {name: {k: parts[name][k] for k in ("sha256", "bytes")} for name in names}
     lineage = write_lineage(version_url, data_dir, files)
@@ -345,7 +465,12 @@ def write_version(
     faiss_info = None
     if faiss_kind != "none":
         vectors = read_vectors(f"{version_url}/items", model.dim)
-        files[FAISS_INDEX], faiss_info = write_faiss(version_url, vectors, faiss_kind)
+        queries = None
+        if target_recall is not None:
+            queries = user_queries(encoder, vectors, data_dir, max_len, tune_users)
+        files[FAISS_INDEX], faiss_info = write_faiss(
+            version_url, vectors, faiss_kind, queries, target_recall
+        )
     manifest = Manifest(
         dim=model.dim,
         count=sum(parts[name]["rows"] for name in names),
@@ -433,7 +558,13 @@ def gather_parts(name: str, record: dict) -> dict[str, dict]:
     return dict(everyone)
 
 
-def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | None:
+def export_run(
+    run_dir: str,
+    out: str,
+    faiss_kind: str = "auto",
+    target_recall: float | None = None,
+    tune_users: int = 2000,
+) -> Manifest | None:
     """Write a new version of the export of ``run_dir`` at ``out`` and commit it (see the module
     docstring); every rank writes the item rows it holds. Returns the manifest on rank 0, None
     elsewhere."""
@@ -454,7 +585,7 @@ def export_run(run_dir: str, out: str, faiss_kind: str = "auto") -> Manifest | N
     source = run_source(run_dir, cfg, digest, mtime)
     return write_version(
         out, version_url, parts, encoder.cpu(), cfg.model, cfg.data.max_len,
-        cfg.train.eval_protocol, source, faiss_kind, cfg.data.dir,
+        cfg.train.eval_protocol, source, faiss_kind, cfg.data.dir, target_recall, tune_users,
     )  # fmt: skip
 
 
@@ -486,7 +617,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="export URL (default: export.out, else <RUN_DIR>/export)")
     parser.add_argument("--faiss", choices=FAISS_KINDS,
                         help="index kind (default: export.faiss of the run's config)")  # fmt: skip
+    parser.add_argument("--target-recall", type=float,
+                        help="tune nprobe / efSearch to this recall@10 against exact search on "
+                        "users' query vectors (default: the index's own setting)")  # fmt: skip
+    parser.add_argument("--tune-users", type=int, default=2000,
+                        help="users whose queries tune the search parameter")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        parser.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    if args.tune_users < 1:
+        parser.error(f"--tune-users must be at least 1, got {args.tune_users}")
     quiet.install()  # the third-party warnings we understand (core/quiet.py), also under torchrun
     lease = None
     try:
@@ -494,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or run_cfg.out or RunDir(args.run_dir).path("export")
         if launch_env().rank == 0:
             lease = claim_export(out)
-        manifest = export_run(args.run_dir, out, args.faiss or run_cfg.faiss)
+        manifest = export_run(args.run_dir, out, args.faiss or run_cfg.faiss,
+                              args.target_recall, args.tune_users)  # fmt: skip
         shutdown()  # every rank waits here for rank 0's FAISS build and the commit
     except (UserError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -83,7 +83,10 @@ class Manifest:
     source: Source
     parts: list[str]  # item parts in row order, relative to the version directory
     files: dict[str, dict]  # relative name -> {"sha256", "bytes"} of every file readers open
-    faiss: dict | None = None  # {"kind", "build_seconds", "recall@10"}; None: no index file
+    # {"kind", "build_seconds", "recall@10", "search" ({"nprobe": n} or {"efSearch": n}: what
+    # recommend sets before searching; {} for an exact index), and "recall@100",
+    # "target_recall", "tune_queries" when it was tuned on users' queries}; None: no index file
+    faiss: dict | None = None
     # the prepared data's lineage: {"dir", "version", "items", "extends" (the base data's
     # version or None), "base_items", "added" (ADDED_ITEMS or None)}: rows keep their meaning
     # across versions that extend each other (data.base_dir)
@@ -126,6 +129,27 @@ class Manifest:
         ):
             raise ExportError(f"{url}: files outside the version directory, unlisted or unhashed")
         return manifest
+
+
+SEARCH_PARAMETERS = ("nprobe", "efSearch")  # IVF lists probed, HNSW candidate list length
+
+
+def apply_search(index, search: object, url: str) -> None:
+    """Set ``search`` (the manifest's ``faiss["search"]``: parameter name -> positive int) on the
+    FAISS ``index``; a name outside :data:`SEARCH_PARAMETERS`, a value that is no positive
+    integer or a parameter the index lacks raises :class:`ExportError` (``url``: the index)."""
+    import faiss
+
+    if not isinstance(search, dict):
+        raise ExportError(f"{url}: the manifest's faiss search parameters are not a mapping")
+    for name, value in search.items():
+        if name not in SEARCH_PARAMETERS or type(value) is not int or value < 1:
+            raise ExportError(f"{url}: unknown search parameter {name}={value!r} (known: "
+                              f"{', '.join(SEARCH_PARAMETERS)}, positive integers)")  # fmt: skip
+        try:
+            faiss.ParameterSpace().set_index_parameter(index, name, value)
+        except RuntimeError as e:
+            raise ExportError(f"{url}: the index has no search parameter {name}") from e
 
 
 def sha256_of(url: str, block: int = 1 << 23) -> tuple[str, int]:

@@ -2,9 +2,10 @@
 an export is loaded: :mod:`mqsa_ted.recommend_cli`): top-K items for histories of raw item ids.
 
 Queries go through the export's FAISS index (exact flat up to 200k items, IVF or HNSW when the
-export built one); an export written with ``--faiss none`` gets an exact flat index built at
-load. The search fetches ``k`` plus the number of excluded items and drops the excluded ones, so
-a flat index returns exactly the top ``k`` of the items left (fewer when fewer are left).
+export built one, searched with the ``nprobe`` / ``efSearch`` its manifest records); an export
+written with ``--faiss none`` gets an exact flat index built at load. The search fetches ``k``
+plus the number of excluded items and drops the excluded ones, so a flat index returns exactly
+the top ``k`` of the items left (fewer when fewer are left).
 A model trained with ``model.transition_term`` adds ``w * log(1 + max(count - 1, 0))`` to the
 scores of the last item's successors (``transitions.parquet`` of the export): the search then
 also fetches as many items as the last item has successors, and the successors are scored
@@ -34,6 +35,7 @@ from torch import nn
 from core.config import ModelConfig
 from core.errors import first_line
 from core.storage import url_to_fs
+from embeddings.base import ItemTable
 from embeddings.factory import table_from_rows
 from mqsa_ted.manifest import (
     ENCODER,
@@ -41,6 +43,7 @@ from mqsa_ted.manifest import (
     TRANSITIONS,
     ExportError,
     Manifest,
+    apply_search,
     check_fresh,
     load_tensors,
     read_checked,
@@ -89,6 +92,21 @@ class UserEncoder(nn.Module):
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.encoder(history, mask, last_only=True)[:, -1]
+
+
+def encode_rows(
+    encoder: UserEncoder, table: ItemTable, rows: list[np.ndarray], max_len: int
+) -> np.ndarray:
+    """Query vectors ``[B, D]`` of histories given as item rows of ``table``: the last
+    ``max_len`` rows of each, right-aligned (padding elsewhere)."""
+    m, pad = max_len, table.padding_id
+    batch = torch.full((len(rows), m), pad, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        tail = r[-m:]
+        batch[b, m - len(tail) :] = torch.from_numpy(tail)
+    threads = 1 if len(rows) <= SMALL_BATCH else torch.get_num_threads()
+    with torch.no_grad(), torch_threads(threads):
+        return encoder(table.lookup(batch), batch != pad).numpy()
 
 
 def parquet_table(payload: bytes, url: str) -> pa.Table:
@@ -237,6 +255,9 @@ class Recommender:
             m.count, m.dim, faiss.METRIC_INNER_PRODUCT
         ):  # fmt: skip
             raise ExportError(f"{self.version_url}/{FAISS_INDEX} does not match its items")
+        # the search parameter export chose (tuned to a recall, or the build's default)
+        search = m.faiss.get("search", {}) if isinstance(m.faiss, dict) else m.faiss
+        apply_search(index, search, f"{self.version_url}/{FAISS_INDEX}")
         return index, isinstance(index, faiss.IndexFlat)
 
     @property
@@ -253,16 +274,8 @@ class Recommender:
         return list(known), list(unknown)
 
     def encode(self, rows: list[np.ndarray]) -> np.ndarray:
-        """Query vectors ``[B, D]`` of histories given as rows: the last ``max_len`` rows of
-        each, right-aligned (padding elsewhere)."""
-        m, pad = self.manifest.max_len, self.table.padding_id
-        batch = torch.full((len(rows), m), pad, dtype=torch.int64)
-        for b, r in enumerate(rows):
-            tail = r[-m:]
-            batch[b, m - len(tail) :] = torch.from_numpy(tail)
-        threads = 1 if len(rows) <= SMALL_BATCH else torch.get_num_threads()
-        with torch.no_grad(), torch_threads(threads):
-            return self.encoder(self.table.lookup(batch), batch != pad).numpy()
+        """Query vectors ``[B, D]`` of histories given as rows (:func:`encode_rows`)."""
+        return encode_rows(self.encoder, self.table, rows, self.manifest.max_len)
 
     def search(
         self, queries: np.ndarray, excluded: list[np.ndarray], k: int

@@ -96,3 +96,18 @@ def write_prepared(
     (root / "stats.json").write_text(json.dumps(stats))
     (root / "_COMPLETE").write_text("")  # the commit marker of a finished prepare output
     return root
+
+
+def write_vocab(workdir: Path, num_items: int, chunk: int = 1 << 20) -> None:
+    """A synthetic ``vocab/`` (raw id ``f"item{index}"``) written in chunks."""
+    (workdir / "vocab").mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("item_id", pa.string()), ("index", pa.int64()), ("count", pa.int64())])
+    with pq.ParquetWriter(workdir / "vocab" / "part-00000.parquet", schema) as writer:
+        for start in range(0, num_items, chunk):
+            index = np.arange(start, min(start + chunk, num_items))
+            ids = pa.array([f"item{i}" for i in index])
+            writer.write_table(
+                pa.table([ids, pa.array(index), pa.array(num_items - index)], schema)
+            )
+    (workdir / "stats.json").write_text(json.dumps({"items": num_items}))
+    (workdir / "_COMPLETE").write_text("")
