@@ -136,9 +136,9 @@ class Job:
                 info.update(duplicates=self.dropped["duplicate_events"])
         if self.cfg.kcore > 0:
             with self.progress.stage("kcore") as info:
-                events, removed = kcore(events, self.cfg.kcore)
+                events, removed, rounds = kcore(events, self.cfg.kcore)
                 self.dropped.update(removed)
-                info.update(k=self.cfg.kcore, **removed)
+                info.update(k=self.cfg.kcore, rounds=rounds, **removed)
         return events
 
     def _user_sequences(

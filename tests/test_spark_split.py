@@ -99,3 +99,14 @@ def test_kcore_iterates_to_a_fixed_point(tmp_path, run_prepare):
     assert stats["dropped"]["kcore_events"] == 7
     assert (stats["users"], stats["items"], stats["events"]) == (3, 3, 9)
     assert set(sequences_by_user(str(tmp_path / "out"))) == {"u1", "u2", "u3"}
+
+
+def test_kcore_peels_a_long_chain_one_round_at_a_time(tmp_path, run_prepare):
+    # users p0..p19 each hold items q_i and q_{i+1}: with k=2 each round peels only the chain's
+    # two ends, ~20 rounds (each round's plan read the previous one three times: the Java heap
+    # ran out at 7 rounds before the plan was cut each round)
+    core = [(f"c{u}", item, t) for u in range(3) for t, item in enumerate("XYZ")]
+    chain = [(f"p{i}", f"q{i + j}", j) for i in range(20) for j in range(2)]
+    stats = run_prepare(write_rows(tmp_path / "e.parquet", core + chain), kcore=2)
+    assert stats["dropped"]["kcore_users"] == 20 and stats["dropped"]["kcore_items"] == 21
+    assert (stats["users"], stats["items"], stats["events"]) == (3, 3, 9)
