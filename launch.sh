@@ -6,7 +6,8 @@
 # Environment (all optional):
 #   NPROC_PER_NODE  processes on this node (default: the GPUs torch sees, else
 #                   distributed.nproc_per_node)
-#   DS_ACCELERATOR  cuda or cpu (default: cuda when torch sees a GPU; trainer.distributed decides)
+#   DS_ACCELERATOR  cuda or cpu (default: cuda when torch sees a GPU;
+#                   trainer.runtime.distributed decides)
 #   NNODES          number of nodes (default 1)
 #   NODE_RANK       this node's rank (default 0; under Slurm: $SLURM_NODEID)
 #   MASTER_ADDR / MASTER_PORT   rendezvous host and port, on node 0 (default 127.0.0.1:29500;
@@ -27,7 +28,7 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 
 # Checks every setting (light imports only) and reads the process count in one go.
-CONFIG_NPROC=$("$PY" -m core.config "$1" distributed.nproc_per_node --set "${@:2}") || exit 2
+CONFIG_NPROC=$("$PY" -m mqsa_core.config "$1" distributed.nproc_per_node --set "${@:2}") || exit 2
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   NNODES=${NNODES:-${SLURM_NNODES:-1}}
@@ -49,8 +50,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 HOST_CONF=$("$PY" -m mqsa_ted.rendezvous "$RDZV_ENDPOINT" "$NODE_RANK") || exit 2
 
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-  # One process per GPU that torch sees (what trainer.distributed.accelerator trains on), unless
-  # DS_ACCELERATOR=cpu; else the config's distributed.nproc_per_node.
+  # One process per GPU that torch sees (what trainer.runtime.distributed.accelerator trains
+  # on), unless DS_ACCELERATOR=cpu; else the config's distributed.nproc_per_node.
   GPUS=0
   if [ "${DS_ACCELERATOR:-}" != cpu ]; then
     GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)

@@ -29,16 +29,16 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.config import load_config  # noqa: E402
 from embeddings.torchrec_table import TorchRecItemTable  # noqa: E402
-from trainer.batches import BatchBuilder  # noqa: E402
-from trainer.data import rank_slice  # noqa: E402
-from trainer.distributed import init_distributed, shutdown  # noqa: E402
-from trainer.engine import DivergenceGuard, build_engine  # noqa: E402
-from trainer.model import MQSAEncoder  # noqa: E402
-from trainer.objectives import CatalogObjective  # noqa: E402
-from trainer.samplers import NegativeSampler  # noqa: E402
-from trainer.teacher import SparseTeacher  # noqa: E402
+from mqsa_core.config import load_config  # noqa: E402
+from trainer.data.batches import BatchBuilder  # noqa: E402
+from trainer.data.samplers import NegativeSampler  # noqa: E402
+from trainer.data.sequences import rank_slice  # noqa: E402
+from trainer.data.teacher import SparseTeacher  # noqa: E402
+from trainer.model.encoder import MQSAEncoder  # noqa: E402
+from trainer.model.objectives import CatalogObjective  # noqa: E402
+from trainer.runtime.distributed import init_distributed, shutdown  # noqa: E402
+from trainer.runtime.engine import DivergenceGuard, build_engine  # noqa: E402
 
 SEQ = 50
 DEGREE = 4  # successors per item of the synthetic teacher

@@ -22,11 +22,11 @@ import time
 import pandas as pd
 import pyarrow.parquet as pq
 
-from core.config import DataConfig
-from core.prepared import dataset_files, read_stats
+from mqsa_core.config import DataConfig
+from mqsa_core.prepared import dataset_files, read_stats
 from spark_jobs.prepare import prepare
-from spark_jobs.reference import reference_transitions
 from spark_jobs.session import build_session
+from tests.reference import reference_transitions
 
 KEYS = ("users", "items", "events", "train_events")
 

@@ -1,5 +1,5 @@
-"""The CPU kernel of the paper-mode log-partition (trainer/cpu_kernels.py) against torch (oneDNN's
-score product and torch's softmax), side by side in one process: whole training steps,
+"""The CPU kernel of the paper-mode log-partition (trainer/model/cpu_kernels.py) against torch
+(oneDNN's score product and torch's softmax), side by side in one process: whole training steps,
 alternated step by step.
 
     .venv/bin/python bench/cpu_kernel.py --data data/beauty [--config configs/beauty.yaml]
@@ -24,18 +24,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core import openmp  # noqa: E402
+from mqsa_core import openmp  # noqa: E402
 
 openmp.limit_spinning()  # as every mqsa-ted command does, before torch loads libgomp
 
 import torch  # noqa: E402
 
-from core.config import load_config  # noqa: E402
-from trainer import cpu_kernels  # noqa: E402
-from trainer.builder import build_run  # noqa: E402
-from trainer.diagnose import path_check  # noqa: E402
-from trainer.distributed import init_distributed  # noqa: E402
-from trainer.trainer import Trainer  # noqa: E402
+from mqsa_core.config import load_config  # noqa: E402
+from trainer.model import cpu_kernels  # noqa: E402
+from trainer.runtime.builder import build_run  # noqa: E402
+from trainer.runtime.diagnose import path_check  # noqa: E402
+from trainer.runtime.distributed import init_distributed  # noqa: E402
+from trainer.runtime.trainer import Trainer  # noqa: E402
 
 
 def median_ms(fn, repeat: int = 9) -> float:
@@ -136,7 +136,7 @@ def main() -> int:
          "train.run_dir=/tmp/cpu_kernel_bench_run"],
     )  # fmt: skip
     trainer = Trainer(build_run(cfg, init_distributed()))
-    kernel = trainer.model.kernel
+    kernel = trainer.model.encoder.kernel
     if kernel is None:
         sys.exit("the CPU kernel is not loaded here (see the 'CPU kernel:' line above)")
     batches = trainer.step_batches(0)
@@ -147,12 +147,12 @@ def main() -> int:
     for round_ in range(args.rounds):
         for i, batch in enumerate(steps):
             for use in (True, False) if (round_ + i) % 2 else (False, True):
-                trainer.model.kernel = kernel if use else None
+                trainer.model.encoder.kernel = kernel if use else None
                 start = time.perf_counter()
                 trainer.train_step(batch, i)
                 trainer.loss_sums.sum().item()  # the step's work is done
                 seconds[use].append(time.perf_counter() - start)
-        trainer.model.kernel = kernel
+        trainer.model.encoder.kernel = kernel
         ours, theirs = (sum(seconds[u]) / len(seconds[u]) * 1e3 for u in (True, False))
         print(
             f"round {round_ + 1}: step with the kernel {ours:.1f} ms, without (oneDNN, torch) "
@@ -164,7 +164,9 @@ def main() -> int:
     compiled_vs_kernel(kernel, rows, trainer.users.num_items + 1, cfg.model.dim)
     done = len(steps[:5]) + len(seconds[True]) + len(seconds[False])  # warm-up and timed steps
     rec, kd = (trainer.loss_sums / done).tolist()
-    ok, line = path_check(trainer.model, steps[:8], cfg.train.bf16, 5e-3, {"rec": rec, "kd": kd})
+    ok, line = path_check(
+        trainer.model.encoder, steps[:8], cfg.train.bf16, 5e-3, {"rec": rec, "kd": kd}
+    )
     print(line)
     return 0 if ok else 1
 

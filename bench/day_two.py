@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.prepared import read_stats
+from mqsa_core.prepared import read_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC = "NDCG@10"

@@ -29,11 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.config import load_config  # noqa: E402
-from trainer.builder import build_run  # noqa: E402
-from trainer.distributed import init_distributed  # noqa: E402
-from trainer.losses import full_softmax_rec_loss, ted_loss  # noqa: E402
-from trainer.trainer import Trainer  # noqa: E402
+from mqsa_core.config import load_config  # noqa: E402
+from trainer.model.losses import full_softmax_rec_loss, ted_loss  # noqa: E402
+from trainer.runtime.builder import build_run  # noqa: E402
+from trainer.runtime.distributed import init_distributed  # noqa: E402
+from trainer.runtime.trainer import Trainer  # noqa: E402
 
 
 def gemm_rate(dtype: torch.dtype, n: int = 4096) -> float:
@@ -73,7 +73,7 @@ class Stages:
 
 def profile(trainer: Trainer, steps: int) -> tuple[Stages, dict[str, float], float]:
     """Stage seconds over ``steps`` steps, their GEMM FLOPs, and the real step's seconds."""
-    cfg, model = trainer.cfg, trainer.model
+    cfg, model = trainer.cfg, trainer.model.encoder
     chunk, bf16, tau = cfg.train.score_chunk, cfg.train.bf16, cfg.model.tau
     stages = Stages()
     flops = {"rec": 0.0, "ted": 0.0}

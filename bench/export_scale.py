@@ -37,7 +37,7 @@ def worker(args: argparse.Namespace) -> None:
         read_vectors,
         write_item_rows,
     )
-    from trainer.distributed import init_distributed
+    from trainer.runtime.distributed import init_distributed
 
     torch.set_num_threads(1)
     env = init_distributed()

@@ -63,11 +63,11 @@ def run(device: str, out: str, workdir: str, users: int, items: int) -> int:
     os.environ["DS_ACCELERATOR"] = device
     import torch
 
-    from core.config import load_config
+    from mqsa_core.config import load_config
     from mqsa_ted.export import export_run
-    from trainer.builder import build_run
-    from trainer.distributed import init_distributed, shutdown
-    from trainer.trainer import Trainer
+    from trainer.runtime.builder import build_run
+    from trainer.runtime.distributed import init_distributed, shutdown
+    from trainer.runtime.trainer import Trainer
 
     work = Path(workdir) / device
     data = synthetic_data(Path(workdir), users, items)

@@ -113,10 +113,10 @@ class MethodCounter(TorchFunctionMode):
 
 
 def count_case(data_dir: str, overrides: list[str], steps: int) -> collections.Counter:
-    from core.config import load_config
-    from trainer.builder import build_run
-    from trainer.distributed import init_distributed
-    from trainer.trainer import Trainer
+    from mqsa_core.config import load_config
+    from trainer.runtime.builder import build_run
+    from trainer.runtime.distributed import init_distributed
+    from trainer.runtime.trainer import Trainer
 
     cfg = load_config(None, [f"data.dir={data_dir}", "data.max_len=12", "model.dim=16",
                              "train.batch_size=32", "train.progress=false",

@@ -55,7 +55,7 @@ BASE = ["train.min_steps=0", "train.patience=0", "train.warmup_steps=10", "train
 
 def prepare_logs(args: argparse.Namespace) -> dict[str, str]:
     """``{log name: prepared data dir}``, generating and preparing what is missing."""
-    from core.config import load_config
+    from mqsa_core.config import load_config
     from spark_jobs.prepare import prepare
     from spark_jobs.progress import Progress
     from spark_jobs.session import build_session
@@ -99,10 +99,10 @@ def combinations(variant: str) -> list[dict[str, bool | str]]:
 
 def train_all(args: argparse.Namespace, variant: str, dirs: dict[str, str]) -> list[dict]:
     """Every run of ``variant`` in this process (one process group of one)."""
-    from core.config import load_config
-    from trainer.builder import build_run
-    from trainer.distributed import init_distributed
-    from trainer.trainer import Trainer, TrainingDiverged
+    from mqsa_core.config import load_config
+    from trainer.runtime.builder import build_run
+    from trainer.runtime.distributed import init_distributed
+    from trainer.runtime.trainer import Trainer, TrainingDiverged
 
     env = init_distributed()
     logs = dirs if variant == "default" else {
@@ -120,7 +120,7 @@ def train_all(args: argparse.Namespace, variant: str, dirs: dict[str, str]) -> l
             ]  # fmt: skip
             start = time.perf_counter()
             trainer = Trainer(build_run(load_config("configs/demo.yaml", overrides), env))
-            kernel_ran = getattr(trainer.model, "kernel", None) is not None
+            kernel_ran = getattr(trainer.model.encoder, "kernel", None) is not None
             try:
                 metrics = trainer.fit()
                 ndcg, error = metrics["test"]["NDCG@10"], ""
@@ -201,7 +201,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     dirs = prepare_logs(args)
     (work / "logs.json").write_text(json.dumps(dirs))
-    from trainer import cpu_kernels
+    from trainer.model import cpu_kernels
 
     assume = args.assume_bf16 and "avx512_bf16" not in cpu_kernels.cpu_flags()
     if assume and not cpu_kernels.executes_bf16_dot():

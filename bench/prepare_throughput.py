@@ -30,7 +30,7 @@ from typing import Any
 import duckdb
 import psutil
 
-from core.config import DataConfig
+from mqsa_core.config import DataConfig
 from spark_jobs.prepare import prepare
 from spark_jobs.progress import Progress
 from spark_jobs.session import build_session

@@ -145,8 +145,8 @@ def synth_stage(args: argparse.Namespace) -> dict:
 def held_out_rows(data_dir: str, users: int, seed: int) -> list[np.ndarray]:
     """Train histories (item rows) of up to ``users`` users from the END of each
     ``sequences/`` file (the export tunes on the first rows of each file), shuffled."""
-    from core.prepared import SEQUENCES, dataset_files
-    from core.storage import url_to_fs
+    from mqsa_core.prepared import SEQUENCES, dataset_files
+    from mqsa_core.storage import url_to_fs
 
     files = dataset_files(data_dir, SEQUENCES)
     share = -(-users // len(files))
@@ -430,7 +430,7 @@ def rehearse(args: argparse.Namespace) -> list[Stage]:
             "prepare", [sys.executable, "-m", "spark_jobs.prepare", CONFIG, *overrides],
             workdir / "prepare.log", env, daemons,
         )  # fmt: skip
-        from core.prepared import read_stats
+        from mqsa_core.prepared import read_stats
 
         stats = read_stats(data_dir)
         where = "local[2]"

@@ -61,8 +61,8 @@ def write_sequences(root: Path, num_users: int, seed: int = 0) -> None:
 
 def measure(data_dir: str, stream: bool) -> None:
     """One epoch of training batches and one evaluation pass as rank 0 of 2; prints JSON."""
-    from core.config import load_config
-    from trainer.user_source import build_user_source
+    from mqsa_core.config import load_config
+    from trainer.data.user_source import build_user_source
 
     cfg = load_config(
         None,

@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from spark_jobs.synth import KINDS, SynthSpec, write_log
-from trainer.baselines import baseline_metrics
+from trainer.evaluation.baselines import baseline_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC = "NDCG@10"

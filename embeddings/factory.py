@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from core.config import Config
 from embeddings.base import ItemTable
 from embeddings.dense import DenseItemTable
+from mqsa_core.config import Config
 
 
 def build_item_table(cfg: Config, num_items: int, device: torch.device | str) -> ItemTable:

@@ -54,9 +54,9 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ShardingEnv
 
-from core.collectives import all_gather_rows, host_group, to_device
-from core.config import SHARDINGS, TABLE_OPTIMIZERS, Config
 from embeddings.base import INIT_BLOCK, ItemTable, init_rows
+from mqsa_core.collectives import all_gather_rows, host_group, to_device
+from mqsa_core.config import SHARDINGS, TABLE_OPTIMIZERS, Config
 
 TABLE = "item_table"
 FEATURE = "item"

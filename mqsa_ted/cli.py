@@ -15,7 +15,7 @@ Each subcommand runs the ``main(argv)`` of its module (``spark_jobs.prepare``,
 CONFIG, the config has been read and checked (``recommend`` checks its arguments and inputs
 the same way: :mod:`mqsa_ted.recommend_cli`): a typo costs no Spark or torch start-up. Every
 command first installs the filters of the third-party warnings we understand
-(:mod:`core.quiet`). ``train`` with more than one process re-runs itself under torchrun on this
+(:mod:`mqsa_core.quiet`). ``train`` with more than one process re-runs itself under torchrun on this
 machine (``--nproc``, default ``distributed.nproc_per_node``): torchrun picks a free rendezvous
 port, or uses the one ``MASTER_PORT`` / ``RDZV_ENDPOINT`` name once :mod:`mqsa_ted.rendezvous`
 has found it free (before torch is imported); several machines: ``launch.sh``.
@@ -33,15 +33,15 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from core import openmp, quiet
-from core.config import Config, ConfigError, load_config
-from core.errors import UserError
-from core.prepared import require_complete
+from mqsa_core import openmp, quiet
+from mqsa_core.config import Config, ConfigError, load_config
+from mqsa_core.errors import UserError
+from mqsa_core.prepared import require_complete
 from mqsa_ted.rendezvous import RendezvousError, endpoint_of, host_conf
 
 
 def read_config(path: str, overrides: Sequence[str] = ()) -> Config:
-    """:func:`core.config.load_config`, with a path that cannot be read as a file (a directory,
+    """:func:`mqsa_core.config.load_config`, with a path that cannot be read as a file (a directory,
     no permission) refused as a :class:`ConfigError` too."""
     try:
         return load_config(path, list(overrides))
@@ -132,7 +132,7 @@ COMMANDS: dict[str, Command] = {
         "RUN_DIR/report.md, RUN_DIR/curves.png (and the report on standard output)",
     ),
     "baselines": Command(
-        "trainer.baselines",
+        "trainer.evaluation.baselines",
         "Most popular and last item -> most frequent next, under the model's protocol.",
         "data.dir (written by prepare)",
         "valid and test metrics as JSON on standard output",
@@ -148,7 +148,7 @@ COMMANDS: dict[str, Command] = {
         check_config,
     ),
     "config": Command(
-        "core.config",
+        "mqsa_core.config",
         "Print the resolved config, or one value of it.",
         "CONFIG (YAML)",
         "standard output",
@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    quiet.install()  # the accelerator is chosen by trainer.distributed.accelerator (torch)
-    openmp.limit_spinning()  # before torch loads libgomp (core/openmp.py)
+    quiet.install()  # the accelerator is chosen by trainer.runtime.distributed.accelerator (torch)
+    openmp.limit_spinning()  # before torch loads libgomp (mqsa_core/openmp.py)
     if "-h" in rest or "--help" in rest:
         print(command_help(name, rest), end="")
         return 0

@@ -11,9 +11,9 @@ Writes a new version of the export at ``--out`` (default ``export.out``, else
 - ``items/part-RRRRR.parquet``: ``item_id`` (raw), ``index`` (row), ``count`` (occurrences in
   the prepared data, for ``recommend --popular-fallback``), ``vector`` (list<float32>[D]); each
   rank writes the rows it holds (its shard of a TorchRec table): the table is never gathered;
-- ``user_encoder.pt``: the encoder's tensors (``core.storage.save_state``); the manifest holds
+- ``user_encoder.pt``: the encoder's tensors (``mqsa_core.storage.save_state``); the manifest holds
   the ``model`` config and ``max_len`` from which ``recommend`` rebuilds
-  ``trainer.model.MQSAEncoder``. Tensors, not a program: ``torch.export.load`` is not
+  ``trainer.model.encoder.MQSAEncoder``. Tensors, not a program: ``torch.export.load`` is not
   weights-only (it falls back to unpickling), so a tampered ``.pt2`` could run code when
   loaded, while ``torch.load(weights_only=True)`` cannot;
 - ``transitions.parquet`` (``model.transition_term`` only): the train transition graph
@@ -58,15 +58,17 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from core import quiet
-from core.collectives import distributed, host_group, world
-from core.config import FAISS_KINDS, Config, ConfigError, ModelConfig, config_hash, load_config
-from core.errors import UserError
-from core.launch_env import launch_env
-from core.lease import Lease
-from core.prepared import SEQUENCES, VOCAB, dataset_files, read_dataset, read_stats
-from core.storage import OWNER_MARKER as OWNED
-from core.storage import (
+from embeddings.base import ItemTable
+from embeddings.factory import build_item_table, table_from_rows
+from mqsa_core import quiet
+from mqsa_core.collectives import distributed, host_group, world
+from mqsa_core.config import FAISS_KINDS, Config, ConfigError, ModelConfig, config_hash, load_config
+from mqsa_core.errors import UserError
+from mqsa_core.launch_env import launch_env
+from mqsa_core.lease import Lease
+from mqsa_core.prepared import SEQUENCES, VOCAB, dataset_files, read_dataset, read_stats
+from mqsa_core.storage import OWNER_MARKER as OWNED
+from mqsa_core.storage import (
     atomic_write_bytes,
     full_url,
     mark_owned,
@@ -76,8 +78,6 @@ from core.storage import (
     url_to_fs,
     write_json,
 )
-from embeddings.base import ItemTable
-from embeddings.factory import build_item_table, table_from_rows
 from mqsa_ted.manifest import (
     ADDED_ITEMS,
     CURRENT,
@@ -96,12 +96,12 @@ from mqsa_ted.manifest import (
     sha256_of,
 )
 from mqsa_ted.recommend import UserEncoder, encode_rows
-from trainer.checkpoint import CheckpointError, load_best_table
-from trainer.data import load_transitions
-from trainer.distributed import init_distributed, shutdown
-from trainer.model import MQSAEncoder
-from trainer.run_dir import RunDir
-from trainer.teacher import SparseTeacher
+from trainer.data.sequences import load_transitions
+from trainer.data.teacher import SparseTeacher
+from trainer.model.encoder import MQSAEncoder
+from trainer.runtime.checkpoint import CheckpointError, load_best_table
+from trainer.runtime.distributed import init_distributed, shutdown
+from trainer.runtime.run_dir import RunDir
 
 
 def load_trained(
@@ -627,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
     if args.tune_users < 1:
         parser.error(f"--tune-users must be at least 1, got {args.tune_users}")
-    quiet.install()  # the third-party warnings we understand (core/quiet.py), also under torchrun
+    quiet.install()  # the warnings we understand (mqsa_core/quiet.py), also under torchrun
     lease = None
     try:
         run_cfg = load_config(RunDir(args.run_dir).path("config.yaml"), fit=False).export

@@ -33,9 +33,9 @@ import re
 import stat
 from dataclasses import dataclass
 
-from core.config import EVAL_PROTOCOLS
-from core.errors import UserError
-from core.storage import is_local, url_to_fs
+from mqsa_core.config import EVAL_PROTOCOLS
+from mqsa_core.errors import UserError
+from mqsa_core.storage import is_local, url_to_fs
 
 FORMAT = 2  # 1: one unversioned directory with a torch.export ``user_encoder.pt2`` (refused)
 CURRENT = "CURRENT"
@@ -78,7 +78,7 @@ class Manifest:
     dtype: str
     metric: str
     max_len: int
-    model: dict  # the run's ``model`` config section: rebuilds trainer.model.MQSAEncoder
+    model: dict  # the run's ``model`` config section: rebuilds trainer.model.encoder.MQSAEncoder
     eval_protocol: str  # paper: recommend excludes the history | repeat_aware: it does not
     source: Source
     parts: list[str]  # item parts in row order, relative to the version directory

@@ -32,11 +32,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from core.config import ModelConfig
-from core.errors import first_line
-from core.storage import url_to_fs
 from embeddings.base import ItemTable
 from embeddings.factory import table_from_rows
+from mqsa_core.config import ModelConfig
+from mqsa_core.errors import first_line
+from mqsa_core.storage import url_to_fs
 from mqsa_ted.manifest import (
     ENCODER,
     FAISS_INDEX,
@@ -51,8 +51,8 @@ from mqsa_ted.manifest import (
     resolve_version,
 )
 from mqsa_ted.recommend_cli import QueryError, history_ids, main  # noqa: F401 (main: python -m)
-from trainer.model import MQSAEncoder
-from trainer.teacher import csr_offsets
+from trainer.data.teacher import csr_offsets
+from trainer.model.encoder import MQSAEncoder
 
 QUERY_BATCH = 1024  # histories encoded and searched together
 ITEM_COLUMNS = {"item_id", "index", "count", "vector"}
@@ -146,7 +146,7 @@ def read_items(version_url: str, m: Manifest) -> tuple[pa.Array, np.ndarray, np.
 
 class Successors:
     """The transition term's side of an export: each row's successors and ``w *
-    log_count`` (``trainer.transition_term``), as CSR arrays on the host."""
+    log_count`` (``trainer.model.transition_term``), as CSR arrays on the host."""
 
     def __init__(self, payload: bytes, count: int, weight: float, url: str) -> None:
         edges = parquet_table(payload, url)
@@ -225,7 +225,7 @@ class Recommender:
         self.index, self.exact = self._load_index()
 
     def _load_encoder(self) -> UserEncoder:
-        """``trainer.model.MQSAEncoder`` rebuilt from the manifest's config, weights loaded
+        """``trainer.model.encoder.MQSAEncoder`` rebuilt from the manifest's config, weights loaded
         with ``torch.load(weights_only=True)`` (nothing in the file can run code)."""
         m, url = self.manifest, f"{self.version_url}/{ENCODER}"
         # the bytes checked against the manifest are the bytes loaded (no second read)

@@ -31,8 +31,8 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.errors import UserError, first_line
-from core.storage import is_local, url_to_fs
+from mqsa_core.errors import UserError, first_line
+from mqsa_core.storage import is_local, url_to_fs
 from mqsa_ted.manifest import read_manifest
 
 BATCH_COLUMNS = ("user_id", "history")

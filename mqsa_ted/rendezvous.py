@@ -7,7 +7,7 @@ that port, torchrun would join that job's store and wait, or fail only after imp
 (~30 s on a busy machine): :func:`host_conf` refuses it at once instead, in one line. ``launch.sh``
 runs this module before anything imports torch; ``mqsa-ted train --nproc N`` calls
 :func:`host_conf` when ``MASTER_PORT`` or ``RDZV_ENDPOINT`` names the port (without them torchrun
-picks a free port itself). Light: the standard library and :mod:`core.errors` only.
+picks a free port itself). Light: the standard library and :mod:`mqsa_core.errors` only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import socket
 import sys
 from collections.abc import Mapping
 
-from core.errors import UserError
+from mqsa_core.errors import UserError
 
 DEFAULT_ADDR = "127.0.0.1"
 

@@ -27,15 +27,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from core.config import ConfigError, load_config  # noqa: E402
-from core.errors import UserError  # noqa: E402
-from core.storage import atomic_write_bytes  # noqa: E402
+from mqsa_core.config import ConfigError, load_config  # noqa: E402
+from mqsa_core.errors import UserError  # noqa: E402
+from mqsa_core.storage import atomic_write_bytes  # noqa: E402
 from mqsa_ted.manifest import MissingExportError  # noqa: E402
 from mqsa_ted.recommend import Recommender  # noqa: E402
-from trainer.baselines import baseline_metrics  # noqa: E402
-from trainer.data import load_sequences  # noqa: E402
-from trainer.metrics import METRIC_NAMES  # noqa: E402
-from trainer.run_dir import RunDir  # noqa: E402
+from trainer.data.sequences import load_sequences  # noqa: E402
+from trainer.evaluation.baselines import baseline_metrics  # noqa: E402
+from trainer.evaluation.metrics import METRIC_NAMES  # noqa: E402
+from trainer.runtime.run_dir import RunDir  # noqa: E402
 
 PROTOCOLS = {
     "paper": "paper (the whole train history is excluded from the ranking; a target inside it "
@@ -60,7 +60,7 @@ def metrics_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 BASELINE_NAMES = {"most_popular": "most popular", "last_item": "last item -> most frequent next"}
-SELECTION_METRIC = "NDCG@20"  # valid metric that picks the best epoch (trainer.trainer)
+SELECTION_METRIC = "NDCG@20"  # valid metric that picks the best epoch (trainer.runtime.trainer)
 HEADLINE_METRIC = "NDCG@10"  # test metric the lift is stated in
 
 

@@ -49,14 +49,21 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 import yaml
 
-from core import openmp, quiet
-from core.config import Config, ConfigError, load_config
-from core.errors import UserError, first_line
-from core.lease import Lease, lease_url, read_holder
-from core.prepared import require_complete
-from core.storage import atomic_write_bytes, is_local, is_root, mark_owned, read_json, write_json
+from mqsa_core import openmp, quiet
+from mqsa_core.config import Config, ConfigError, load_config
+from mqsa_core.errors import UserError, first_line
+from mqsa_core.lease import Lease, lease_url, read_holder
+from mqsa_core.prepared import require_complete
+from mqsa_core.storage import (
+    atomic_write_bytes,
+    is_local,
+    is_root,
+    mark_owned,
+    read_json,
+    write_json,
+)
 from mqsa_ted.cli import read_config
-from trainer.run_dir import RunDir
+from trainer.runtime.run_dir import RunDir
 
 if TYPE_CHECKING:  # Optuna is imported only once every argument has been checked
     import optuna

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from core.errors import UserError
-from core.storage import atomic_write_bytes
+from mqsa_core.errors import UserError
+from mqsa_core.storage import atomic_write_bytes
 
 COLUMNS = ["user", "item", "rating", "timestamp"]
 

@@ -36,7 +36,7 @@ import fsspec
 import pyarrow as pa
 from convert_amazon import write_events  # scripts/: Parquet or CSV by extension, atomic
 
-from core.errors import UserError, first_line
+from mqsa_core.errors import UserError, first_line
 
 NAMED = 3  # malformed lines named in the summary of --skip-bad
 CHUNK = 1 << 20  # events buffered in Python lists before they become Arrow arrays

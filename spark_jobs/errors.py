@@ -6,7 +6,7 @@ from typing import Any
 
 from py4j.protocol import Py4JError
 
-from core.errors import UserError
+from mqsa_core.errors import UserError
 
 MAX_CAUSES = 64  # guard against a cause chain that loops
 WRAPPERS = {"RuntimeException", "SparkException", "Exception", "ExecutionException"}

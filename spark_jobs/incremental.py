@@ -41,8 +41,8 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from core.config import ConfigError, DataConfig
-from core.prepared import SEQUENCES, TRANSITIONS, VOCAB, DataError, read_stats
+from mqsa_core.config import ConfigError, DataConfig
+from mqsa_core.prepared import SEQUENCES, TRANSITIONS, VOCAB, DataError, read_stats
 from spark_jobs.errors import PrepareError
 from spark_jobs.sequences import MIN_EVENTS
 from spark_jobs.vocab import dense_rank_index

@@ -15,7 +15,7 @@ the run takes a lock (:mod:`spark_jobs.ownership`); everything is written into a
 written there last; then the sibling is renamed to ``D`` (a previous ``D``, only if it carries
 our marker of the same kind, is first renamed aside and deleted afterwards). On a local disk or
 HDFS the rename is atomic; on object stores a rename is a copy, so readers must check
-``_COMPLETE`` (the readers of :mod:`core.prepared` do).
+``_COMPLETE`` (the readers of :mod:`mqsa_core.prepared` do).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 from fsspec.utils import get_protocol
 from py4j.protocol import Py4JJavaError
 
-from core.lease import Lease
-from core.prepared import COMPLETE_MARKER, is_data_file
-from core.storage import StorageError, full_url, url_to_fs
+from mqsa_core.lease import Lease
+from mqsa_core.prepared import COMPLETE_MARKER, is_data_file
+from mqsa_core.storage import StorageError, full_url, url_to_fs
 from spark_jobs.errors import PrepareError
 from spark_jobs.ownership import OWNER_MARKER, RunLock, mark_owned, owned_kind, sweep
 

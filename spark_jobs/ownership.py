@@ -3,7 +3,7 @@
 Ownership marker: every directory the data jobs commit carries ``.mqsa-ted-owned`` (JSON:
 ``kind``, ``created_by``, ``created_at``), written into its staging directory before anything
 else. A directory without the marker of the expected kind is never replaced or removed.
-(``mark_owned``/``is_owned`` stand in for the shared helpers of :mod:`core.storage`.)
+(``mark_owned``/``is_owned`` stand in for the shared helpers of :mod:`mqsa_core.storage`.)
 
 Run lock: while a job writes the output ``<parent>/<name>`` it holds the file
 ``<parent>/.<name>.lock-<token>`` (JSON: ``pid``, ``host``, ``started``, ``heartbeat``, epoch
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from core.lease import pid_alive
-from core.prepared import COMPLETE_MARKER
-from core.storage import StorageError, atomic_write_bytes, full_url, read_json
+from mqsa_core.lease import pid_alive
+from mqsa_core.prepared import COMPLETE_MARKER
+from mqsa_core.storage import StorageError, atomic_write_bytes, full_url, read_json
 
 OWNER_MARKER = ".mqsa-ted-owned"
 HEARTBEAT_S = 30.0  # seconds between two heartbeats of a running job's lock

@@ -20,9 +20,9 @@ from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from core.config import ConfigError, DataConfig, check_prepare, load_config
-from core.errors import UserError
-from core.prepared import NEW_TARGETS, STATS_FILE
+from mqsa_core.config import ConfigError, DataConfig, check_prepare, load_config
+from mqsa_core.errors import UserError
+from mqsa_core.prepared import NEW_TARGETS, STATS_FILE
 from spark_jobs.clean import (
     ROW_REASONS,
     annotate,

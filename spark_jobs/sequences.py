@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from core.prepared import NEW_TARGETS
+from mqsa_core.prepared import NEW_TARGETS
 
 BROADCAST_MAX_ITEMS = 2_000_000  # above this the vocab join shuffles (AQE splits hot items)
 MIN_EVENTS = 3  # leave-one-out needs a train item, a validation and a test target

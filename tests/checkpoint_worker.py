@@ -8,11 +8,11 @@ import sys
 
 import torch
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from tests.dist_worker import item_table
-from trainer.builder import build_run
-from trainer.distributed import init_distributed, shutdown
-from trainer.trainer import Trainer
+from trainer.runtime.builder import build_run
+from trainer.runtime.distributed import init_distributed, shutdown
+from trainer.runtime.trainer import Trainer
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     state = trainer.start_state()
     table = item_table(trainer)  # collective: every rank takes part
     if env.is_main:
-        params = {**trainer.model.encoder.state_dict(), "item_table": table}
+        params = {**trainer.model.encoder.encoder.state_dict(), "item_table": table}
         torch.save({"params": params, "epoch": state.epoch}, out)
     shutdown()
 

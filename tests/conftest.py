@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import SparkSession
 
-from core.config import DataConfig
-from core.prepared import dataset_files
+from mqsa_core.config import DataConfig
+from mqsa_core.prepared import dataset_files
 from spark_jobs.prepare import prepare
 from spark_jobs.progress import Progress
 from spark_jobs.session import build_session
-from trainer import cpu_kernels
+from trainer.model import cpu_kernels
 
 # This project's Intel machines run in VMs that hide avx512_bf16 from /proc/cpuinfo while their
 # CPU executes it: probed in a child process, the kernel's tests then run there too.

@@ -13,12 +13,12 @@ from itertools import islice
 import torch
 import torch.distributed as dist
 
-from core.config import load_config
-from trainer.builder import build_run
-from trainer.distributed import init_distributed, shutdown
-from trainer.evaluate import evaluate
-from trainer.trainer import Trainer
-from trainer.user_source import InMemoryUsers
+from mqsa_core.config import load_config
+from trainer.data.user_source import InMemoryUsers
+from trainer.evaluation.evaluate import evaluate
+from trainer.runtime.builder import build_run
+from trainer.runtime.distributed import init_distributed, shutdown
+from trainer.runtime.trainer import Trainer
 
 BASE = ["data.max_len=12", "model.dim=16", "model.dropout=0.0", "train.batch_size=32",
         "train.progress=false"]  # fmt: skip
@@ -38,7 +38,7 @@ def gathered_table(table) -> torch.Tensor:
 
 
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
-    params = {k: v.detach().clone() for k, v in trainer.model.encoder.state_dict().items()}
+    params = {k: v.detach().clone() for k, v in trainer.model.encoder.encoder.state_dict().items()}
     params["item_table"] = item_table(trainer)
     return params
 
@@ -49,10 +49,16 @@ def run_case(data_dir: str, steps: int, overrides: list[str], env) -> dict:
     initial = snapshot(trainer)
     for step, batch in enumerate(islice(trainer.step_batches(epoch=1), steps)):
         trainer.train_step(batch, step)
-    result = {"initial": initial, "params": snapshot(trainer), "metrics": trainer.evaluate()}
+    result = {
+        "initial": initial,
+        "params": snapshot(trainer),
+        "metrics": trainer.evaluation.evaluate(),
+    }
     if cfg.data.stream:
         in_memory = InMemoryUsers(cfg, env.rank, env.world)
-        result["metrics_in_memory"] = evaluate(trainer.model.encoder, trainer.table, in_memory)
+        result["metrics_in_memory"] = evaluate(
+            trainer.model.encoder.encoder, trainer.table, in_memory
+        )
     return result
 
 

@@ -8,8 +8,8 @@ line that names the step, the part, the path and the switch that helps.
 
 import sys
 
-import trainer.builder as builder
-from trainer.cpu_kernels import CpuKernel
+import trainer.runtime.builder as builder
+from trainer.model.cpu_kernels import CpuKernel
 from trainer.train import main
 
 

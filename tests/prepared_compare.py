@@ -3,7 +3,7 @@ standalone cluster against local mode)."""
 
 from __future__ import annotations
 
-from core.prepared import dataset_files
+from mqsa_core.prepared import dataset_files
 from tests.conftest import read_output
 
 SORT_KEYS = {"vocab": ["index"], "sequences": ["user_id"], "transitions": ["src", "dst"]}

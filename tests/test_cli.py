@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.prepared import read_stats
+from mqsa_core.prepared import read_stats
 from mqsa_ted import cli
 from mqsa_ted.rendezvous import RendezvousError, host_conf
 from tests.test_serving_queries import synthetic_export
@@ -203,8 +203,8 @@ def test_example_config_prepares_the_example_log(spark, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("preset,expected", [(None, "3000"), ("250000", "250000")])
 def test_every_command_limits_openmp_spinning_before_torch_loads(preset, expected):
-    """libgomp reads GOMP_SPINCOUNT when torch loads it: the CLI sets it first (core/openmp.py),
-    and keeps a value the user set."""
+    """libgomp reads GOMP_SPINCOUNT when torch loads it: the CLI sets it first
+    (mqsa_core/openmp.py), and keeps a value the user set."""
     code = (
         "import os, sys; from mqsa_ted import cli;"
         "cli.main(['config', 'configs/demo.yaml', 'train.epochs']);"

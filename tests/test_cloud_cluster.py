@@ -18,8 +18,8 @@ from pathlib import Path
 import pyspark
 import pytest
 
-from core.config import load_config
-from core.prepared import read_stats
+from mqsa_core.config import load_config
+from mqsa_core.prepared import read_stats
 from spark_jobs.prepare import prepare
 from spark_jobs.progress import Progress
 from spark_jobs.synth import SynthSpec, write_log
@@ -30,7 +30,13 @@ SPARK_CLASS = Path(pyspark.__file__).parent / "bin" / "spark-class"
 # the placeholders of the documented command and what the test puts in their place
 MASTER, EVENTS, PREPARED = "spark://HOST:7077", "hdfs:///data/events/", "hdfs:///data/prepared/"
 CONFIG = "configs/catalog.yaml"
-PACKAGES = ("core", "spark_jobs", "embeddings", "trainer", "mqsa_ted")  # the project's packages
+PACKAGES = (
+    "mqsa_core",
+    "spark_jobs",
+    "embeddings",
+    "trainer",
+    "mqsa_ted",
+)  # the project's packages
 ENV = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1",  # bind and advertise loopback only
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
 
@@ -42,7 +48,8 @@ def documented_command() -> str:
 
 
 def job_modules() -> set[str]:
-    """The project's modules the prepare job imports, as paths in a clone (``core/config.py``)."""
+    """The project's modules the prepare job imports, as paths in a clone
+    (``mqsa_core/config.py``)."""
     code = (
         "import sys, spark_jobs.prepare; print(' '.join(n for n, m in sys.modules.items() "
         f"if n.split('.')[0] in {PACKAGES!r} and getattr(m, '__file__', None)))"
@@ -134,7 +141,7 @@ def test_documented_spark_submit_on_a_standalone_cluster_matches_local_mode(
     with zipfile.ZipFile(job / "jobs.zip") as shipped:
         missing = imported - set(shipped.namelist())
     assert not missing, f"jobs.zip lacks {sorted(missing)}"
-    assert {m.split("/")[0] for m in imported} == {"core", "spark_jobs"}
+    assert {m.split("/")[0] for m in imported} == {"mqsa_core", "spark_jobs"}
     # the tasks ran in the worker's executor, not in the driver
     executor_logs = list(work.glob("app-*/*/stderr"))
     assert executor_logs and "Running task" in executor_logs[0].read_text(errors="replace")

@@ -31,9 +31,9 @@ import torch
 
 import mqsa_ted.export
 import mqsa_ted.recommend
-from core.config import load_config
-from core.prepared import read_stats
-from core.storage import load_state
+from mqsa_core.config import load_config
+from mqsa_core.prepared import read_stats
+from mqsa_core.storage import load_state
 from mqsa_ted.manifest import read_manifest
 from spark_jobs.io import route
 from spark_jobs.prepare import prepare

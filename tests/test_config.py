@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
-from core.config import Config, ConfigError, load_config
+from mqsa_core.config import Config, ConfigError, load_config
 
 
 def test_paper_configs_load_with_the_method_defaults():

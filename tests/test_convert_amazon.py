@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from core.prepared import read_stats
+from mqsa_core.prepared import read_stats
 from mqsa_ted import cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import DataConfig
+from mqsa_core.config import DataConfig
 from spark_jobs.read import read_events
 from tests.conftest import read_output
 

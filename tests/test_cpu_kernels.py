@@ -1,4 +1,4 @@
-"""The hand-written CPU kernel of the paper-mode log-partition (trainer/cpu_kernels.py): the
+"""The hand-written CPU kernel of the paper-mode log-partition (trainer/model/cpu_kernels.py): the
 score product to bf16 rounding, torch's softmax to bf16 rounding, an exact transpose whose
 padding is zeros, the fused pass equal to the two, and the same log-partition with and without
 it, also for a product that reads the transpose's padding (as oneDNN's AMX kernels do).
@@ -13,15 +13,15 @@ from itertools import islice
 import pytest
 import torch
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from tests.synthetic import write_prepared
-from trainer import cpu_kernels, logpartition
-from trainer.builder import build_components, load_cpu_kernel
-from trainer.distributed import DistEnv
-from trainer.engine import DivergenceGuard, build_optimizer
-from trainer.logpartition import weighted_log_partition
-from trainer.prefetch import prefetched
-from trainer.transition_term import ScoreBonus
+from trainer.data.prefetch import prefetched
+from trainer.model import cpu_kernels, logpartition
+from trainer.model.logpartition import weighted_log_partition
+from trainer.model.transition_term import ScoreBonus
+from trainer.runtime.builder import build_components, load_cpu_kernel
+from trainer.runtime.distributed import DistEnv
+from trainer.runtime.engine import DivergenceGuard, build_optimizer
 
 REASON = cpu_kernels.missing()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"CPU kernel: {REASON}")

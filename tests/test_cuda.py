@@ -12,13 +12,13 @@ from itertools import islice
 import pytest
 import torch
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from tests.synthetic import write_prepared
-from trainer.builder import build_components
-from trainer.distributed import DistEnv
-from trainer.evaluate import evaluate
-from trainer.logpartition import weighted_log_partition
-from trainer.prefetch import prefetched
+from trainer.data.prefetch import prefetched
+from trainer.evaluation.evaluate import evaluate
+from trainer.model.logpartition import weighted_log_partition
+from trainer.runtime.builder import build_components
+from trainer.runtime.distributed import DistEnv
 
 pytestmark = [
     pytest.mark.cuda,

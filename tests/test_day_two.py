@@ -17,13 +17,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import DataConfig, load_config
-from core.prepared import DataError
+from mqsa_core.config import DataConfig, load_config
+from mqsa_core.prepared import DataError
 from mqsa_ted.manifest import ADDED_ITEMS, read_manifest
 from spark_jobs.prepare import prepare
 from spark_jobs.progress import Progress
 from tests.conftest import read_output
-from trainer.data import load_sequences
+from trainer.data.sequences import load_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["data.max_len=12", "model.dim=16", "train.batch_size=32", "train.epochs=1",

@@ -1,8 +1,8 @@
 """Every tensor of a training step lives on the run's device.
 
 1. Whole training steps (forward, backward, optimizer) run on the ``meta`` device with every
-   component built by ``trainer.builder``: PyTorch refuses to mix meta and host tensors, so a
-   tensor created on the wrong device fails the step, and a meta tensor has no value, so any
+   component built by ``trainer.runtime.builder``: PyTorch refuses to mix meta and host tensors, so
+   a tensor created on the wrong device fails the step, and a meta tensor has no value, so any
    read of a value on the host (``.item()``, a data-dependent shape) fails it too. The only host
    reads of training are in ``Trainer.host_reads``, which the step does not call.
 2. A static scan of ``trainer/`` and ``embeddings/``: tensor factories in device-side code name
@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from tests.synthetic import write_prepared
-from trainer.builder import build_components
-from trainer.distributed import DistEnv
-from trainer.engine import DivergenceGuard, build_optimizer
-from trainer.prefetch import prefetched
+from trainer.data.prefetch import prefetched
+from trainer.runtime.builder import build_components
+from trainer.runtime.distributed import DistEnv
+from trainer.runtime.engine import DivergenceGuard, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 META = DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("meta"))
@@ -78,17 +78,17 @@ FACTORIES = {
 SCANNED = ("trainer", "embeddings")
 # Host-side code, where factories without a device are meant. Whole modules: (path, reason).
 HOST_MODULES = {
-    "trainer/data.py": "reads the prepared data into host tensors",
-    "trainer/user_source.py": "host user batches",
-    "trainer/user_stream.py": "host user batches streamed from Parquet",
-    "trainer/samplers.py": "draws candidates on the host, in the prefetching loader",
-    "trainer/teacher.py": "builds the teacher on the host (the step gathers its device copy)",
-    "trainer/batches.py": "builds each batch on the host before it moves to the device",
-    "trainer/baselines.py": "non-learned baselines: a host tool",
-    "trainer/checkpoint.py": "checkpoint I/O: host state read from files",
+    "trainer/data/sequences.py": "reads the prepared data into host tensors",
+    "trainer/data/user_source.py": "host user batches",
+    "trainer/data/user_stream.py": "host user batches streamed from Parquet",
+    "trainer/data/samplers.py": "draws candidates on the host, in the prefetching loader",
+    "trainer/data/teacher.py": "builds the teacher on the host (the step gathers its device copy)",
+    "trainer/data/batches.py": "builds each batch on the host before it moves to the device",
+    "trainer/evaluation/baselines.py": "non-learned baselines: a host tool",
+    "trainer/runtime/checkpoint.py": "checkpoint I/O: host state read from files",
     "trainer/train.py": "command line",
-    "trainer/warm_start.py": "seeds the tables from a previous run at build time, on the host",
-    "trainer/kernel_check.py": "the CPU kernel's self-check at build time: CPU problems",
+    "trainer/runtime/warm_start.py": "seeds the tables from a previous run at build time (host)",
+    "trainer/model/kernel_check.py": "the CPU kernel's self-check at build time: CPU problems",
 }
 # Host-side functions inside device-side modules: (path, function) -> reason.
 HOST_FUNCTIONS = {
@@ -100,9 +100,12 @@ HOST_FUNCTIONS = {
     ("embeddings/torchrec_table.py", "local_rows"): "checks the host list of row ids",
     ("embeddings/torchrec_table.py", "held_ids"): "the host list of held row ids",
     ("embeddings/dense.py", "held_ids"): "the host list of held row ids",
-    ("trainer/model.py", "__init__"): "seeded parameter init on the host, moved by the builder",
-    ("trainer/evaluate.py", "eval_split"): "builds the evaluation masks on the host",
-    ("trainer/evaluate.py", "excluded"): "builds the evaluation masks on the host",
+    (
+        "trainer/model/encoder.py",
+        "__init__",
+    ): "seeded parameter init on the host, moved by the builder",
+    ("trainer/evaluation/evaluate.py", "eval_split"): "builds the evaluation masks on the host",
+    ("trainer/evaluation/evaluate.py", "excluded"): "builds the evaluation masks on the host",
 }
 
 

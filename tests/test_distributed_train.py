@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from tests.dist_worker import BASE
 from tests.synthetic import write_prepared
-from trainer.batches import trim
-from trainer.data import load_sequences, load_transitions
-from trainer.evaluate import TRANSITION_SCALES
-from trainer.model import MQSAEncoder
+from trainer.data.batches import trim
+from trainer.data.sequences import load_sequences, load_transitions
+from trainer.evaluation.evaluate import TRANSITION_SCALES
+from trainer.model.encoder import MQSAEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "dist_worker.py")

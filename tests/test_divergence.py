@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.synthetic import write_prepared
-from trainer import cpu_kernels
+from trainer.model import cpu_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,11 +3,11 @@ last batch that is empty (users an exact multiple of the batch size)."""
 
 import torch
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from tests.synthetic import write_prepared
-from trainer.builder import build_components
-from trainer.distributed import DistEnv
-from trainer.evaluate import evaluate
+from trainer.evaluation.evaluate import evaluate
+from trainer.runtime.builder import build_components
+from trainer.runtime.distributed import DistEnv
 
 HOST = DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
 

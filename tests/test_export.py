@@ -15,15 +15,16 @@ import torch
 import mqsa_ted.export
 import mqsa_ted.recommend
 import mqsa_ted.report
-from core.config import load_config
-from core.lease import Lease
+from mqsa_core.config import load_config
+from mqsa_core.lease import Lease
 from mqsa_ted.export import export_run, load_trained
 from mqsa_ted.manifest import CURRENT, ExportError, MissingExportError, read_manifest
 from mqsa_ted.recommend import Recommender
+from tests.reference_ranks import target_ranks
 from tests.synthetic import write_prepared
-from trainer.batches import trim
-from trainer.data import load_sequences
-from trainer.evaluate import EvalSplit, target_ranks
+from trainer.data.batches import trim
+from trainer.data.sequences import load_sequences
+from trainer.evaluation.evaluate import EvalSplit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from tests.synthetic import write_prepared
-from trainer import cpu_kernels, kernel_check
-from trainer.builder import build_components
-from trainer.distributed import DistEnv
-from trainer.engine import DivergenceGuard, build_optimizer
-from trainer.prefetch import prefetched
+from trainer.data.prefetch import prefetched
+from trainer.model import cpu_kernels, kernel_check
+from trainer.runtime.builder import build_components
+from trainer.runtime.distributed import DistEnv
+from trainer.runtime.engine import DivergenceGuard, build_optimizer
 
 HOST = DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
 ALL_FLAGS = " ".join(f"+{flag}" for flag in cpu_kernels.CPU_FLAGS)

@@ -1,6 +1,6 @@
 """Every launcher's environment maps to the same rank, local rank, world and device index
-(``core.launch_env``): torchrun, Slurm's ``srun``, Open MPI's and MPICH's ``mpirun``, set by hand
-as each launcher sets them; and ranks started with only Open MPI's variables form a real
+(``mqsa_core.launch_env``): torchrun, Slurm's ``srun``, Open MPI's and MPICH's ``mpirun``, set by
+hand as each launcher sets them; and ranks started with only Open MPI's variables form a real
 process group."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from core.launch_env import (
+from mqsa_core.launch_env import (
     LaunchError,
     export_torch_env,
     first_host,
@@ -79,7 +79,7 @@ def test_ranks_started_like_mpirun_form_one_process_group(tmp_path):
     """Two processes with only Open MPI's variables (what ``mpirun -np 2`` sets) and the
     rendezvous address: ``init_distributed`` gives each its rank, the world and its device."""
     code = (
-        "from trainer.distributed import init_distributed, shutdown;"
+        "from trainer.runtime.distributed import init_distributed, shutdown;"
         "import torch.distributed as dist;"
         "env = init_distributed(timeout_s=60);"
         "print(env.rank, env.world, env.local_rank, env.device, dist.get_world_size());"

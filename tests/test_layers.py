@@ -1,7 +1,11 @@
 """The packages form layers that import one way (docs/architecture.md draws the graph):
 
-    core  <-  spark_jobs
-    core  <-  embeddings  <-  trainer  <-  mqsa_ted (export, recommend, report, the CLI)
+    mqsa_core  <-  spark_jobs
+    mqsa_core  <-  embeddings  <-  trainer  <-  mqsa_ted (export, recommend, report, the CLI)
+
+and so do trainer's subpackages:
+
+    trainer.data  <-  trainer.model  <-  trainer.evaluation  <-  trainer.runtime  <-  trainer.train
 
 and reading a config stays light (no torch, DeepSpeed or Spark), so a bad setting is refused
 before any heavy import.
@@ -16,11 +20,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
-    "core": set(),
-    "spark_jobs": {"core"},
-    "embeddings": {"core"},
-    "trainer": {"core", "embeddings"},
-    "mqsa_ted": {"core", "spark_jobs", "embeddings", "trainer"},
+    "mqsa_core": set(),
+    "spark_jobs": {"mqsa_core"},
+    "embeddings": {"mqsa_core"},
+    "trainer": {"mqsa_core", "embeddings"},
+    "mqsa_ted": {"mqsa_core", "spark_jobs", "embeddings", "trainer"},
+}
+# trainer's subpackages: each imports only those listed (and itself)
+TRAINER_ALLOWED = {
+    "data": set(),
+    "model": {"data"},
+    "evaluation": {"data", "model"},
+    "runtime": {"data", "model", "evaluation"},
+    "train": {"runtime"},
 }
 
 
@@ -51,10 +63,38 @@ def test_every_import_points_down_the_layers():
 
 def test_reading_a_config_imports_nothing_heavy():
     code = (
-        "import sys; from core.config import load_config; load_config(None, ['train.epochs=2']);"
+        "import sys; from mqsa_core.config import load_config;"
+        "load_config(None, ['train.epochs=2']);"
         "heavy = ('torch', 'deepspeed', 'pyspark', 'torchrec');"
         "print(sorted(m for m in heavy if m in sys.modules))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def trainer_parts(path: Path) -> set[str]:
+    """trainer's subpackages (or ``train``) that ``path`` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found |= {name.split(".")[1] for name in names if name.startswith("trainer.")}
+    return found
+
+
+def test_trainer_subpackages_import_one_way():
+    wrong = []
+    for path in sorted((ROOT / "trainer").rglob("*.py")):
+        parts = path.relative_to(ROOT / "trainer").parts
+        if parts == ("__init__.py",):
+            continue
+        part = parts[0].removesuffix(".py")
+        assert part in TRAINER_ALLOWED, f"{path.relative_to(ROOT)}: no layer for trainer.{part}"
+        for target in trainer_parts(path) - TRAINER_ALLOWED[part] - {part}:
+            wrong.append(f"{path.relative_to(ROOT)} imports trainer.{target}")
+    assert not wrong, "\n".join(wrong)

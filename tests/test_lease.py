@@ -1,6 +1,6 @@
 """One job at a time owns a run directory, a prepared-data directory or an export
-(``core.lease``): a second job is refused in one line naming the holder, a lease whose holder is
-gone is taken over with a line saying so; on a local filesystem and on S3 (moto). A run
+(``mqsa_core.lease``): a second job is refused in one line naming the holder, a lease whose holder
+is gone is taken over with a line saying so; on a local filesystem and on S3 (moto). A run
 directory of someone else's files is refused and left as it was."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import fsspec
 import pytest
 import s3fs
 
-from core.lease import STALE_AFTER_S, Lease, LeaseHeld, lease_url
+from mqsa_core.lease import STALE_AFTER_S, Lease, LeaseHeld, lease_url
 from tests.s3_server import S3Server
 from tests.synthetic import write_prepared
 

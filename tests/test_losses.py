@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.logpartition import weighted_log_partition
-from trainer.losses import TeacherRows, full_softmax_rec_loss, ted_loss
-from trainer.teacher import SparseTeacher
+from trainer.data.teacher import SparseTeacher
+from trainer.model.logpartition import weighted_log_partition
+from trainer.model.losses import TeacherRows, full_softmax_rec_loss, ted_loss
 
 
 @pytest.mark.parametrize("zero_column", [False, True])

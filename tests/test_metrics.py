@@ -4,8 +4,9 @@ import math
 
 import torch
 
-from trainer.evaluate import EvalSplit, target_ranks
-from trainer.metrics import metric_sums, metrics_from_sums
+from tests.reference_ranks import target_ranks
+from trainer.evaluation.evaluate import EvalSplit
+from trainer.evaluation.metrics import metric_sums, metrics_from_sums
 
 
 def test_metrics_from_hand_computed_ranks():

@@ -2,9 +2,9 @@
 
 import torch
 
-from core.config import ModelConfig
-from trainer.batches import length_groups
-from trainer.model import MQSAEncoder, PackedLayout, dropout, window_mean
+from mqsa_core.config import ModelConfig
+from trainer.data.batches import length_groups
+from trainer.model.encoder import MQSAEncoder, PackedLayout, dropout, window_mean
 
 
 def test_window_mean_matches_brute_force_loop():

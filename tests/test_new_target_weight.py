@@ -11,17 +11,17 @@ import pyarrow as pa
 import pytest
 import torch
 
-from core.prepared import DataError
-from trainer.batches import BatchBuilder, accidental_hits
-from trainer.data import TrainRows, sequences_from_table
-from trainer.losses import (
+from mqsa_core.prepared import DataError
+from trainer.data.batches import BatchBuilder, accidental_hits
+from trainer.data.sequences import TrainRows, sequences_from_table
+from trainer.data.teacher import SparseTeacher
+from trainer.model.losses import (
     TeacherRows,
     full_softmax_rec_loss,
     sampled_rec_loss,
     sampled_ted_loss,
     ted_loss,
 )
-from trainer.teacher import SparseTeacher
 
 N, D, TAU = 30, 8, 0.1
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from trainer.progress import EtaBar, PlainProgress, RunEta, format_duration, progress
+from mqsa_core.progress import EtaBar, PlainProgress, RunEta, format_duration, progress
 
 
 @pytest.mark.parametrize(

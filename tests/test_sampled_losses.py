@@ -8,20 +8,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from core.config import load_config
 from embeddings.dense import DenseItemTable
-from trainer.batches import BatchBuilder, accidental_hits
-from trainer.losses import (
+from mqsa_core.config import load_config
+from trainer.data.batches import BatchBuilder, accidental_hits
+from trainer.data.samplers import Candidates, NegativeSampler, load_item_counts, occurrences
+from trainer.data.teacher import SparseTeacher
+from trainer.model.encoder import MQSAEncoder
+from trainer.model.losses import (
     TeacherRows,
     full_softmax_rec_loss,
     sampled_rec_loss,
     sampled_ted_loss,
     ted_loss,
 )
-from trainer.model import MQSAEncoder
-from trainer.objectives import CatalogObjective, PaperObjective
-from trainer.samplers import Candidates, NegativeSampler, load_item_counts, occurrences
-from trainer.teacher import SparseTeacher
+from trainer.model.objectives import CatalogObjective, PaperObjective
 
 N, D, TAU = 30, 8, 0.1
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import ModelConfig
+from mqsa_core.config import ModelConfig
 from mqsa_ted.export import build_faiss, export_vectors, tune_search
 from mqsa_ted.manifest import CURRENT, MANIFEST, ExportError, apply_search, read_manifest
 from mqsa_ted.recommend import Recommender
 from tests.synthetic import write_vocab
-from trainer.model import MQSAEncoder
+from trainer.model.encoder import MQSAEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"recall@10 (\d\.\d{4}) recall@100 (\d\.\d{4}) p99 (\d+\.\d{2}) ms")

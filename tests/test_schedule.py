@@ -1,9 +1,9 @@
-"""The learning-rate schedule's factors (trainer/schedule.py) and its config key."""
+"""The learning-rate schedule's factors (trainer/runtime/schedule.py) and its config key."""
 
 import pytest
 
-from core.config import ConfigError, load_config
-from trainer.schedule import describe_schedule, lr_factor, planned_epochs
+from mqsa_core.config import ConfigError, load_config
+from trainer.runtime.schedule import describe_schedule, lr_factor, planned_epochs
 
 
 def train_config(*overrides: str):

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from core.config import ModelConfig
+from mqsa_core.config import ModelConfig
 from mqsa_ted.export import export_vectors
 from mqsa_ted.recommend import QueryError, Recommender, main
 from tests.synthetic import write_prepared
-from trainer.model import MQSAEncoder
+from trainer.model.encoder import MQSAEncoder
 
 DIM, MAX_LEN = 16, 8
 

@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from core.config import ModelConfig
+from mqsa_core.config import ModelConfig
 from mqsa_ted.export import export_vectors
 from mqsa_ted.manifest import CURRENT, ENCODER, MANIFEST, OWNER_MARKER, ExportError, load_tensors
 from mqsa_ted.recommend import Recommender, main
 from tests.test_serving_queries import DIM, MAX_LEN, synthetic_export
-from trainer.model import MQSAEncoder
+from trainer.model.encoder import MQSAEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 

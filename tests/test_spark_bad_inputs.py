@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import DataConfig
+from mqsa_core.config import DataConfig
 from spark_jobs.clean import ROW_REASONS
 from spark_jobs.errors import PrepareError
 from spark_jobs.prepare import main, prepare

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import ConfigError, DataConfig
+from mqsa_core.config import ConfigError, DataConfig
 from spark_jobs.errors import PrepareError
 from spark_jobs.prepare import main, prepare
 from spark_jobs.progress import Progress
-from spark_jobs.reference import reference_transitions
 from tests.conftest import read_output
+from tests.reference import reference_transitions
 from tests.test_spark_bad_inputs import assert_accounted
 
 BASE = [("a", "x", 1), ("a", "y", 2), ("a", "z", 3), ("a", "x", 4),

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import DataConfig
-from core.lease import LeaseHeld
-from core.prepared import COMPLETE_MARKER, DataError, dataset_files, read_stats
+from mqsa_core.config import DataConfig
+from mqsa_core.lease import LeaseHeld
+from mqsa_core.prepared import COMPLETE_MARKER, DataError, dataset_files, read_stats
 from spark_jobs.errors import PrepareError
 from spark_jobs.io import OutputStaging, staged_output
 from spark_jobs.ownership import OWNER_MARKER, STALE_AFTER_S, mark_owned

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from core.prepared import read_stats
-from spark_jobs.reference import reference_split
+from mqsa_core.prepared import read_stats
 from spark_jobs.synth import SynthSpec, write_log
 from tests.conftest import read_output
+from tests.reference import reference_split
 
 ROWS = [  # (user, item, timestamp) in file order
     ("a", "x", 3), ("a", "y", 1), ("a", "z", 2), ("a", "w", 2), ("a", "v", 5),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow.dataset as ds
 import pytest
 
-from spark_jobs.reference import reference_split, reference_transitions
 from spark_jobs.synth import SynthSpec, write_log
 from tests.conftest import read_output
+from tests.reference import reference_split, reference_transitions
 
 MAX_LEN = 4  # short, so that paper mode's cut changes the graph
 

@@ -16,10 +16,10 @@ import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from core.config import ConfigError, load_config
+from mqsa_core.config import ConfigError, load_config
 from tests.synthetic import write_prepared
-from trainer.metrics import METRIC_NAMES
-from trainer.tracking import Tracker, TrackingError
+from trainer.evaluation.metrics import METRIC_NAMES
+from trainer.runtime.tracking import Tracker, TrackingError
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_KEYS = ("epoch", "loss", "loss_rec", "loss_kd", "seconds", "eval_seconds")

@@ -13,20 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from mqsa_ted.export import export_run, load_trained
 from mqsa_ted.manifest import TRANSITIONS, ExportError
 from mqsa_ted.recommend import Recommender
 from tests.synthetic import write_prepared
 from tests.test_distributed_train import transition_scores
 from tests.test_export import train
-from trainer.batches import BatchBuilder, accidental_hits
-from trainer.evaluate import TRANSITION_SCALES
-from trainer.logpartition import weighted_log_partition
-from trainer.losses import full_softmax_rec_loss, sampled_rec_loss
-from trainer.samplers import NegativeSampler
-from trainer.teacher import SparseTeacher
-from trainer.transition_term import ScoreBonus, training_bonus
+from trainer.data.batches import BatchBuilder, accidental_hits
+from trainer.data.samplers import NegativeSampler
+from trainer.data.teacher import SparseTeacher
+from trainer.evaluation.evaluate import TRANSITION_SCALES
+from trainer.model.logpartition import weighted_log_partition
+from trainer.model.losses import full_softmax_rec_loss, sampled_rec_loss
+from trainer.model.transition_term import ScoreBonus, training_bonus
 
 
 def random_bias(rows: int, items: int, count: int, seed: int = 0) -> ScoreBonus:
@@ -157,7 +157,7 @@ def test_recommend_returns_the_exact_top_k_of_the_combined_scores(tmp_path):
 
 def test_a_warm_start_refuses_a_changed_transition_term(tmp_path):
     """The term's weight is part of the model's shape: no silent half-initialised model."""
-    from trainer.warm_start import WarmStartError, previous_items
+    from trainer.runtime.warm_start import WarmStartError, previous_items
 
     data = write_prepared(tmp_path / "data")
     run = train(data, tmp_path / "run")

@@ -127,10 +127,10 @@ def test_rotation_deletes_only_checkpoints_the_run_created(config, tmp_path):
 
 TRAIN_EACH_STAGE = """
 import sys
-from core.config import load_config
-from trainer.builder import build_run
-from trainer.distributed import init_distributed, shutdown
-from trainer.trainer import Trainer
+from mqsa_core.config import load_config
+from trainer.runtime.builder import build_run
+from trainer.runtime.distributed import init_distributed, shutdown
+from trainer.runtime.trainer import Trainer
 env = init_distributed()
 for stage in (0, 1, 2):
     overrides = [f"train.run_dir={sys.argv[2]}/zero{stage}", f"distributed.zero_stage={stage}",
@@ -154,7 +154,7 @@ def same(a, b) -> bool:
 
 
 def test_deepspeed_allowlist_is_exactly_what_zero_0_1_2_write(config, tmp_path):
-    from trainer.checkpoint import deepspeed_classes, load_torch_file
+    from trainer.runtime.checkpoint import deepspeed_classes, load_torch_file
 
     run([sys.executable, "-c", TRAIN_EACH_STAGE, str(config), str(tmp_path)])
     allowed = {f"{c.__module__}.{c.__name__}" for c in deepspeed_classes()}

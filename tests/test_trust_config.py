@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import (
+from mqsa_core.config import (
     MEMORY_ENV,
     Config,
     ConfigError,
@@ -135,7 +135,9 @@ def test_prepare_needs_the_event_log():
 def test_docs_list_every_rule():
     docs = (ROOT / "docs" / "configuration.md").read_text()
     missing = [f"| `{k}` | {t} |" for k, t in rules_table() if f"| `{k}` | {t} |" not in docs]
-    assert not missing, "regenerate with `python -m core.config --rules`:\n" + "\n".join(missing)
+    assert not missing, "regenerate with `python -m mqsa_core.config --rules`:\n" + "\n".join(
+        missing
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess, key: str) -> None:
@@ -252,8 +254,8 @@ def test_the_estimates_match_the_model():
     most what the real encoder saves for its backward (dropout 0: the fewest tensors)."""
     import torch
 
-    from core.config import ModelConfig, dense_state, step_activations
-    from trainer.model import MQSAEncoder
+    from mqsa_core.config import ModelConfig, dense_state, step_activations
+    from trainer.model.encoder import MQSAEncoder
 
     for batch, length, dim, blocks in [(16, 50, 32, 1), (8, 120, 16, 2), (12, 10, 96, 1)]:
         encoder = MQSAEncoder(ModelConfig(dim=dim, num_blocks=blocks, dropout=0.0), length)
@@ -274,7 +276,7 @@ def test_the_estimates_match_the_model():
 def test_the_config_command_refuses_what_cannot_fit_in_one_line():
     env = {**ENV, MEMORY_ENV: "16"}
     proc = subprocess.run(
-        [sys.executable, "-m", "core.config", "configs/demo.yaml", "--set",
+        [sys.executable, "-m", "mqsa_core.config", "configs/demo.yaml", "--set",
          "train.batch_size=1000000000000"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import fsspec
 import pytest
 
-from core.errors import StorageError
-from core.storage import (
+from mqsa_core.errors import StorageError
+from mqsa_core.storage import (
     OWNER_MARKER,
     is_owned,
     is_root,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError
-from core.lease import lease_url, read_holder
+from mqsa_core.config import ConfigError
+from mqsa_core.lease import lease_url, read_holder
 from mqsa_ted import tune
 from tests.synthetic import write_prepared
 

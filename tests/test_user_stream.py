@@ -8,11 +8,11 @@ import fsspec
 import pytest
 import torch
 
-from core.config import load_config
-from core.prepared import DataError
+from mqsa_core.config import load_config
+from mqsa_core.prepared import DataError
 from tests.synthetic import write_prepared
-from trainer.data import load_sequences
-from trainer.user_stream import RowGroup, StreamingUsers, assign_row_groups, list_row_groups
+from trainer.data.sequences import load_sequences
+from trainer.data.user_stream import RowGroup, StreamingUsers, assign_row_groups, list_row_groups
 
 NUM_USERS = 120
 

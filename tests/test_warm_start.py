@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from tests.synthetic import write_prepared
-from trainer.data import load_transitions
-from trainer.optimizer_state import carry_optimizer_state
-from trainer.warm_start import WarmStartError, previous_items, warm_optimizer
+from trainer.data.sequences import load_transitions
+from trainer.runtime.optimizer_state import carry_optimizer_state
+from trainer.runtime.warm_start import WarmStartError, previous_items, warm_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -16,17 +16,17 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
-from core.config import load_config
 from embeddings import torchrec_table
 from embeddings.torchrec_table import TorchRecItemTable, init_rows
-from trainer.batches import BatchBuilder
-from trainer.data import rank_slice
-from trainer.distributed import init_distributed, shutdown
-from trainer.engine import build_engine
-from trainer.model import MQSAEncoder
-from trainer.objectives import CatalogObjective
-from trainer.samplers import NegativeSampler
-from trainer.teacher import SparseTeacher
+from mqsa_core.config import load_config
+from trainer.data.batches import BatchBuilder
+from trainer.data.samplers import NegativeSampler
+from trainer.data.sequences import rank_slice
+from trainer.data.teacher import SparseTeacher
+from trainer.model.encoder import MQSAEncoder
+from trainer.model.objectives import CatalogObjective
+from trainer.runtime.distributed import init_distributed, shutdown
+from trainer.runtime.engine import build_engine
 
 N, D, LR, WD, STEPS = 1000, 8, 0.1, 0.01, 3
 torchrec_table.INIT_BLOCK = 96  # shards then start and end inside init blocks

@@ -11,11 +11,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from core.config import load_config
+from mqsa_core.config import load_config
 from tests.dist_worker import gathered_table
-from trainer.builder import build_run
-from trainer.distributed import init_distributed, shutdown
-from trainer.optimizer_state import named_optimizer_state
+from trainer.runtime.builder import build_run
+from trainer.runtime.distributed import init_distributed, shutdown
+from trainer.runtime.optimizer_state import named_optimizer_state
 
 
 def gathered_fused_state(table) -> dict[str, torch.Tensor]:

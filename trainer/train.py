@@ -11,11 +11,11 @@ import os
 import signal
 import sys
 
-from core import openmp, quiet
-from core.config import Config, load_config
-from core.errors import UserError
-from core.launch_env import launch_env
-from trainer.run_dir import RunDir
+from mqsa_core import openmp, quiet
+from mqsa_core.config import Config, load_config
+from mqsa_core.errors import UserError
+from mqsa_core.launch_env import launch_env
+from trainer.runtime.run_dir import RunDir
 
 TRUST = """\
 checkpoints: train.resume loads a checkpoint root (checkpoint.dir, default
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
     args = parser.parse_args(argv)
     die_with_launcher()
-    quiet.install()  # the third-party warnings we understand (core/quiet.py)
-    openmp.limit_spinning()  # before torch loads libgomp (core/openmp.py)
+    quiet.install()  # the third-party warnings we understand (mqsa_core/quiet.py)
+    openmp.limit_spinning()  # before torch loads libgomp (mqsa_core/openmp.py)
     try:
         cfg = load_config(args.config, args.overrides)
         launch = launch_env()
@@ -87,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: Config) -> int:
     """Train ``cfg`` on this rank; the exit status (0, 2, or 128 + signal when interrupted)."""
-    from trainer.builder import build_run  # heavy (torch, DeepSpeed): only for a valid config
-    from trainer.distributed import init_distributed, shutdown
-    from trainer.interrupt import Interrupted
-    from trainer.shared_storage import check_shared_storage
-    from trainer.trainer import Trainer, TrainingDiverged
+    from trainer.runtime.builder import (
+        build_run,  # heavy (torch, DeepSpeed): only for a valid config
+    )
+    from trainer.runtime.distributed import init_distributed, shutdown
+    from trainer.runtime.interrupt import Interrupted
+    from trainer.runtime.shared_storage import check_shared_storage
+    from trainer.runtime.trainer import Trainer, TrainingDiverged
 
     env = init_distributed()
     check_shared_storage(cfg, env)
