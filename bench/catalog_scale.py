@@ -72,11 +72,13 @@ def worker(args: argparse.Namespace) -> None:
     sampler = NegativeSampler(args.sampler, num_items, args.negatives, counts=counts, seed=1)
     data = NegativeSampler("popularity", num_items, 0, counts=counts, seed=7)  # synthetic data
     teacher = synthetic_teacher(num_items, data, cfg.model.tau)
-    table = TorchRecItemTable.from_config(cfg, num_items, cfg.train.seed, env.device)
+    table = TorchRecItemTable.from_config(
+        cfg.embeddings, cfg.model, num_items, cfg.train.seed, env.device
+    )
     torch.manual_seed(cfg.train.seed)
     encoder = MQSAEncoder(cfg.model, SEQ).to(env.device)
-    objective = CatalogObjective(encoder, table, teacher.to(env.device), cfg)
-    engine, optimizer = build_engine(objective, cfg, env)
+    objective = CatalogObjective(encoder, table, teacher.to(env.device), cfg.model, cfg.train)
+    engine, optimizer = build_engine(objective, cfg.train, cfg.distributed, cfg.model.l2, env)
     guard = DivergenceGuard(optimizer, env.device)
     table.grad_gate = guard.gate
     batches = BatchBuilder(num_items, teacher, sampler)

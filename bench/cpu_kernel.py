@@ -136,7 +136,7 @@ def main() -> int:
          "train.run_dir=/tmp/cpu_kernel_bench_run"],
     )  # fmt: skip
     trainer = Trainer(build_run(cfg, init_distributed()))
-    kernel = trainer.model.encoder.kernel
+    kernel = trainer.model.kernel
     if kernel is None:
         sys.exit("the CPU kernel is not loaded here (see the 'CPU kernel:' line above)")
     batches = trainer.step_batches(0)
@@ -147,12 +147,12 @@ def main() -> int:
     for round_ in range(args.rounds):
         for i, batch in enumerate(steps):
             for use in (True, False) if (round_ + i) % 2 else (False, True):
-                trainer.model.encoder.kernel = kernel if use else None
+                trainer.model.kernel = kernel if use else None
                 start = time.perf_counter()
                 trainer.train_step(batch, i)
                 trainer.loss_sums.sum().item()  # the step's work is done
                 seconds[use].append(time.perf_counter() - start)
-        trainer.model.encoder.kernel = kernel
+        trainer.model.kernel = kernel
         ours, theirs = (sum(seconds[u]) / len(seconds[u]) * 1e3 for u in (True, False))
         print(
             f"round {round_ + 1}: step with the kernel {ours:.1f} ms, without (oneDNN, torch) "
@@ -164,9 +164,7 @@ def main() -> int:
     compiled_vs_kernel(kernel, rows, trainer.users.num_items + 1, cfg.model.dim)
     done = len(steps[:5]) + len(seconds[True]) + len(seconds[False])  # warm-up and timed steps
     rec, kd = (trainer.loss_sums / done).tolist()
-    ok, line = path_check(
-        trainer.model.encoder, steps[:8], cfg.train.bf16, 5e-3, {"rec": rec, "kd": kd}
-    )
+    ok, line = path_check(trainer.model, steps[:8], cfg.train.bf16, 5e-3, {"rec": rec, "kd": kd})
     print(line)
     return 0 if ok else 1
 

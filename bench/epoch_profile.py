@@ -73,7 +73,7 @@ class Stages:
 
 def profile(trainer: Trainer, steps: int) -> tuple[Stages, dict[str, float], float]:
     """Stage seconds over ``steps`` steps, their GEMM FLOPs, and the real step's seconds."""
-    cfg, model = trainer.cfg, trainer.model.encoder
+    cfg, model = trainer.cfg, trainer.model
     chunk, bf16, tau = cfg.train.score_chunk, cfg.train.bf16, cfg.model.tau
     stages = Stages()
     flops = {"rec": 0.0, "ted": 0.0}

@@ -120,7 +120,7 @@ def train_all(args: argparse.Namespace, variant: str, dirs: dict[str, str]) -> l
             ]  # fmt: skip
             start = time.perf_counter()
             trainer = Trainer(build_run(load_config("configs/demo.yaml", overrides), env))
-            kernel_ran = getattr(trainer.model.encoder, "kernel", None) is not None
+            kernel_ran = getattr(trainer.model, "kernel", None) is not None
             try:
                 metrics = trainer.fit()
                 ndcg, error = metrics["test"]["NDCG@10"], ""

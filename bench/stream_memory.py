@@ -70,7 +70,7 @@ def measure(data_dir: str, stream: bool) -> None:
          "train.batch_size=4096"],
     )  # fmt: skip
     start = time.perf_counter()
-    users = build_user_source(cfg, rank=0, world=2)
+    users = build_user_source(cfg.data, cfg.train, rank=0, world=2)
     trained = sum(b.items.shape[0] for b in users.train_batches(epoch=1))
     _, batches = users.eval_batches(batch_size=1024)
     evaluated = sum(b.num_users for b in batches)

@@ -52,7 +52,8 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
     if proc.returncode:
         raise SystemExit(f"{kind}: the main job failed (exit {proc.returncode}); see {log.name}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    baselines = baseline_metrics(load_config(str(run_dir / "config.yaml")))
+    run_cfg = load_config(str(run_dir / "config.yaml"))
+    baselines = baseline_metrics(run_cfg.data, run_cfg.train)
     return {
         "MQSA-TED": metrics["test"][METRIC],
         "most popular": baselines["most_popular"]["test"][METRIC],

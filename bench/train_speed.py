@@ -48,7 +48,7 @@ def dense_teacher(trainer: Trainer) -> torch.Tensor:
 def baseline_step(trainer: Trainer, users: torch.Tensor, teacher: torch.Tensor, opt) -> None:
     """One reference-style step: every slot scored, dense teacher rows, plain autograd."""
     cfg, pad = trainer.cfg.model, trainer.users.num_items
-    model = trainer.model.encoder
+    model = trainer.model
     train = trainer.users.seqs.train[users]
     inputs = torch.full_like(train, pad)
     inputs[:, 1:] = train[:, :-1]
@@ -100,7 +100,7 @@ def main() -> int:
     records = [trainer.train_epoch(TrainerState(epoch=e)) for e in range(1, args.epochs + 1)]
     epoch_s = [record["seconds"] for record in records]
     faults.append(minor_page_faults())
-    eval_s = trainer.evaluation.evaluate()["eval_seconds"]
+    eval_s = trainer.evaluate()["eval_seconds"]
     ours = sum(epoch_s) / len(epoch_s)
     print(f"ours: {ours:.2f} s/epoch ({steps} steps, bf16={args.bf16}, "
           f"{torch.get_num_threads()} threads); full valid+test eval of "
@@ -111,12 +111,12 @@ def main() -> int:
     )
     mean_loss = sum(record["loss"] for record in records) / len(records)
     batches = [b for _, b in zip(range(args.check_batches), trainer.step_batches(1), strict=False)]
-    correct, line = path_check(trainer.model.encoder, batches, args.bf16, args.tolerance,
+    correct, line = path_check(trainer.model, batches, args.bf16, args.tolerance,
                                {"per epoch": mean_loss})  # fmt: skip
     print(line, flush=True)
     if args.baseline_steps:
         teacher = dense_teacher(trainer)
-        opt = torch.optim.Adam(trainer.model.encoder.parameters(), lr=cfg.train.lr)
+        opt = torch.optim.Adam(trainer.model.parameters(), lr=cfg.train.lr)
         batches = epoch_order(trainer.users.num_users, 0, 0).split(cfg.train.batch_size)
         baseline_step(trainer, batches[0], teacher, opt)  # warm-up
         start = time.perf_counter()

@@ -7,19 +7,26 @@ import torch
 
 from embeddings.base import ItemTable
 from embeddings.dense import DenseItemTable
-from mqsa_core.config import Config
+from mqsa_core.config import EmbeddingsConfig, ModelConfig
 
 
-def build_item_table(cfg: Config, num_items: int, device: torch.device | str) -> ItemTable:
+def build_item_table(
+    embeddings: EmbeddingsConfig,
+    model: ModelConfig,
+    num_items: int,
+    seed: int,
+    device: torch.device | str,
+) -> ItemTable:
     """The table ``embeddings.backend`` asks for, with ``num_items`` rows of ``model.dim`` plus
-    padding, initialised from ``train.seed`` (the same values for every backend, sharding and
-    world size), placed on ``device``. The TorchRec backend is collective (every rank calls)."""
+    padding, initialised from ``seed`` (``train.seed``: the same values for every backend,
+    sharding and world size), placed on ``device``. The TorchRec backend is collective (every
+    rank calls)."""
     device = torch.device(device)
-    if cfg.embeddings.backend == "torchrec":
+    if embeddings.backend == "torchrec":
         from embeddings.torchrec_table import TorchRecItemTable  # imports fbgemm: only if used
 
-        return TorchRecItemTable.from_config(cfg, num_items, cfg.train.seed, device)
-    return DenseItemTable(num_items, cfg.model.dim, seed=cfg.train.seed, device=device)
+        return TorchRecItemTable.from_config(embeddings, model, num_items, seed, device)
+    return DenseItemTable(num_items, model.dim, seed=seed, device=device)
 
 
 def table_from_rows(rows: torch.Tensor) -> DenseItemTable:

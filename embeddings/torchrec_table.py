@@ -56,7 +56,7 @@ from torchrec.distributed.types import ShardingEnv
 
 from embeddings.base import INIT_BLOCK, ItemTable, init_rows
 from mqsa_core.collectives import all_gather_rows, host_group, to_device
-from mqsa_core.config import SHARDINGS, TABLE_OPTIMIZERS, Config
+from mqsa_core.config import SHARDINGS, TABLE_OPTIMIZERS, EmbeddingsConfig, ModelConfig
 
 TABLE = "item_table"
 FEATURE = "item"
@@ -172,13 +172,17 @@ class TorchRecItemTable(ItemTable):
 
     @classmethod
     def from_config(
-        cls, cfg: Config, num_items: int, seed: int, device: torch.device
+        cls,
+        emb: EmbeddingsConfig,
+        model: ModelConfig,
+        num_items: int,
+        seed: int,
+        device: torch.device,
     ) -> TorchRecItemTable:
-        """From ``embeddings.*``; weight decay = ``model.l2`` where fbgemm supports it (row-wise
-        Adagrad, Adam), none with ``sgd`` and ``adagrad``."""
-        emb = cfg.embeddings
-        decay = cfg.model.l2 if emb.optimizer in WEIGHT_DECAY_OPTIMIZERS else 0.0
-        return cls(num_items, cfg.model.dim, emb.sharding, emb.optimizer, emb.lr, decay,
+        """From ``embeddings.*``, ``model.dim`` wide; weight decay = ``model.l2`` where fbgemm
+        supports it (row-wise Adagrad, Adam), none with ``sgd`` and ``adagrad``."""
+        decay = model.l2 if emb.optimizer in WEIGHT_DECAY_OPTIMIZERS else 0.0
+        return cls(num_items, model.dim, emb.sharding, emb.optimizer, emb.lr, decay,
                    seed=seed, device=device)  # fmt: skip
 
     @property

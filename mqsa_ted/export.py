@@ -124,7 +124,7 @@ def load_trained(
     state = load_tensors(payload, checkpoint, "this trainer did not write it; export a run you "
                          "trained")  # fmt: skip
     num_items = int(read_stats(cfg.data.dir)["items"])
-    table = build_item_table(cfg, num_items, device)
+    table = build_item_table(cfg.embeddings, cfg.model, num_items, cfg.train.seed, device)
     if table.has_fused_optimizer:
         load_best_table(run_dir, table)
     else:

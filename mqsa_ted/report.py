@@ -157,7 +157,7 @@ def plot_curves(epochs: list[dict], path: str, baselines: dict[str, float]) -> N
 
 def sample_recommendations(cfg, rec: Recommender, num_users: int) -> list[tuple[list, list]]:
     """``(history raw ids, top-10 raw ids)`` for the first ``num_users`` users (test input)."""
-    seqs = load_sequences(cfg)
+    seqs = load_sequences(cfg.data, cfg.train.new_target_weight)
     histories = []
     for user in range(min(num_users, seqs.num_users)):
         rows = [i for i in seqs.train[user].tolist() if i != seqs.num_items] + [
@@ -198,7 +198,7 @@ def write_report(
     rec = open_export(run_dir, export_dir, allow_stale)
     protocol = metrics.get("protocol")
     baselines = {
-        BASELINE_NAMES[key]: result for key, result in baseline_metrics(cfg).items()
+        BASELINE_NAMES[key]: result for key, result in baseline_metrics(cfg.data, cfg.train).items()
     }  # name -> split -> metric
     table = metrics_table(
         {

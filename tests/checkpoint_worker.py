@@ -22,7 +22,7 @@ def main() -> None:
     state = trainer.start_state()
     table = item_table(trainer)  # collective: every rank takes part
     if env.is_main:
-        params = {**trainer.model.encoder.encoder.state_dict(), "item_table": table}
+        params = {**trainer.model.encoder.state_dict(), "item_table": table}
         torch.save({"params": params, "epoch": state.epoch}, out)
     shutdown()
 

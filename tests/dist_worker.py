@@ -38,7 +38,7 @@ def gathered_table(table) -> torch.Tensor:
 
 
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
-    params = {k: v.detach().clone() for k, v in trainer.model.encoder.encoder.state_dict().items()}
+    params = {k: v.detach().clone() for k, v in trainer.model.encoder.state_dict().items()}
     params["item_table"] = item_table(trainer)
     return params
 
@@ -52,13 +52,11 @@ def run_case(data_dir: str, steps: int, overrides: list[str], env) -> dict:
     result = {
         "initial": initial,
         "params": snapshot(trainer),
-        "metrics": trainer.evaluation.evaluate(),
+        "metrics": trainer.evaluate(),
     }
     if cfg.data.stream:
-        in_memory = InMemoryUsers(cfg, env.rank, env.world)
-        result["metrics_in_memory"] = evaluate(
-            trainer.model.encoder.encoder, trainer.table, in_memory
-        )
+        in_memory = InMemoryUsers(cfg.data, cfg.train, env.rank, env.world)
+        result["metrics_in_memory"] = evaluate(trainer.model.encoder, trainer.table, in_memory)
     return result
 
 

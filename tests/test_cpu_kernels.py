@@ -284,7 +284,7 @@ def test_the_reproductions_first_steps_leave_no_stale_buffer_for_a_product(kerne
     ])  # fmt: skip
     run = build_components(cfg, HOST)
     assert run.objective.kernel is not None
-    optimizer = build_optimizer(run.objective, cfg, HOST.device)
+    optimizer = build_optimizer(run.objective, cfg.train, cfg.model.l2, HOST.device)
     guard = DivergenceGuard(optimizer, HOST.device)
     items = ((train, 1, step) for step, train in enumerate(run.users.train_batches(epoch=1)))
     batches = prefetched(items, lambda item: run.batches(*item), HOST.device)

@@ -82,10 +82,11 @@ def check_new_targets(day1: Path, day2: Path) -> None:
     rows = read_output(str(day2), "sequences").to_pylist()
     want = [len(r["train_items"]) - old.get(r["user_id"], 0) for r in rows]
     weighted = ["data.max_len=12", "train.new_target_weight=3"]
-    got = load_sequences(load_config(None, [f"data.dir={day2}", *weighted])).new_targets
+    day2_cfg, day1_cfg = (load_config(None, [f"data.dir={d}", *weighted]) for d in (day2, day1))
+    got = load_sequences(day2_cfg.data, day2_cfg.train.new_target_weight).new_targets
     assert got.tolist() == want and 0 < sum(want) < sum(len(r["train_items"]) for r in rows)
     with pytest.raises(DataError, match="not prepared against a base"):
-        load_sequences(load_config(None, [f"data.dir={day1}", *weighted]))
+        load_sequences(day1_cfg.data, day1_cfg.train.new_target_weight)
 
 
 def test_day_two_keeps_ids_and_lists_what_it_added(spark, tmp_path):

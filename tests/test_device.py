@@ -50,7 +50,7 @@ def test_training_steps_run_on_the_meta_device(data_dir, mode):
     cfg = load_config(None, [f"data.dir={data_dir}", "data.max_len=12", "model.dim=16",
                              "train.batch_size=32", "train.bf16=true", *MODES[mode]])  # fmt: skip
     run = build_components(cfg, META)
-    optimizer = build_optimizer(run.objective, cfg, META.device)
+    optimizer = build_optimizer(run.objective, cfg.train, cfg.model.l2, META.device)
     guard = DivergenceGuard(optimizer, META.device)
     sequences = run.users.train_batches(epoch=1)
     items = ((train, 1, step) for step, train in enumerate(sequences))

@@ -150,7 +150,7 @@ def brute_force_metrics(params: dict, data_dir: Path, protocol: str) -> dict:
     equals), and that scale."""
     term = "transition_weight" in params
     cfg = load_config(None, [f"data.dir={data_dir}", *BASE, f"model.transition_term={term}"])
-    seqs = load_sequences(cfg)
+    seqs = load_sequences(cfg.data)
     n = seqs.num_items
     encoder = MQSAEncoder(cfg.model, cfg.data.max_len).eval()
     encoder.load_state_dict({k: v for k, v in params.items() if k != "item_table"})
@@ -200,7 +200,7 @@ def split_metrics(seqs, split: str, targets: torch.Tensor, scores: torch.Tensor,
 def test_the_data_exercises_the_protocol(results):
     """Some targets repeat a history item and some histories are longer than max_len."""
     cfg = load_config(None, [f"data.dir={results['data_dir']}", *BASE])
-    seqs = load_sequences(cfg)
+    seqs = load_sequences(cfg.data)
     lengths = seqs.history_offsets[1:] - seqs.history_offsets[:-1]
     assert int((lengths > cfg.data.max_len).sum()) >= 10
     repeats = sum(

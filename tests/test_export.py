@@ -64,7 +64,7 @@ def test_export_round_trip(trained_run, tmp_path):
     np.testing.assert_array_equal(vectors, table.all_items().detach().numpy())
     assert items.column("item_id").to_pylist() == [f"i{k}" for k in range(40)]
 
-    seqs = load_sequences(cfg)
+    seqs = load_sequences(cfg.data)
     inputs = trim(seqs.test_inputs(), seqs.num_items)
     with torch.no_grad():
         want = encoder(table.lookup(inputs), inputs != seqs.num_items)[:, -1]

@@ -122,7 +122,7 @@ def test_a_failed_self_check_falls_back_and_training_goes_on(monkeypatch, tmp_pa
     lines = [line for line in capsys.readouterr().out.splitlines() if "CPU kernel" in line]
     assert len(lines) == 1 and lines[0].startswith("CPU kernel: off (self-check failed: scores [")
     assert run.objective.kernel is None
-    optimizer = build_optimizer(run.objective, cfg, HOST.device)
+    optimizer = build_optimizer(run.objective, cfg.train, cfg.model.l2, HOST.device)
     guard = DivergenceGuard(optimizer, HOST.device)
     items = ((train, 1, step) for step, train in enumerate(run.users.train_batches(epoch=1)))
     for batch in islice(prefetched(items, lambda item: run.batches(*item), HOST.device), 3):

@@ -98,3 +98,20 @@ def test_trainer_subpackages_import_one_way():
         for target in trainer_parts(path) - TRAINER_ALLOWED[part] - {part}:
             wrong.append(f"{path.relative_to(ROOT)} imports trainer.{target}")
     assert not wrong, "\n".join(wrong)
+
+
+SECTION_TAKERS = ("embeddings", "trainer/data", "trainer/model", "trainer/evaluation")
+
+
+def test_components_below_the_runtime_take_config_sections():
+    """Only the runtime (the builder, checkpoints that hash the whole config, the run directory
+    that writes it, tracking that logs it, warm start that compares two runs) and the commands
+    see the whole ``Config``; the components take the sections they read (``DataConfig``, ...)."""
+    wrong = []
+    for folder in SECTION_TAKERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module == "mqsa_core.config":
+                    if "Config" in {alias.name for alias in node.names}:
+                        wrong.append(str(path.relative_to(ROOT)))
+    assert not wrong, f"take config sections, not Config: {wrong}"

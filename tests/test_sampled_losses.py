@@ -72,8 +72,8 @@ def test_catalog_step_with_all_items_equals_paper_step():
     encoder = MQSAEncoder(cfg.model, max_len=6)
     table = DenseItemTable(N, 8, init_std=0.3)
     teacher = _teacher()
-    paper = PaperObjective(encoder, table, teacher, cfg).eval()
-    catalog = CatalogObjective(encoder, table, teacher, cfg).eval()
+    paper = PaperObjective(encoder, table, teacher, cfg.model, cfg.train).eval()
+    catalog = CatalogObjective(encoder, table, teacher, cfg.model, cfg.train).eval()
     train = torch.randint(0, N, (5, 6))
     train[0, :3] = N  # a short user: left padding
     want = paper(BatchBuilder(N, teacher)(train))
@@ -195,7 +195,7 @@ def test_popularity_sampler_from_config_reads_vocab_counts(tmp_path):
     (tmp_path / "_COMPLETE").write_text("")  # a committed prepare output
     assert load_item_counts(str(tmp_path), 3).tolist() == [5.0, 3.0, 1.0]
     cfg = load_config(None, [f"data.dir={tmp_path}", "loss.sampler=popularity"])
-    sampler = NegativeSampler.from_config(cfg, 3)
+    sampler = NegativeSampler.from_config(cfg.loss, cfg.data.dir, 3, cfg.train.seed)
     torch.testing.assert_close(
         sampler.probs, torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64) / 9
     )

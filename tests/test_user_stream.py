@@ -30,6 +30,10 @@ def config(data_dir, *overrides):
     )
 
 
+def streaming(cfg, rank: int, world: int) -> StreamingUsers:
+    return StreamingUsers(cfg.data, cfg.train, rank, world)
+
+
 def rows(train: torch.Tensor, *others: torch.Tensor) -> Counter:
     """A multiset of users, each as the tuple of its row(s)."""
     return Counter(
@@ -50,10 +54,10 @@ def test_row_groups_dealt_by_rows(data_dir):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_evaluation_sees_every_user_exactly_once(data_dir, world):
     cfg = config(data_dir)
-    want = load_sequences(cfg)
+    want = load_sequences(cfg.data)
     counts, seen = set(), Counter()
     for rank in range(world):
-        count, batches = StreamingUsers(cfg, rank, world).eval_batches(batch_size=10)
+        count, batches = streaming(cfg, rank, world).eval_batches(batch_size=10)
         batches = list(batches)
         counts.add(count)
         assert len(batches) == count and all(b.num_users <= 10 for b in batches)
@@ -73,10 +77,10 @@ class CountingReads(StreamingUsers):
 
 def test_epoch_covers_each_rank_share_and_steps_agree(data_dir):
     cfg = config(data_dir, "data.shuffle_buffer=20")
-    want = load_sequences(cfg)
+    want = load_sequences(cfg.data)
     first_pass, steps = Counter(), set()
     for rank in range(2):
-        users = CountingReads(cfg, rank, 2)
+        users = CountingReads(cfg.data, cfg.train, rank, 2)
         users.read_groups = []
         batches = [b.items for b in users.train_batches(epoch=1)]
         steps.add(len(batches))
@@ -92,7 +96,7 @@ def test_epoch_covers_each_rank_share_and_steps_agree(data_dir):
 
 
 def test_shuffle_is_seeded_per_epoch_and_resumable(data_dir):
-    users = StreamingUsers(config(data_dir, "data.shuffle_buffer=20"), 1, 2)
+    users = streaming(config(data_dir, "data.shuffle_buffer=20"), 1, 2)
 
     def items(epoch: int, start_step: int = 0) -> list[torch.Tensor]:
         return [b.items for b in users.train_batches(epoch, start_step)]
@@ -106,20 +110,20 @@ def test_shuffle_is_seeded_per_epoch_and_resumable(data_dir):
 
 
 def test_buffer_bounds_memory(data_dir):
-    users = StreamingUsers(config(data_dir, "data.shuffle_buffer=20"), 0, 1)
+    users = streaming(config(data_dir, "data.shuffle_buffer=20"), 0, 1)
     chunks = list(users._shuffled_pass(epoch=1, pass_index=0))
     assert len(chunks) > 1 and max(c.num_users for c in chunks) < 20 + 16
 
 
 def test_stream_errors(tmp_path, data_dir):
     with pytest.raises(DataError, match="9 row groups for 10 ranks"):
-        StreamingUsers(config(data_dir), 0, 10)
+        streaming(config(data_dir), 0, 10)
     with pytest.raises(DataError, match="batch_size=4 is smaller than the 5 ranks"):
-        StreamingUsers(config(data_dir, "train.batch_size=4"), 0, 5)
+        streaming(config(data_dir, "train.batch_size=4"), 0, 5)
     short = write_prepared(tmp_path / "short", num_users=NUM_USERS)
     (short / "sequences" / "part-1.parquet").unlink()
     with pytest.raises(DataError, match="holds 60 users but stats.json says 120"):
-        StreamingUsers(config(short), 0, 1)
+        streaming(config(short), 0, 1)
 
 
 def test_streams_through_fsspec_urls(data_dir):
@@ -127,8 +131,8 @@ def test_streams_through_fsspec_urls(data_dir):
     for path in data_dir.rglob("*"):
         if path.is_file():
             mem.pipe(f"/stream_data/{path.relative_to(data_dir)}", path.read_bytes())
-    local = StreamingUsers(config(data_dir), 1, 2)
-    remote = StreamingUsers(config("memory://stream_data"), 1, 2)
+    local = streaming(config(data_dir), 1, 2)
+    remote = streaming(config("memory://stream_data"), 1, 2)
     assert all(
         torch.equal(a.items, b.items)
         for a, b in zip(local.train_batches(3), remote.train_batches(3), strict=True)

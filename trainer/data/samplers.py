@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mqsa_core.config import SAMPLERS, Config
+from mqsa_core.config import SAMPLERS, LossConfig
 from mqsa_core.prepared import VOCAB, read_dataset
 
 
@@ -97,16 +97,18 @@ class NegativeSampler:
         self.seed = seed
 
     @classmethod
-    def from_config(cls, cfg: Config, num_items: int) -> NegativeSampler:
-        """``loss.sampler`` with ``loss.num_negatives``; popularity from ``<data.dir>/vocab``;
-        seeded with ``train.seed`` (identical on every rank)."""
-        kind = cfg.loss.sampler
+    def from_config(
+        cls, loss: LossConfig, data_dir: str, num_items: int, seed: int
+    ) -> NegativeSampler:
+        """``loss.sampler`` with ``loss.num_negatives``; popularity from ``<data_dir>/vocab``;
+        seeded with ``seed`` (``train.seed``: identical on every rank)."""
+        kind = loss.sampler
         counts = (
-            load_item_counts(cfg.data.dir, num_items)
+            load_item_counts(data_dir, num_items)
             if kind in ("popularity", "mixed", "global_batch")
             else None
         )
-        return cls(kind, num_items, cfg.loss.num_negatives, counts, seed=cfg.train.seed)
+        return cls(kind, num_items, loss.num_negatives, counts, seed=seed)
 
     @property
     def uses_targets(self) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mqsa_core.config import Config
+from mqsa_core.config import DataConfig
 from mqsa_core.prepared import (
     NEW_TARGETS,
     SEQUENCES,
@@ -135,20 +135,21 @@ def sequence_columns(stats: dict) -> list[str]:
     return SEQUENCE_COLUMNS + optional
 
 
-def prepared_stats(cfg: Config) -> dict:
-    """The committed ``stats.json``, after checking that ``data.max_len`` matches it and that
-    data for ``train.new_target_weight`` says which targets are new."""
-    stats = read_stats(cfg.data.dir)
-    if "max_len" in stats and int(stats["max_len"]) != cfg.data.max_len:
+def prepared_stats(data: DataConfig, new_target_weight: float = 1.0) -> dict:
+    """The committed ``stats.json`` of ``data.dir``, after checking that ``data.max_len``
+    matches it and that data for a ``new_target_weight`` (``train.new_target_weight``) other
+    than 1 says which targets are new."""
+    stats = read_stats(data.dir)
+    if "max_len" in stats and int(stats["max_len"]) != data.max_len:
         raise DataError(
-            f"data.max_len={cfg.data.max_len} but {cfg.data.dir} was prepared with "
+            f"data.max_len={data.max_len} but {data.dir} was prepared with "
             f"max_len={stats['max_len']}: re-run prepare or fix the config"
         )
-    weight = cfg.train.new_target_weight
+    weight = new_target_weight
     if weight != 1.0 and NEW_TARGETS not in sequence_columns(stats):
         raise DataError(
             f"train.new_target_weight={weight} weights the targets that are new since the base "
-            f"of an incremental prepare, but {cfg.data.dir} was not prepared against a base "
+            f"of an incremental prepare, but {data.dir} was not prepared against a base "
             "(data.base_dir) by this version: set it to 1 or re-run prepare with a base"
         )
     return stats
@@ -183,15 +184,16 @@ def sequences_from_table(table, max_len: int, num_items: int, where: str) -> Seq
     )
 
 
-def load_sequences(cfg: Config) -> Sequences:
-    """Read all of ``sequences/`` and check it against the config and ``stats.json``."""
-    stats = prepared_stats(cfg)
+def load_sequences(data: DataConfig, new_target_weight: float = 1.0) -> Sequences:
+    """Read all of ``<data.dir>/sequences/`` and check it against ``data`` and ``stats.json``
+    (:func:`prepared_stats`)."""
+    stats = prepared_stats(data, new_target_weight)
     num_items = int(stats["items"])
-    url = cfg.data.dir.rstrip("/") + "/sequences"
-    table = read_dataset(cfg.data.dir, SEQUENCES, sequence_columns(stats))
+    url = data.dir.rstrip("/") + "/sequences"
+    table = read_dataset(data.dir, SEQUENCES, sequence_columns(stats))
     if table.num_rows == 0:
-        raise DataError(f"{cfg.data.dir}/sequences is empty: no user survived prepare")
-    return sequences_from_table(table, cfg.data.max_len, num_items, url)
+        raise DataError(f"{data.dir}/sequences is empty: no user survived prepare")
+    return sequences_from_table(table, data.max_len, num_items, url)
 
 
 def load_transitions(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

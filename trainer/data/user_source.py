@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from mqsa_core.config import Config
+from mqsa_core.config import DataConfig, TrainConfig
 from trainer.data.sequences import Sequences, TrainRows, epoch_order, load_sequences, rank_slice
 from trainer.data.user_stream import StreamingUsers
 
@@ -51,10 +51,10 @@ class UserSource(Protocol):
 class InMemoryUsers:
     """All users on every rank; each rank takes its share of each global batch."""
 
-    def __init__(self, cfg: Config, rank: int, world: int) -> None:
-        self.seqs = load_sequences(cfg)
+    def __init__(self, data: DataConfig, train: TrainConfig, rank: int, world: int) -> None:
+        self.seqs = load_sequences(data, train.new_target_weight)
         self.num_items, self.num_users = self.seqs.num_items, self.seqs.num_users
-        self.batch_size, self.seed = cfg.train.batch_size, cfg.train.seed
+        self.batch_size, self.seed = train.batch_size, train.seed
         self.rank, self.world = rank, world
 
     def describe(self) -> str:
@@ -80,8 +80,8 @@ def _pad_split(users: torch.Tensor, size: int, count: int) -> list[torch.Tensor]
     return [users[b * size : (b + 1) * size] for b in range(count)]
 
 
-def build_user_source(cfg: Config, rank: int, world: int) -> UserSource:
-    """The source ``data.stream`` asks for."""
-    if cfg.data.stream:
-        return StreamingUsers(cfg, rank, world)
-    return InMemoryUsers(cfg, rank, world)
+def build_user_source(data: DataConfig, train: TrainConfig, rank: int, world: int) -> UserSource:
+    """The source ``data.stream`` asks for (``train``: batch size, seed, new-target weight)."""
+    if data.stream:
+        return StreamingUsers(data, train, rank, world)
+    return InMemoryUsers(data, train, rank, world)

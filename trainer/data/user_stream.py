@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from mqsa_core.config import Config
+from mqsa_core.config import DataConfig, TrainConfig
 from mqsa_core.prepared import SEQUENCES, DataError, dataset_files
 from trainer.data.sequences import (
     Sequences,
@@ -92,14 +92,14 @@ def rebatch(chunks: Iterable[Sequences], size: int) -> Iterator[Sequences]:
 class StreamingUsers:
     """This rank's row groups of ``sequences/``, read one at a time."""
 
-    def __init__(self, cfg: Config, rank: int, world: int) -> None:
-        stats = prepared_stats(cfg)
+    def __init__(self, data: DataConfig, train: TrainConfig, rank: int, world: int) -> None:
+        stats = prepared_stats(data, train.new_target_weight)
         self.num_items = int(stats["items"])
         self.columns = sequence_columns(stats)
-        self.max_len, self.seed, self.rank = cfg.data.max_len, cfg.train.seed, rank
-        self.shuffle_buffer = cfg.data.shuffle_buffer
-        url = cfg.data.dir.rstrip("/") + "/sequences"
-        groups = list_row_groups(cfg.data.dir)
+        self.max_len, self.seed, self.rank = data.max_len, train.seed, rank
+        self.shuffle_buffer = data.shuffle_buffer
+        url = data.dir.rstrip("/") + "/sequences"
+        groups = list_row_groups(data.dir)
         self.num_users = sum(g.num_rows for g in groups)
         if self.num_users == 0:
             raise DataError(f"{url} is empty: no user survived prepare")
@@ -116,7 +116,7 @@ class StreamingUsers:
                 f"{url} has {len(groups)} row groups for {world} ranks: every rank needs one; "
                 "prepare with a larger data.num_files"
             )
-        batch = cfg.train.batch_size
+        batch = train.batch_size
         if batch < world:
             raise DataError(f"train.batch_size={batch} is smaller than the {world} ranks")
         self.groups, self.share_rows = shares[rank], rows

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import torch
 
-from mqsa_core.config import load_config
+from mqsa_core.config import DataConfig, TrainConfig, load_config
 from trainer.data.sequences import Sequences, load_sequences, load_transitions
 from trainer.data.teacher import csr_edges, csr_offsets
 from trainer.evaluation.evaluate import SPLITS, EvalSplit, eval_split
@@ -52,13 +52,15 @@ def evaluate_baseline(
     return {split: metrics_from_sums(s) for split, s in sums.items()}
 
 
-def baseline_metrics(cfg) -> dict[str, dict[str, dict[str, float]]]:
-    """Both baselines on the prepared data of ``cfg``, under ``train.eval_protocol``."""
-    protocol = cfg.train.eval_protocol
-    seqs = load_sequences(cfg)
+def baseline_metrics(
+    data: DataConfig, train: TrainConfig
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Both baselines on the prepared data ``data.dir``, under ``train.eval_protocol``."""
+    protocol = train.eval_protocol
+    seqs = load_sequences(data, train.new_target_weight)
     pop = popularity(seqs)
     tie_break = pop / (pop.max() + 1.0)  # in [0, 1): orders items with equal counts
-    src, dst, count = load_transitions(cfg.data.dir)
+    src, dst, count = load_transitions(data.dir)
     order = np.lexsort((dst, src))
     indptr = torch.from_numpy(csr_offsets(src[order], seqs.num_items))
     succ = torch.from_numpy(dst[order])
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    print(json.dumps(baseline_metrics(load_config(args.config, args.overrides)), indent=2))
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(baseline_metrics(cfg.data, cfg.train), indent=2))
     return 0
 
 

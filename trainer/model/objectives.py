@@ -21,7 +21,7 @@ from torch import nn
 
 from embeddings.base import ItemTable
 from mqsa_core.collectives import all_reduce_sum, world
-from mqsa_core.config import Config
+from mqsa_core.config import LossConfig, ModelConfig, TrainConfig
 from trainer.data.batches import StepBatch
 from trainer.data.teacher import SparseTeacher
 from trainer.model.cpu_kernels import CpuKernel
@@ -42,7 +42,12 @@ class Objective(nn.Module):
     (read the rows, encode, pick the real positions)."""
 
     def __init__(
-        self, encoder: MQSAEncoder, table: ItemTable, teacher: SparseTeacher | None, cfg: Config
+        self,
+        encoder: MQSAEncoder,
+        table: ItemTable,
+        teacher: SparseTeacher | None,
+        model: ModelConfig,
+        train: TrainConfig,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -51,8 +56,8 @@ class Objective(nn.Module):
         else:
             self.table = table
         self.teacher = teacher
-        self.model_cfg, self.train_cfg = cfg.model, cfg.train
-        self.use_kd = cfg.model.lambda_kd > 0 and teacher is not None
+        self.model_cfg, self.train_cfg = model, train
+        self.use_kd = model.lambda_kd > 0 and teacher is not None
         if encoder.transition_weight is not None and teacher is None:
             raise ValueError("model.transition_term needs the transition graph (a teacher)")
 
@@ -117,9 +122,9 @@ class PaperObjective(Objective):
 
     def __init__(
         self, encoder: MQSAEncoder, table: ItemTable, teacher: SparseTeacher | None,
-        cfg: Config, kernel: CpuKernel | None = None,
+        model: ModelConfig, train: TrainConfig, kernel: CpuKernel | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(encoder, table, teacher, cfg)
+        super().__init__(encoder, table, teacher, model, train)
         self.kernel = kernel
 
     def forward(self, batch: StepBatch) -> LossTerms:
@@ -173,7 +178,9 @@ class CatalogObjective(Objective):
 
 
 def build_objective(
-    cfg: Config,
+    loss: LossConfig,
+    model: ModelConfig,
+    train: TrainConfig,
     encoder: MQSAEncoder,
     table: ItemTable,
     teacher: SparseTeacher | None,
@@ -181,6 +188,6 @@ def build_objective(
 ) -> Objective:
     """The objective ``loss.candidates`` asks for; paper mode's catalogue-wide products run on
     ``kernel`` where given (``trainer.model.cpu_kernels.select``)."""
-    if cfg.loss.candidates == "sampled":
-        return CatalogObjective(encoder, table, teacher, cfg)
-    return PaperObjective(encoder, table, teacher, cfg, kernel)
+    if loss.candidates == "sampled":
+        return CatalogObjective(encoder, table, teacher, model, train)
+    return PaperObjective(encoder, table, teacher, model, train, kernel)

@@ -116,19 +116,23 @@ def build_components(cfg: Config, env: DistEnv) -> Run:
     set_threads(cfg, env)
     kernel = load_cpu_kernel(cfg, env)
     precision_note(cfg, env)
-    users = build_user_source(cfg, env.rank, env.world)
+    users = build_user_source(cfg.data, cfg.train, env.rank, env.world)
     num_items = users.num_items
     teacher = load_teacher(cfg, num_items)
     sampler = (
-        NegativeSampler.from_config(cfg, num_items) if cfg.loss.candidates == "sampled" else None
+        NegativeSampler.from_config(cfg.loss, cfg.data.dir, num_items, cfg.train.seed)
+        if cfg.loss.candidates == "sampled"
+        else None
     )
-    table = build_item_table(cfg, num_items, env.device)
+    table = build_item_table(cfg.embeddings, cfg.model, num_items, cfg.train.seed, env.device)
     torch.manual_seed(cfg.train.seed)  # the same encoder weights on every rank, world and device
     encoder = MQSAEncoder(cfg.model, cfg.data.max_len).to(env.device)
     if cfg.train.init_from:
         log.info(warm_start(cfg, encoder, table))
     device_teacher = teacher.to(env.device) if teacher is not None else None
-    objective = build_objective(cfg, encoder, table, device_teacher, kernel)
+    objective = build_objective(
+        cfg.loss, cfg.model, cfg.train, encoder, table, device_teacher, kernel
+    )
     batches = BatchBuilder(
         num_items, teacher, sampler, cfg.train.length_groups, cfg.train.new_target_weight
     )
@@ -144,7 +148,9 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     note = describe_schedule(cfg.train, total_steps)
     if note:
         log.info(note)
-    run.engine, optimizer = build_engine(run.objective, cfg, env, run.lr_factor)
+    run.engine, optimizer = build_engine(
+        run.objective, cfg.train, cfg.distributed, cfg.model.l2, env, run.lr_factor
+    )
     run.guard = DivergenceGuard(optimizer, env.device)
     if cfg.train.init_from:
         log.info(warm_optimizer(cfg, run.objective, optimizer))

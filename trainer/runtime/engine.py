@@ -18,33 +18,41 @@ import torch
 from torch import nn
 
 from mqsa_core.collectives import all_reduce_sum
-from mqsa_core.config import Config
+from mqsa_core.config import DistributedConfig, TrainConfig
 from trainer.runtime.distributed import DistEnv
 
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """``train.optimizer`` (Adam or SGD) over ``model``'s parameters, L2 as weight decay; fused
-    where torch has the kernel (CPU, CUDA)."""
-    kind = torch.optim.Adam if cfg.train.optimizer == "adam" else torch.optim.SGD
+def build_optimizer(
+    model: nn.Module, train: TrainConfig, l2: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """``train.optimizer`` (Adam or SGD) at ``train.lr`` over ``model``'s parameters, L2
+    (``model.l2``) as weight decay; fused where torch has the kernel (CPU, CUDA)."""
+    kind = torch.optim.Adam if train.optimizer == "adam" else torch.optim.SGD
     fused = {"fused": True} if device.type in FUSED_DEVICES else {}
-    return kind(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.model.l2, **fused)
+    return kind(model.parameters(), lr=train.lr, weight_decay=l2, **fused)
 
 
 def build_engine(
-    model: nn.Module, cfg: Config, env: DistEnv, lr_factor: Callable[[int], float] | None = None
+    model: nn.Module,
+    train: TrainConfig,
+    distributed: DistributedConfig,
+    l2: float,
+    env: DistEnv,
+    lr_factor: Callable[[int], float] | None = None,
 ):
-    """``(DeepSpeed engine around model, its torch optimizer)``; ZeRO stage from config;
-    ``lr_factor(step)`` scales ``train.lr`` (``trainer.runtime.schedule``; None: constant)."""
+    """``(DeepSpeed engine around model, its torch optimizer)``: ``train.batch_size`` split over
+    the ranks, ``train.grad_clip``, ZeRO stage ``distributed.zero_stage``; ``lr_factor(step)``
+    scales ``train.lr`` (``trainer.runtime.schedule``; None: constant)."""
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    optimizer = build_optimizer(model, cfg, env.device)
-    micro = max(1, cfg.train.batch_size // env.world)
-    clip = cfg.train.grad_clip
-    zero = {"stage": cfg.distributed.zero_stage}
-    if cfg.distributed.zero_stage > 0 and clip == 0:
+    optimizer = build_optimizer(model, train, l2, env.device)
+    micro = max(1, train.batch_size // env.world)
+    clip = train.grad_clip
+    zero = {"stage": distributed.zero_stage}
+    if distributed.zero_stage > 0 and clip == 0:
         zero["compute_grad_norm"] = False  # no clipping: a norm would only cost a host read
     ds_config = {
         "train_micro_batch_size_per_gpu": micro,
