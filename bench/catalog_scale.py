@@ -1,4 +1,5 @@
-"""Catalogue-mode training step at 10^5, 10^6 and 10^7 items: seconds per step, peak RSS per rank.
+"""Catalogue-mode training step at 10^5, 10^6 and 10^7 items: seconds per step, positions per
+second per process, the step against its compute floor, peak RSS per rank.
 
     .venv/bin/python bench/catalog_scale.py [--sizes 1e5 1e6 1e7] [--steps 20] [--negatives 1024]
 
@@ -10,6 +11,13 @@ with the ``CatalogObjective`` step (the batch built inside the timed step): a gl
 teacher with 4 successors per item. Sequences
 and successors follow a Zipf-like popularity so that the popularity sampler, the log-Q
 correction and the lookup de-duplication see realistic repeats.
+
+The compute floor of a step is its floating-point work (counted by ``torch.utils.flop_counter``
+on one extra forward and backward: the encoder, the sampled softmax, TED; the table's lookups
+and fused update are memory work and count 0) divided by the rate of the step's largest product
+(``[positions, D] x [D, negatives]``) timed alone in the same process, one thread: the time the
+step would take if all of it ran at that product's speed. The ratio step / floor says how far
+the step is from being compute-bound.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,6 +67,27 @@ def synthetic_teacher(num_items: int, popular: NegativeSampler, tau: float) -> S
     indptr = torch.arange(num_items + 1, dtype=torch.int64) * DEGREE
     log_count = torch.full_like(excess, float(torch.tensor(2.0).log()))  # count 1
     return SparseTeacher(indptr, dst, excess, base, log_count, torch.zeros_like(excess))
+
+
+def product_rate(rows: int, dim: int, cols: int, repeats: int = 20) -> float:
+    """FLOP/s of ``[rows, dim] x [dim, cols]`` in float32 on this thread (best of ``repeats``)."""
+    a, b = torch.randn(rows, dim), torch.randn(dim, cols)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * dim * cols / best
+
+
+def step_flops(engine, batch) -> int:
+    """Floating-point operations of one forward and backward of ``batch``, after the timed steps
+    (the dense gradients are dropped; the table's fused update of this pass is of no
+    consequence)."""
+    with FlopCounterMode(display=False) as counter:
+        engine(batch).total.backward()
+    engine.zero_grad()
+    return counter.get_total_flops()
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -96,14 +126,25 @@ def worker(args: argparse.Namespace) -> None:
         engine.step()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
+    positions = int(batch.positions.shape[0])  # this rank's real positions per step
+    flops = step_flops(engine, batch)
+    rate = product_rate(positions, cfg.model.dim, args.negatives)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    step_s = sum(times) / len(times)
+    mine = {"step_s": step_s, "peak_rss_gib": peak_gib, "positions": positions,
+            "flops": flops, "floor_s": flops / rate, "gflops": rate / 1e9}  # fmt: skip
     report = [None] * env.world
-    dist.all_gather_object(report, {"step_s": sum(times) / len(times), "peak_rss_gib": peak_gib})
+    dist.all_gather_object(report, mine)
     if env.is_main:
+        slowest = max(report, key=lambda r: r["step_s"])
         result = {
             "items": num_items,
             "setup_s": setup_s,
-            "step_s": max(r["step_s"] for r in report),
+            "step_s": slowest["step_s"],
+            "positions_per_s": [r["positions"] / slowest["step_s"] for r in report],
+            "gflop_per_step": [r["flops"] / 1e9 for r in report],
+            "product_gflops": [r["gflops"] for r in report],
+            "floor_s": max(r["floor_s"] for r in report),
             "peak_rss_gib": [r["peak_rss_gib"] for r in report],
             "loss": [losses.rec.item(), losses.kd.item()],
         }
@@ -144,15 +185,23 @@ def main() -> None:
         result = launch(args, items)
         results.append(result)
         rss = ", ".join(f"{r:.2f}" for r in result["peak_rss_gib"])
+        per_s = ", ".join(f"{p:,.0f}" for p in result["positions_per_s"])
+        gflop = ", ".join(f"{g:.2f}" for g in result["gflop_per_step"])
+        rate = ", ".join(f"{g:.1f}" for g in result["product_gflops"])
         print(
-            f"{result['items']:>10,d} items: {result['step_s']:.3f} s/step | peak RSS per rank "
-            f"[{rss}] GiB | setup {result['setup_s']:.1f} s | loss rec/kd "
+            f"{result['items']:>10,d} items: {result['step_s']:.3f} s/step | positions/s per "
+            f"process [{per_s}] | {gflop} GFLOP/step per rank at {rate} GFLOP/s -> floor "
+            f"{result['floor_s']:.3f} s, step/floor {result['step_s'] / result['floor_s']:.1f} | "
+            f"peak RSS per rank [{rss}] GiB | setup {result['setup_s']:.1f} s | loss rec/kd "
             f"{result['loss'][0]:.3f}/{result['loss'][1]:.3f}",
             flush=True,
         )
     if len(results) > 1:
-        ratio = results[-1]["step_s"] / results[0]["step_s"]
-        print(f"step({results[-1]['items']:.0e}) / step({results[0]['items']:.0e}) = {ratio:.2f}")
+        first, last = results[0], results[-1]
+        ratio = last["step_s"] / first["step_s"]
+        excess = (last["step_s"] - last["floor_s"]) / (first["step_s"] - first["floor_s"])
+        print(f"step({last['items']:.0e}) / step({first['items']:.0e}) = {ratio:.2f}; "
+              f"time above the floor: x{excess:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
