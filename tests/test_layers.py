@@ -36,18 +36,20 @@ TRAINER_ALLOWED = {
 }
 
 
-def imported_packages(path: Path) -> set[str]:
-    """Our top-level packages that ``path`` imports (at module level or inside functions)."""
+def imported_modules(path: Path) -> set[str]:
+    """The absolute module names ``path`` imports (at module level or inside functions)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        found |= {name.split(".")[0] for name in names} & set(ALLOWED)
+            found.add(node.module)
     return found
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Our top-level packages that ``path`` imports."""
+    return {name.split(".")[0] for name in imported_modules(path)} & set(ALLOWED)
 
 
 def test_every_import_points_down_the_layers():
@@ -75,16 +77,7 @@ def test_reading_a_config_imports_nothing_heavy():
 
 def trainer_parts(path: Path) -> set[str]:
     """trainer's subpackages (or ``train``) that ``path`` imports."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        found |= {name.split(".")[1] for name in names if name.startswith("trainer.")}
-    return found
+    return {name.split(".")[1] for name in imported_modules(path) if name.startswith("trainer.")}
 
 
 def test_trainer_subpackages_import_one_way():
