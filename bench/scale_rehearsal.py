@@ -2,7 +2,8 @@
 
     python bench/scale_rehearsal.py --events 2000000 --items 200000 --users 200000
         [--workdir /tmp/scale_rehearsal] [--steps 300] [--batch 512] [--target-recall 0.96]
-        [--s3] [--local-spark] [--queries 1000] [--batch-users 4096] [--tune-users 2000]
+        [--eval-users 10000] [--kcore 5] [--s3] [--local-spark] [--queries 1000]
+        [--batch-users 4096] [--tune-users 2000]
 
 One command for the production-shaped pipeline on this machine, each stage a process tree of its
 own (timed, its processes' peak RSS read from ``/proc/PID/status`` ``VmHWM`` while it runs):
@@ -18,8 +19,10 @@ own (timed, its processes' peak RSS read from ``/proc/PID/status`` ``VmHWM`` whi
    (1 core each) on loopback, started as ``tests/test_cloud_cluster.py`` starts them
    (``--local-spark``: ``local[2]``);
 3. **train**: catalogue mode (TorchRec row-wise table, sampled softmax + sparse TED, streamed
-   users) on 2 processes (``mqsa-ted train --nproc 2``) for ``--steps`` optimizer steps (whole
-   epochs: ``train.min_steps``), checkpoints every quarter of them, one evaluation at the end;
+   users) on 2 processes (``mqsa-ted train --nproc 2``) for exactly ``--steps`` optimizer steps
+   (``train.min_steps`` and ``train.max_steps``: an epoch of a huge log is cut), checkpoints
+   every quarter of them, one evaluation at the end (of ``--eval-users`` users: ranking each
+   against every item costs users x items);
 4. **export** under torchrun on 2 ranks (each writes the item rows it holds: no gather) with an
    ANN index chosen for the size (HNSW up to 2 million items, IVF beyond) whose search
    parameter is tuned to ``--target-recall`` against exact search on ``--tune-users`` users'
@@ -377,7 +380,9 @@ def train_overrides(args: argparse.Namespace, data_dir: str, master: str) -> lis
         f"data.num_files={args.files}", f"data.kcore={args.kcore}",
         f"train.run_dir={args.workdir / 'run'}",
         f"train.batch_size={args.batch}", "train.epochs=1", f"train.min_steps={args.steps}",
+        f"train.max_steps={args.steps}",
         "train.eval_every=1000000", "train.patience=0", "train.bf16=false",
+        f"train.eval_users={args.eval_users}",
         "train.resume=fresh", "train.log_every=10", "distributed.nproc_per_node=2",
         f"checkpoint.every={max(1, args.steps // 4)}", f"export.out={args.export}",
     ]  # fmt: skip
@@ -506,10 +511,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, required=True)
     parser.add_argument("--users", type=int, required=True)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scale_rehearsal"))
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (whole epochs)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (cut mid-epoch)")
     parser.add_argument("--batch", type=int, default=512, help="users per step over both ranks")
     parser.add_argument("--files", type=int, default=8, help="Parquet files of sequences/")
     parser.add_argument("--kcore", type=int, default=5, help="data.kcore (0: no k-core)")
+    parser.add_argument(
+        "--eval-users",
+        type=int,
+        default=10000,
+        help="users of the final evaluation (train.eval_users; 0: all)",
+    )
     parser.add_argument("--target-recall", type=float, default=0.96, help="on the tuning users")
     parser.add_argument("--tune-users", type=int, default=2000)
     parser.add_argument("--queries", type=int, default=1000, help="single queries timed")

@@ -193,6 +193,9 @@ class TrainConfig:
     # train at least this many optimizer steps: the epochs grow to ceil(min_steps / steps per
     # epoch) on small data (early stopping still applies); 0 = exactly train.epochs (the paper)
     min_steps: int = setting(0, at_least(0))
+    # a step budget: stop after this many optimizer steps (the epoch it falls in ends there and
+    # is evaluated: a rehearsal, a smoke test on a huge log); 0 = no budget
+    max_steps: int = setting(0, at_least(0))
     # linear learning-rate warm-up over this many steps; 0 = off (the paper)
     warmup_steps: int = setting(0, at_least(0))
     # after the warm-up: constant (the paper) | linear (down to 0 at the last planned step: a
@@ -208,6 +211,9 @@ class TrainConfig:
     threads: int = setting(0, at_least(0))
     score_chunk: int = setting(4096, at_least(1))  # rows per chunk of the catalogue-wide products
     eval_batch_size: int = setting(1024, at_least(1))
+    # evaluate a seeded sample of this many users, the same at every evaluation (a catalogue
+    # where ranking every user against every item costs too much); 0 = every user
+    eval_users: int = setting(0, at_least(0))
     # the encoder runs a batch's users in this many groups of similar length, each trimmed to
     # its longest user (same outputs, fewer padded slots); 1 = the whole batch at once
     length_groups: int = setting(8, at_least(1))

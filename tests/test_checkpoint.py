@@ -169,3 +169,22 @@ def test_a_rerun_never_starts_over_silently(config, tmp_path):
     )
     assert "resumed from" not in fresh.stdout
     assert comparable(run_dir / "metrics.json") == first  # the same seeded run, from the start
+
+
+def test_a_step_budget_ends_the_run_mid_epoch_evaluated_and_resumable(config, tmp_path):
+    """``train.max_steps=13`` with 10 steps per epoch: epoch 2 stops at step 13, is evaluated
+    and checkpointed; its first epoch is a longer run's; a rerun trains nothing."""
+    budget = tmp_path / "budget"
+    cmd = train_cmd(config, f"train.run_dir={budget}", "train.max_steps=13", "checkpoint.every=0")
+    out = run(cmd).stdout
+    assert "train.max_steps=13: 10 steps per epoch, the run stops at step 13, in epoch 2" in out
+    metrics = comparable(budget / "metrics.json")
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2]
+    assert "valid" in metrics["epochs"][1]
+    assert (budget / "checkpoints" / "step-000000013" / "COMPLETE").exists()
+    assert "nothing to train" in run(cmd).stdout
+    assert comparable(budget / "metrics.json") == metrics
+    longer = tmp_path / "longer"
+    run(train_cmd(config, f"train.run_dir={longer}", "train.epochs=1", "train.max_steps=0"))
+    first = comparable(longer / "metrics.json")["epochs"][0]
+    assert metrics["epochs"][0] == first  # the budget changed nothing before it

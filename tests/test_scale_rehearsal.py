@@ -36,7 +36,7 @@ def test_rehearsal_end_to_end_at_a_tiny_size(tmp_path):
     command = [sys.executable, str(ROOT / "bench" / "scale_rehearsal.py"), "--events", "20000",
                "--items", "2000", "--users", "2000", "--workdir", str(work), "--local-spark",
                "--steps", "5", "--batch", "256", "--queries", "50", "--batch-users", "200",
-               "--tune-users", "200"]  # fmt: skip
+               "--tune-users", "200", "--eval-users", "500"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
@@ -53,6 +53,11 @@ def test_rehearsal_end_to_end_at_a_tiny_size(tmp_path):
         "recommend: batch of 200",
     ):
         assert any(line.startswith(f"| {stage}") for line in lines), stage
+    # exactly --steps steps (an epoch cut), one evaluation of a sample of --eval-users users
+    figures = json.loads((work / "results.json").read_text())
+    train = next(s for s in figures["stages"] if s["name"].startswith("train"))
+    assert train["figures"]["steps"] == 5
+    assert "a seeded sample of 500 of" in (work / "train.log").read_text()
     # the export tuned the search parameter to the target and wrote it into its manifest
     _, manifest = read_manifest(str(work / "export"))
     info = manifest.faiss

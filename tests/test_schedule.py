@@ -3,7 +3,7 @@
 import pytest
 
 from mqsa_core.config import ConfigError, load_config
-from trainer.runtime.schedule import describe_schedule, lr_factor, planned_epochs
+from trainer.runtime.schedule import describe_schedule, lr_factor, planned_epochs, planned_steps
 
 
 def train_config(*overrides: str):
@@ -30,6 +30,13 @@ def test_warm_up_then_linear_decay_to_zero_at_the_last_planned_step():
 def test_planned_epochs_grow_to_min_steps():
     assert planned_epochs(train_config("train.epochs=2"), 10) == 2
     assert planned_epochs(train_config("train.epochs=2", "train.min_steps=45"), 10) == 5
+
+
+def test_a_step_budget_cuts_the_plan():
+    budget = train_config("train.epochs=20", "train.max_steps=45")
+    assert planned_epochs(budget, 10) == 5 and planned_steps(budget, 10) == 45
+    assert planned_steps(train_config("train.epochs=2", "train.max_steps=45"), 10) == 20
+    assert planned_steps(train_config("train.epochs=2"), 10) == 20
 
 
 def test_an_unknown_schedule_is_refused_where_it_is_parsed():

@@ -11,7 +11,8 @@ import torch
 from mqsa_core.config import load_config
 from mqsa_core.prepared import DataError
 from tests.synthetic import write_prepared
-from trainer.data.sequences import load_sequences
+from trainer.data.sequences import eval_sample, load_sequences
+from trainer.data.user_source import InMemoryUsers
 from trainer.data.user_stream import RowGroup, StreamingUsers, assign_row_groups, list_row_groups
 
 NUM_USERS = 120
@@ -65,6 +66,39 @@ def test_evaluation_sees_every_user_exactly_once(data_dir, world):
             seen += rows(b.train, b.valid, b.test)
     assert len(counts) == 1  # the same number of evaluation batches on every rank
     assert seen == rows(want.train, want.valid, want.test)
+
+
+def evaluated(source) -> tuple[int, Counter]:
+    """``(batch count, users)`` of one rank's evaluation batches."""
+    count, batches = source.eval_batches(batch_size=4)
+    seen = Counter()
+    for b in batches:
+        seen += rows(b.train, b.valid, b.test)
+    return count, seen
+
+
+def test_evaluation_sample_is_the_same_for_every_source_and_world(data_dir):
+    """train.eval_users: one seeded sample of users, whatever the world size and whether the
+    users are streamed or in memory; every rank runs the same number of batches."""
+    cfg = config(data_dir, "train.eval_users=25")
+    everyone = load_sequences(cfg.data)
+    sample = eval_sample(NUM_USERS, 25, cfg.train.seed)
+    assert sample.numel() == 25 and sample.unique().numel() == 25
+    want = rows(everyone.train[sample], everyone.valid[sample], everyone.test[sample])
+    sources = [
+        lambda r, w: streaming(cfg, r, w),
+        lambda r, w: InMemoryUsers(cfg.data, cfg.train, r, w),
+    ]
+    for make in sources:
+        for world in (1, 2, 3):
+            parts = [make(rank, world) for rank in range(world)]
+            assert {p.num_eval_users for p in parts} == {25}
+            results = [evaluated(p) for p in parts]
+            assert len({count for count, _ in results}) == 1
+            assert sum((seen for _, seen in results), Counter()) == want
+    other = config(data_dir, "train.eval_users=25", "train.seed=5")
+    assert not torch.equal(eval_sample(NUM_USERS, 25, other.train.seed), sample)
+    assert eval_sample(NUM_USERS, 0, 1) is None and eval_sample(NUM_USERS, NUM_USERS, 1) is None
 
 
 class CountingReads(StreamingUsers):

@@ -208,9 +208,22 @@ def epoch_order(num_users: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_users, generator=g)
 
 
+EVAL_SAMPLE_STREAM = 7  # the evaluation sample's random stream, apart from the epochs' orders
+
+
 def rank_slice(global_batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This rank's contiguous share of a global batch of user ids (shares differ by <= 1)."""
     return global_batch.tensor_split(world)[rank]
+
+
+def eval_sample(num_users: int, size: int, seed: int) -> torch.Tensor | None:
+    """``[size]`` sorted positions of the users evaluated (``train.eval_users``), drawn once
+    from ``seed``: the same sample whatever the world size or user source; ``None`` when
+    ``size`` is 0 or covers every user."""
+    if size == 0 or size >= num_users:
+        return None
+    rng = np.random.default_rng([seed, EVAL_SAMPLE_STREAM])
+    return torch.from_numpy(np.sort(rng.choice(num_users, size, replace=False)))
 
 
 def batch_share(batch_size: int, rank: int, world: int) -> int:

@@ -18,7 +18,14 @@ from typing import Protocol
 import torch
 
 from mqsa_core.config import DataConfig, TrainConfig
-from trainer.data.sequences import Sequences, TrainRows, epoch_order, load_sequences, rank_slice
+from trainer.data.sequences import (
+    Sequences,
+    TrainRows,
+    epoch_order,
+    eval_sample,
+    load_sequences,
+    rank_slice,
+)
 from trainer.data.user_stream import StreamingUsers
 
 
@@ -27,6 +34,7 @@ class UserSource(Protocol):
 
     num_items: int
     num_users: int  # over all ranks
+    num_eval_users: int  # users evaluated, over all ranks (train.eval_users; else num_users)
 
     def describe(self) -> str:
         """One log line: where this rank's users come from."""
@@ -56,6 +64,10 @@ class InMemoryUsers:
         self.num_items, self.num_users = self.seqs.num_items, self.seqs.num_users
         self.batch_size, self.seed = train.batch_size, train.seed
         self.rank, self.world = rank, world
+        self.eval_users = eval_sample(self.num_users, train.eval_users, train.seed)
+        if self.eval_users is None:
+            self.eval_users = torch.arange(self.num_users)
+        self.num_eval_users = self.eval_users.numel()
 
     def describe(self) -> str:
         return f"all {self.num_users} users in memory on every rank"
@@ -70,8 +82,8 @@ class InMemoryUsers:
             yield TrainRows(self.seqs.train[users], self.seqs.new_targets[users])
 
     def eval_batches(self, batch_size: int) -> tuple[int, Iterator[Sequences]]:
-        users = rank_slice(torch.arange(self.num_users), self.rank, self.world)
-        count = math.ceil((self.num_users // self.world + 1) / batch_size)
+        users = rank_slice(self.eval_users, self.rank, self.world)
+        count = math.ceil((self.num_eval_users // self.world + 1) / batch_size)
         return count, (self.seqs.select(b) for b in _pad_split(users, batch_size, count))
 
 

@@ -10,7 +10,8 @@ Every rank runs the same number of steps, ``max_r ceil(rows_r / b_r)`` (``b_r`` 
 share of the global batch), so the epoch ends on all ranks together. A rank whose part is
 smaller fills its last batches from a fresh shuffled pass over its own users; how many users
 repeat is counted and logged (``describe``). Nothing is dropped: every user is trained on once
-per epoch and evaluated exactly once.
+per epoch and evaluated exactly once (``train.eval_users``: the users of a seeded
+sample, each once).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from trainer.data.sequences import (
     Sequences,
     TrainRows,
     batch_share,
+    eval_sample,
     prepared_stats,
     sequence_columns,
     sequences_from_table,
@@ -89,6 +91,18 @@ def rebatch(chunks: Iterable[Sequences], size: int) -> Iterator[Sequences]:
         yield Sequences.cat(pending)
 
 
+def sampled_rows(groups: list[RowGroup], sample: torch.Tensor) -> dict[RowGroup, torch.Tensor]:
+    """``{group: [R] its rows in the sample}``: ``sample`` holds sorted positions in the users
+    of ``groups`` laid end to end in their listed order."""
+    rows, start = {}, 0
+    for group in groups:
+        end = start + group.num_rows
+        inside = sample[torch.searchsorted(sample, start) : torch.searchsorted(sample, end)]
+        rows[group] = inside - start
+        start = end
+    return rows
+
+
 class StreamingUsers:
     """This rank's row groups of ``sequences/``, read one at a time."""
 
@@ -110,6 +124,11 @@ class StreamingUsers:
                 "a damaged or mixed prepare output"
             )
         shares = assign_row_groups(groups, world)
+        sample = eval_sample(self.num_users, train.eval_users, train.seed)
+        self.eval_rows = None if sample is None else sampled_rows(groups, sample)
+        # every rank's users to evaluate (each rank computes all, so the batch counts agree)
+        self.share_eval = [sum(self._eval_count(g) for g in share) for share in shares]
+        self.num_eval_users = sum(self.share_eval)
         rows = [sum(g.num_rows for g in share) for share in shares]
         if min(rows) == 0:
             raise DataError(
@@ -145,6 +164,14 @@ class StreamingUsers:
         where = f"{group.path} (row group {group.index})"
         return sequences_from_table(table, self.max_len, self.num_items, where)
 
+    def _eval_count(self, group: RowGroup) -> int:
+        """Users of ``group`` to evaluate."""
+        return group.num_rows if self.eval_rows is None else self.eval_rows[group].numel()
+
+    def _read_eval(self, group: RowGroup) -> Sequences:
+        users = self._read(group)
+        return users if self.eval_rows is None else users.select(self.eval_rows[group])
+
     def _shuffled_pass(self, epoch: int, pass_index: int) -> Iterator[Sequences]:
         """All of this rank's users once: row groups in a seeded order, users shuffled within
         buffers of ``shuffle_buffer``."""
@@ -168,8 +195,8 @@ class StreamingUsers:
         return (TrainRows(b.train, b.new_targets) for b in batches)
 
     def eval_batches(self, batch_size: int) -> tuple[int, Iterator[Sequences]]:
-        num = math.ceil(max(self.share_rows) / batch_size)
-        chunks = (self._read(g) for g in self.groups)
+        num = math.ceil(max(self.share_eval) / batch_size)
+        chunks = (self._read_eval(g) for g in self.groups if self._eval_count(g))
         none = torch.empty(0, dtype=torch.int64)
         empty = Sequences(
             torch.empty(0, self.max_len, dtype=torch.int64), none, none, self.num_items,

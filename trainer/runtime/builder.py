@@ -39,7 +39,7 @@ from trainer.model.objectives import Objective, build_objective
 from trainer.runtime.checkpoint import Checkpointer
 from trainer.runtime.distributed import DistEnv
 from trainer.runtime.engine import DivergenceGuard, build_engine
-from trainer.runtime.schedule import describe_schedule, lr_factor, planned_epochs
+from trainer.runtime.schedule import describe_schedule, lr_factor, planned_steps
 from trainer.runtime.warm_start import warm_optimizer, warm_start
 
 log = get_logger(__name__)
@@ -143,7 +143,7 @@ def build_run(cfg: Config, env: DistEnv) -> Run:
     """The whole run: components, the DeepSpeed engine and its guard, the checkpointer."""
     run = build_components(cfg, env)
     steps_per_epoch = run.users.steps_per_epoch()
-    total_steps = planned_epochs(cfg.train, steps_per_epoch) * steps_per_epoch
+    total_steps = planned_steps(cfg.train, steps_per_epoch)
     run.lr_factor = lr_factor(cfg.train, total_steps)
     note = describe_schedule(cfg.train, total_steps)
     if note:

@@ -16,8 +16,18 @@ from mqsa_core.config import TrainConfig
 
 
 def planned_epochs(train: TrainConfig, steps_per_epoch: int) -> int:
-    """``train.epochs``, raised so that at least ``train.min_steps`` steps run."""
-    return max(train.epochs, -(-train.min_steps // steps_per_epoch))
+    """``train.epochs``, raised so that at least ``train.min_steps`` steps run, and cut to the
+    epoch where ``train.max_steps`` ends (the last one possibly partial)."""
+    epochs = max(train.epochs, -(-train.min_steps // steps_per_epoch))
+    if train.max_steps:
+        epochs = min(epochs, -(-train.max_steps // steps_per_epoch))
+    return epochs
+
+
+def planned_steps(train: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole run: the planned epochs', at most ``train.max_steps``."""
+    steps = planned_epochs(train, steps_per_epoch) * steps_per_epoch
+    return min(steps, train.max_steps) if train.max_steps else steps
 
 
 def lr_factor(train: TrainConfig, total_steps: int) -> Callable[[int], float] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from itertools import islice
 
 import torch
 
@@ -77,11 +78,20 @@ class Trainer:
             f"{self.cfg.data.max_len}; world {self.env.world} on {self.env.device}; "
             f"{torch.get_num_threads()} threads/rank; " + self.users.describe()
         )
+        if self.users.num_eval_users < self.users.num_users:
+            sample, total = self.users.num_eval_users, self.users.num_users
+            log.info(f"evaluation: a seeded sample of {sample} of {total} users "
+                     "(train.eval_users), the same every time")  # fmt: skip
 
-    def step_batches(self, epoch: int, start_step: int = 0) -> Iterator[StepBatch]:
-        """This rank's batches of ``epoch`` from ``start_step`` on, built and moved to the
-        device ahead of the step (``trainer.data.prefetch``)."""
+    def step_batches(
+        self, epoch: int, start_step: int = 0, stop_step: int | None = None
+    ) -> Iterator[StepBatch]:
+        """This rank's batches of ``epoch`` from ``start_step`` (up to ``stop_step``: the
+        epoch's end), built and moved to the device ahead of the step
+        (``trainer.data.prefetch``)."""
         sequences = self.users.train_batches(epoch, start_step)
+        if stop_step is not None:
+            sequences = islice(sequences, stop_step - start_step)
         items = ((train, epoch, start_step + i) for i, train in enumerate(sequences))
         return prefetched(items, lambda item: self.run.batches(*item), self.env.device)
 
@@ -114,9 +124,11 @@ class Trainer:
         self.tracker.start(state.global_step)
         self.model.train()
         steps = self.users.steps_per_epoch()
+        if budget := self.cfg.train.max_steps:  # the epoch ends where the step budget does
+            steps = min(steps, budget - (state.global_step - state.step_in_epoch))
         every, log_every = self.cfg.checkpoint.every, self.cfg.train.log_every
         bar = progress(
-            self.step_batches(state.epoch, state.step_in_epoch),
+            self.step_batches(state.epoch, state.step_in_epoch, steps),
             total=steps - state.step_in_epoch,
             desc=self.eta.title(state.epoch),
             enabled=self.cfg.train.progress and self.env.is_main,
@@ -223,12 +235,17 @@ class Trainer:
         )
 
     def planned_epochs(self) -> int:
-        """``train.epochs``, raised so that at least ``train.min_steps`` steps run."""
+        """``train.epochs``, raised so that at least ``train.min_steps`` steps run, cut where
+        ``train.max_steps`` ends."""
         steps = self.users.steps_per_epoch()
         epochs = planned_epochs(self.cfg.train, steps)
-        if epochs > self.cfg.train.epochs:
-            log.info(f"train.min_steps={self.cfg.train.min_steps}: {steps} steps per epoch, "
-                     f"training up to {epochs} epochs, not {self.cfg.train.epochs}")  # fmt: skip
+        train = self.cfg.train
+        if epochs > train.epochs:
+            log.info(f"train.min_steps={train.min_steps}: {steps} steps per epoch, "
+                     f"training up to {epochs} epochs, not {train.epochs}")  # fmt: skip
+        if train.max_steps and train.max_steps < epochs * steps:
+            log.info(f"train.max_steps={train.max_steps}: {steps} steps per epoch, the run "
+                     f"stops at step {train.max_steps}, in epoch {epochs}")  # fmt: skip
         return epochs
 
     def fit(self) -> dict:
