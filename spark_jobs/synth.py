@@ -100,6 +100,15 @@ class SynthSpec:
         )
 
 
+def sorted_search(cdf: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(cdf, keys, side="right")``, the keys searched in sorted order: each
+    search then starts where the previous one ended, in cache (x6 at 16 million items)."""
+    order = np.argsort(keys)
+    found = np.empty(len(keys), dtype=np.intp)
+    found[order] = np.searchsorted(cdf, keys[order], side="right")
+    return found
+
+
 @dataclass(frozen=True)
 class World:
     """The planted structure: popularity, clusters, latent item vectors, series and successors."""
@@ -118,12 +127,12 @@ class World:
 
     def global_draw(self, u: np.ndarray) -> np.ndarray:
         """Items drawn by popularity (``u`` uniform in [0, 1))."""
-        idx = np.searchsorted(self.global_cdf, u, side="right")
+        idx = sorted_search(self.global_cdf, u)
         return self.global_items[np.minimum(idx, len(self.global_items) - 1)]
 
     def cluster_draw(self, cluster: np.ndarray, u: np.ndarray) -> np.ndarray:
         """Items drawn by popularity inside each ``cluster``."""
-        idx = np.searchsorted(self.cluster_cdf, cluster + u, side="right")
+        idx = sorted_search(self.cluster_cdf, cluster + u)
         return self.cluster_items[np.minimum(idx, len(self.cluster_items) - 1)]
 
     def series_item(self, cluster: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -377,9 +386,20 @@ def iso_times(seconds: pa.Array) -> pa.Array:
     return pc.strftime(stamps, format="%Y-%m-%dT%H:%M:%SZ")
 
 
+def used_dictionary(column: pa.ChunkedArray) -> pa.DictionaryArray:
+    """A dictionary column with only the entries its rows use: a chunk's file then holds the
+    names of the items it has, not the whole catalogue's (16 million names: 165 MB a file)."""
+    array = column.combine_chunks()
+    used, indices = np.unique(array.indices.to_numpy(zero_copy_only=False), return_inverse=True)
+    return pa.DictionaryArray.from_arrays(
+        pa.array(indices.astype(np.int32)), array.dictionary.take(pa.array(used))
+    )
+
+
 def write_chunk(out: OutputStaging, index: int, table: pa.Table, fmt: str, iso: bool) -> None:
     """Write one chunk as ``part-<index>.<fmt>`` into the staging directory."""
     name = f"part-{index:05d}.{'jsonl' if fmt == 'json' else fmt}"
+    table = table.set_column(1, "item_id", used_dictionary(table["item_id"]))
     if fmt != "parquet":
         table = table.set_column(1, "item_id", table["item_id"].cast(pa.string()))
     if iso:
