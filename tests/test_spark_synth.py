@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from spark_jobs.synth import SynthSpec, main, write_log
 
@@ -60,3 +61,14 @@ def test_other_formats(tmp_path):
     names = sorted(p.name for p in (tmp_path / "csv").iterdir())
     assert names == [".mqsa-ted-owned", "_COMPLETE", "part-00000.csv"]
     assert (tmp_path / "json" / "part-00000.jsonl").read_text().count("\n") == 300
+
+
+def test_a_file_names_only_the_items_it_holds(tmp_path):
+    """Each Parquet file's item dictionary is the items of its rows, not the catalogue's."""
+    spec = SynthSpec(events=3 << 20, users=60_000, items=400_000, seed=3)  # 3 files of ~1M
+    write_log(str(tmp_path / "log"), spec)
+    files = sorted((tmp_path / "log").glob("*.parquet"))
+    assert len(files) >= 2
+    for file in files:
+        column = pq.read_table(file, columns=["item_id"])["item_id"].combine_chunks()
+        assert len(column.dictionary) == len(set(column.to_pylist())) < spec.items
