@@ -451,7 +451,8 @@ def rehearse(args: argparse.Namespace) -> list[Stage]:
         )  # fmt: skip
         steps = steps_taken(workdir / "run")
         log = (workdir / "train.log").read_text(errors="replace")
-        loop_s = sum(float(t) for t in re.findall(r"\| ([\d.]+) s \| eval", log))
+        # every epoch line's training seconds (only the last epoch is evaluated)
+        loop_s = sum(float(t) for t in re.findall(r"(?m)^epoch +\d+ \|[^|]*\| ([\d.]+) s", log))
         eval_s = sum(float(t) for t in re.findall(r"\| eval ([\d.]+) s", log))
         stages.append(Stage("train (TorchRec row-wise, 2 processes, + final evaluation)", seconds,
                             f"{steps} steps in {loop_s:.1f} s ({steps / max(loop_s, 1e-9):.1f} "
