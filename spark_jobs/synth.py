@@ -399,8 +399,9 @@ def used_dictionary(column: pa.ChunkedArray) -> pa.DictionaryArray:
 def write_chunk(out: OutputStaging, index: int, table: pa.Table, fmt: str, iso: bool) -> None:
     """Write one chunk as ``part-<index>.<fmt>`` into the staging directory."""
     name = f"part-{index:05d}.{'jsonl' if fmt == 'json' else fmt}"
-    table = table.set_column(1, "item_id", used_dictionary(table["item_id"]))
-    if fmt != "parquet":
+    if fmt == "parquet":
+        table = table.set_column(1, "item_id", used_dictionary(table["item_id"]))
+    else:
         table = table.set_column(1, "item_id", table["item_id"].cast(pa.string()))
     if iso:
         table = table.set_column(2, "timestamp", iso_times(table["timestamp"]))

@@ -171,7 +171,9 @@ def test_a_rerun_never_starts_over_silently(config, tmp_path):
     assert comparable(run_dir / "metrics.json") == first  # the same seeded run, from the start
 
 
-def test_a_step_budget_ends_the_run_mid_epoch_evaluated_and_resumable(config, tmp_path):
+def test_a_step_budget_ends_the_run_mid_epoch_evaluated_and_a_rerun_trains_nothing(
+    config, tmp_path
+):
     """``train.max_steps=13`` with 10 steps per epoch: epoch 2 stops at step 13, is evaluated
     and checkpointed; its first epoch is a longer run's; a rerun trains nothing."""
     budget = tmp_path / "budget"

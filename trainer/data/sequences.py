@@ -22,6 +22,8 @@ from mqsa_core.prepared import (
     read_stats,
 )
 
+EVAL_SAMPLE_STREAM = 7  # the evaluation sample's random stream, apart from the epochs' orders
+
 
 @dataclass
 class Sequences:
@@ -206,9 +208,6 @@ def epoch_order(num_users: int, seed: int, epoch: int) -> torch.Tensor:
     """The deterministic user permutation of an epoch ``[U]`` (same on every rank)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_users, generator=g)
-
-
-EVAL_SAMPLE_STREAM = 7  # the evaluation sample's random stream, apart from the epochs' orders
 
 
 def rank_slice(global_batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:

@@ -64,9 +64,8 @@ class InMemoryUsers:
         self.num_items, self.num_users = self.seqs.num_items, self.seqs.num_users
         self.batch_size, self.seed = train.batch_size, train.seed
         self.rank, self.world = rank, world
-        self.eval_users = eval_sample(self.num_users, train.eval_users, train.seed)
-        if self.eval_users is None:
-            self.eval_users = torch.arange(self.num_users)
+        sample = eval_sample(self.num_users, train.eval_users, train.seed)
+        self.eval_users = torch.arange(self.num_users) if sample is None else sample  # [E]
         self.num_eval_users = self.eval_users.numel()
 
     def describe(self) -> str:

@@ -124,11 +124,6 @@ class StreamingUsers:
                 "a damaged or mixed prepare output"
             )
         shares = assign_row_groups(groups, world)
-        sample = eval_sample(self.num_users, train.eval_users, train.seed)
-        self.eval_rows = None if sample is None else sampled_rows(groups, sample)
-        # every rank's users to evaluate (each rank computes all, so the batch counts agree)
-        self.share_eval = [sum(self._eval_count(g) for g in share) for share in shares]
-        self.num_eval_users = sum(self.share_eval)
         rows = [sum(g.num_rows for g in share) for share in shares]
         if min(rows) == 0:
             raise DataError(
@@ -138,6 +133,11 @@ class StreamingUsers:
         batch = train.batch_size
         if batch < world:
             raise DataError(f"train.batch_size={batch} is smaller than the {world} ranks")
+        sample = eval_sample(self.num_users, train.eval_users, train.seed)
+        self.eval_rows = None if sample is None else sampled_rows(groups, sample)
+        # every rank's users to evaluate (each rank computes all, so the batch counts agree)
+        self.share_eval = [sum(self._eval_count(g) for g in share) for share in shares]
+        self.num_eval_users = sum(self.share_eval)
         self.groups, self.share_rows = shares[rank], rows
         self.batch = batch_share(batch, rank, world)
         self.steps = max(math.ceil(n / batch_share(batch, r, world)) for r, n in enumerate(rows))
