@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 CONFIG = str(ROOT / "configs" / "catalog.yaml")
 BUCKET = "rehearsal"
-HNSW_UP_TO = 1_000_000  # items; beyond, IVF (HNSW over 1.46M items outlasted the 10-min barrier)
+HNSW_UP_TO = 1_000_000  # items; beyond, IVF (HNSW's build grows faster: over 1.46M it took >10 min)
 SMALL_PROCESS = 64 << 20  # processes that never reach this RSS are left out of the table
 SPARK_ROLES = {
     "Master": "spark master",

@@ -32,6 +32,10 @@ Writes a new version of the export at ``--out`` (default ``export.out``, else
   mix; an export that fails midway leaves the previous one in place (the next export removes
   its unfinished directory).
 
+With several ranks, each leaves the process group once its part is written; rank 0 then builds
+the index and commits alone, on every core its process may use, so no collective timeout bounds
+the build.
+
 Trust: ``RUN_DIR`` is a trusted artifact of your own training (a TorchRec snapshot's metadata is
 unpickled by torch.distributed.checkpoint); its ``model.pt`` is loaded weights-only all the same
 (one that holds anything but tensors is refused as unsafe, never loaded otherwise). What this
@@ -558,6 +562,17 @@ def gather_parts(name: str, record: dict) -> dict[str, dict]:
     return dict(everyone)
 
 
+def use_every_core() -> None:
+    """Run this process's torch and FAISS work on every core it may use (``os.sched_getaffinity``):
+    called on rank 0 once the other ranks of its node have left, since a launcher such as
+    torchrun starts each rank with ``OMP_NUM_THREADS=1``."""
+    import faiss
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(cores or 1)
+    faiss.omp_set_num_threads(cores or 1)
+
+
 def export_run(
     run_dir: str,
     out: str,
@@ -580,6 +595,12 @@ def export_run(
     name = f"items/part-{env.rank:05d}.parquet"
     record = write_item_rows(f"{version_url}/{name}", cfg.data.dir, first_id, rows.numpy())
     parts = gather_parts(name, record)  # also the barrier: every part is written
+    if world()[1] > 1:
+        # Rank 0 finishes alone: the index build may outlast any collective timeout, so the
+        # other ranks leave now and rank 0 takes their cores.
+        shutdown()
+        if env.is_main:
+            use_every_core()
     if not env.is_main:
         return None
     source = run_source(run_dir, cfg, digest, mtime)
@@ -636,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             lease = claim_export(out)
         manifest = export_run(args.run_dir, out, args.faiss or run_cfg.faiss,
                               args.target_recall, args.tune_users)  # fmt: skip
-        shutdown()  # every rank waits here for rank 0's FAISS build and the commit
+        shutdown()  # a world of one; a larger one left its process group in export_run
     except (UserError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """Export round trip on a trained run: vectors, user encoder and recommendations agree with the
-trainer; versions replace each other whole; a stale export is refused; the report."""
+trainer; versions replace each other whole; a stale export is refused; the report; a 2-rank
+export whose index build outlasts the collectives' timeout."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -193,11 +195,16 @@ def test_torchrec_run_exports_per_rank(tmp_path):
     proc = subprocess.run([*torchrun, "-m", "trainer.train", str(config)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # 2 ranks, rank 0's index build outlasting the collectives' timeout; then 1 in the same out
+    threads = tmp_path / "threads"
+    slow_export = [*torchrun, "tests/slow_index_export_worker.py", str(threads), *export[2:]]
     exports = []
-    for cmd in ([*torchrun, *export], [sys.executable, *export]):  # 2 ranks, then 1 in the same out
+    for cmd in (slow_export, [sys.executable, *export]):
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
         exports.append(current_items(out))
+    cores = len(os.sched_getaffinity(0))
+    assert threads.read_text() == f"{cores} {cores}"  # rank 0 built on every core, not torchrun's 1
     (two, two_manifest), (one, one_manifest) = exports
     assert two_manifest.parts == ["items/part-00000.parquet", "items/part-00001.parquet"]
     assert one_manifest.parts == ["items/part-00000.parquet"]  # no stale part of rank 1
