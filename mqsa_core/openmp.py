@@ -8,6 +8,8 @@ trainings on 2 cores took 10-11x their time alone (``bench/contention.py``). 3,0
 there) keep that near 1.6x at the cost of a few percent alone (docs/results.md has both
 figures). libgomp reads the variable when it is loaded, so :func:`limit_spinning` runs in every
 command's entry before torch is imported; a value the user set is kept.
+
+:func:`usable_cores` is the number of cores a process's thread pools may fill.
 """
 
 from __future__ import annotations
@@ -20,3 +22,11 @@ SPIN_COUNT = "3000"
 def limit_spinning() -> None:
     """``GOMP_SPINCOUNT`` for this process and its children, unless the user set it."""
     os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's or ``taskset``'s
+    limit) where the OS reports one, else ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -70,6 +70,7 @@ from mqsa_core.config import FAISS_KINDS, Config, ConfigError, ModelConfig, conf
 from mqsa_core.errors import UserError
 from mqsa_core.launch_env import launch_env
 from mqsa_core.lease import Lease
+from mqsa_core.openmp import usable_cores
 from mqsa_core.prepared import SEQUENCES, VOCAB, dataset_files, read_dataset, read_stats
 from mqsa_core.storage import OWNER_MARKER as OWNED
 from mqsa_core.storage import (
@@ -563,14 +564,14 @@ def gather_parts(name: str, record: dict) -> dict[str, dict]:
 
 
 def use_every_core() -> None:
-    """Run this process's torch and FAISS work on every core it may use (``os.sched_getaffinity``):
+    """Run this process's torch and FAISS work on every core it may use (``usable_cores``):
     called on rank 0 once the other ranks of its node have left, since a launcher such as
     torchrun starts each rank with ``OMP_NUM_THREADS=1``."""
     import faiss
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(cores or 1)
-    faiss.omp_set_num_threads(cores or 1)
+    cores = usable_cores()
+    torch.set_num_threads(cores)
+    faiss.omp_set_num_threads(cores)
 
 
 def export_run(
@@ -595,7 +596,7 @@ def export_run(
     name = f"items/part-{env.rank:05d}.parquet"
     record = write_item_rows(f"{version_url}/{name}", cfg.data.dir, first_id, rows.numpy())
     parts = gather_parts(name, record)  # also the barrier: every part is written
-    if world()[1] > 1:
+    if distributed():
         # Rank 0 finishes alone: the index build may outlast any collective timeout, so the
         # other ranks leave now and rank 0 takes their cores.
         shutdown()

@@ -598,7 +598,7 @@ class Tuner:
         """A trial's overrides: the command's, the trial's settings, its run directory."""
         setup, extra = self.setup, []
         if setup.jobs > 1 and setup.cfg.train.threads == 0:  # the jobs share the cores
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            cores = openmp.usable_cores()
             extra.append(f"train.threads={max(1, cores // (setup.jobs * setup.nproc))}")
         return [
             *setup.overrides,
